@@ -1,0 +1,101 @@
+"""The Keras 3 backend (on TensorFlow). Its twin `tlbridge.backends.torch` exposes the same names."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+from tlbridge.errors import BackendNotInstalledError  # noqa: E402
+from tlbridge.model import TransferModel  # noqa: E402
+from tlbridge.specs import HeadSpec, ModelSpec  # noqa: E402
+
+from . import backbones, compute, network, weights  # noqa: E402
+
+if keras.backend.backend() != "tensorflow":
+    raise BackendNotInstalledError(
+        f"tlbridge's Keras backend runs Keras 3 on TensorFlow; received "
+        f"KERAS_BACKEND={keras.backend.backend()!r}. Set KERAS_BACKEND=tensorflow before "
+        "importing keras.")
+
+NAME = "keras"
+
+__all__ = ["NAME", "native_backbones", "build_backbone", "attach_head", "canonical_shapes",
+           "param_names", "get_weights", "set_weights", "apply_freeze", "features", "logits",
+           "loss_and_grads"]
+
+
+def native_backbones() -> list[str]:
+    return backbones.native_names()
+
+
+def build_backbone(spec: ModelSpec, portable: bool, pretrained: bool, seed: int | None):
+    if seed is not None:
+        keras.utils.set_random_seed(seed)
+    options = dict(spec.options)
+    if portable:
+        inputs = keras.Input(shape=tuple(spec.input_shape), dtype=spec.dtype, name="images")
+        mirror = network.Mirror(spec.dtype, scope="backbone.")
+        feats = backbones.PORTABLE[spec.backbone](mirror, inputs, pretrained, **options)
+        backbone_slots = weights.slots_for(mirror.entries)
+        layers = [layer for _, _, layer in mirror.entries]
+    else:
+        previous = keras.config.floatx()
+        keras.config.set_floatx(spec.dtype)
+        try:
+            base = backbones.build_native(spec.backbone, pretrained, spec.input_shape, options)
+        finally:
+            keras.config.set_floatx(previous)
+        inputs, feats = base.inputs[0], base.outputs[0]
+        backbone_slots = weights.native_slots(base)
+        layers = list(base.layers)
+    feature_model = keras.Model(inputs, feats, name=f"{spec.backbone}_features")
+    state = {"inputs": inputs, "feats": feats, "feature_model": feature_model,
+             "backbone_slots": backbone_slots, "slots": backbone_slots, "layers": layers,
+             "feature_dim": int(feats.shape[-1])}
+    return feature_model, state
+
+
+def attach_head(m: TransferModel, head: HeadSpec):
+    state = {k: v for k, v in m.state.items() if not k.startswith("_fwd")}
+    mirror = network.Mirror(m.dtype)
+    logits = network.make_head(mirror, state["feats"], head)
+    model = keras.Model(state["inputs"], logits, name=f"{m.backbone_name}_transfer")
+    state["slots"] = state["backbone_slots"] + weights.slots_for(mirror.entries)
+    state["layers"] = state["layers"] + [layer for _, _, layer in mirror.entries]
+    return model, state
+
+
+def canonical_shapes(m: TransferModel) -> dict[str, tuple]:
+    return weights.canonical_shapes(m.state["slots"])
+
+
+def param_names(m: TransferModel) -> list[str]:
+    return [s.name for s in m.state["slots"] if s.is_param]
+
+
+def get_weights(m: TransferModel) -> dict[str, np.ndarray]:
+    return weights.get_weights(m.state["slots"])
+
+
+def set_weights(m: TransferModel, w: dict[str, np.ndarray]) -> None:
+    weights.set_weights(m.state["slots"], w)
+
+
+def apply_freeze(m: TransferModel) -> None:
+    weights.apply_freeze(m.state["slots"], m.state["layers"], m.frozen)
+
+
+def features(m: TransferModel, x: np.ndarray, batch_size: int) -> np.ndarray:
+    return compute.features(m, x, batch_size)
+
+
+def logits(m: TransferModel, x: np.ndarray, batch_size: int) -> np.ndarray:
+    return compute.logits(m, x, batch_size)
+
+
+def loss_and_grads(m: TransferModel, x: np.ndarray, y: np.ndarray, training: bool):
+    return compute.loss_and_grads(m, x, y, training)

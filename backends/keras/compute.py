@@ -1,0 +1,44 @@
+"""Forward passes and BCE gradients on Keras (TensorFlow). Inputs arrive as validated NHWC numpy."""
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+from keras import ops
+
+
+def _forward_fn(m, which: str):
+    """A cached tf.function of the model in inference mode (eager Keras is several times slower)."""
+    key = f"_fwd_{which}"
+    if key not in m.state:
+        model = m.state["feature_model"] if which == "features" else m.native
+        m.state[key] = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+    return m.state[key]
+
+
+def _batched(m, which, x, batch_size):
+    fn = _forward_fn(m, which)
+    return np.concatenate([np.asarray(fn(tf.constant(x[i:i + batch_size])))
+                           for i in range(0, len(x), batch_size)], axis=0)
+
+
+def features(m, x, batch_size):
+    return _batched(m, "features", x, batch_size)
+
+
+def logits(m, x, batch_size):
+    return _batched(m, "logits", x, batch_size)
+
+
+def loss_and_grads(m, x: np.ndarray, y: np.ndarray, training: bool):
+    """Mean BCE over all N*K entries from logits, and d loss / d every trainable parameter,
+    returned in the canonical (torch) layout."""
+    slots = [s for s in m.state["slots"] if s.is_param and s.name not in m.frozen]
+    xt, yt = tf.constant(x), tf.constant(y)
+    with tf.GradientTape(watch_accessed_variables=False) as tape:
+        for s in slots:
+            tape.watch(s.variable.value)
+        z = m.native(xt, training=training)
+        loss = ops.mean(ops.binary_crossentropy(yt, z, from_logits=True))
+    grads = tape.gradient(loss, [s.variable.value for s in slots]) if slots else []
+    return float(loss), {s.name: np.asarray(s.to_canonical(np.asarray(g)))
+                         for s, g in zip(slots, grads)}

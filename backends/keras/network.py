@@ -1,0 +1,162 @@
+"""Keras layers that mirror torch modules exactly, and the builder that records canonical names.
+
+`Mirror` creates each weight-carrying layer under its canonical (torch) module path and
+remembers its kind, so `weights.py` can translate layouts (PARITY.md #9) without guessing.
+"""
+from __future__ import annotations
+
+import numpy as np
+import keras
+from keras import layers, ops
+
+from tlbridge.specs import HeadSpec
+
+
+@keras.saving.register_keras_serializable("tlbridge")
+class TorchBatchNorm(layers.Layer):
+    """BatchNorm with PyTorch semantics (PARITY.md #1-#4).
+
+    momentum is torch's (new = (1-m)*old + m*batch); the running variance stores the
+    unbiased batch variance while normalisation uses the biased one; a frozen layer
+    (trainable=False or gamma frozen) always runs on its moving statistics.
+    """
+
+    def __init__(self, epsilon=1e-5, momentum=0.1, **kwargs):
+        super().__init__(**kwargs)
+        self.epsilon = float(epsilon)
+        self.momentum = float(momentum)
+
+    def build(self, input_shape):
+        c = (int(input_shape[-1]),)
+        self.gamma = self.add_weight(shape=c, initializer="ones", name="gamma")
+        self.beta = self.add_weight(shape=c, initializer="zeros", name="beta")
+        self.moving_mean = self.add_weight(shape=c, initializer="zeros", name="moving_mean",
+                                           trainable=False)
+        self.moving_variance = self.add_weight(shape=c, initializer="ones",
+                                               name="moving_variance", trainable=False)
+
+    def call(self, x, training=None):
+        if training and self.trainable and self.gamma.trainable:
+            axes = list(range(len(x.shape) - 1))
+            mean = ops.mean(x, axis=axes)
+            var = ops.var(x, axis=axes)
+            n = ops.cast(ops.prod(ops.shape(x)[:-1]), x.dtype)
+            unbiased = var * n / ops.maximum(n - 1.0, 1.0)
+            m = self.momentum
+            self.moving_mean.assign((1.0 - m) * self.moving_mean + m * mean)
+            self.moving_variance.assign((1.0 - m) * self.moving_variance + m * unbiased)
+        else:
+            mean, var = self.moving_mean, self.moving_variance
+        return (x - mean) * ops.rsqrt(var + self.epsilon) * self.gamma + self.beta
+
+    def get_config(self):
+        return {**super().get_config(), "epsilon": self.epsilon, "momentum": self.momentum}
+
+
+def _bins(size: int, out: int) -> np.ndarray:
+    """torch's AdaptiveAvgPool bins as an (out, size) averaging matrix."""
+    mat = np.zeros((out, size))
+    for i in range(out):
+        start, end = (i * size) // out, -((-(i + 1) * size) // out)
+        mat[i, start:end] = 1.0 / (end - start)
+    return mat
+
+
+@keras.saving.register_keras_serializable("tlbridge")
+class AdaptiveAvgPool2D(layers.Layer):
+    """torch.nn.AdaptiveAvgPool2d for NHWC with a static input size."""
+
+    def __init__(self, output_size=(7, 7), **kwargs):
+        super().__init__(**kwargs)
+        self.output_size = tuple(output_size)
+
+    def build(self, input_shape):
+        self._ph = _bins(int(input_shape[1]), self.output_size[0])
+        self._pw = _bins(int(input_shape[2]), self.output_size[1])
+
+    def call(self, x):
+        ph = ops.convert_to_tensor(self._ph, dtype=x.dtype)
+        pw = ops.convert_to_tensor(self._pw, dtype=x.dtype)
+        return ops.einsum("ih,jw,nhwc->nijc", ph, pw, x)
+
+    def get_config(self):
+        return {**super().get_config(), "output_size": self.output_size}
+
+
+class Mirror:
+    """Creates Keras layers that mirror torch modules, recording (canonical prefix, kind, layer)."""
+
+    def __init__(self, dtype: str, scope: str = ""):
+        self.dtype = dtype
+        self.scope = scope            # "backbone." for backbones, "" for the head
+        self.entries: list[tuple[str, str, layers.Layer]] = []
+
+    def _record(self, prefix, kind, layer):
+        self.entries.append((prefix, kind, layer))
+        return layer
+
+    def pad(self, x, padding):
+        return layers.ZeroPadding2D(padding, dtype=self.dtype)(x) if padding else x
+
+    def conv(self, x, prefix, filters, kernel, stride=1, padding=0, bias=True, groups=1):
+        """nn.Conv2d: explicit symmetric ZeroPadding2D + a 'valid' conv (PARITY.md #5)."""
+        x = self.pad(x, padding)
+        in_ch = int(x.shape[-1])
+        if groups == 1:
+            layer = layers.Conv2D(filters, kernel, strides=stride, padding="valid", use_bias=bias,
+                                  name=self.scope + prefix, dtype=self.dtype)
+            kind = "conv"
+        elif groups == in_ch == filters:
+            layer = layers.DepthwiseConv2D(kernel, strides=stride, padding="valid", use_bias=bias,
+                                           name=self.scope + prefix, dtype=self.dtype)
+            kind = "depthwise"
+        else:
+            raise NotImplementedError(f"grouped conv with groups={groups} has no Keras mirror yet")
+        return self._record(self.scope + prefix, kind, layer)(x)
+
+    def bn(self, x, prefix, eps=1e-5, momentum=0.1):
+        layer = TorchBatchNorm(eps, momentum, name=self.scope + prefix, dtype=self.dtype)
+        return self._record(self.scope + prefix, "bn", layer)(x)
+
+    def dense(self, x, prefix, units, bias=True):
+        layer = layers.Dense(units, use_bias=bias, name=self.scope + prefix, dtype=self.dtype)
+        return self._record(self.scope + prefix, "dense", layer)(x)
+
+    def act(self, x, name):
+        return layers.Activation(name, dtype=self.dtype)(x)
+
+    def relu(self, x):
+        return layers.ReLU(dtype=self.dtype)(x)
+
+    def maxpool(self, x, size, stride, padding=0):
+        """nn.MaxPool2d; zero padding equals torch's -inf padding only after a ReLU (inputs >= 0)."""
+        x = self.pad(x, padding)
+        return layers.MaxPooling2D(size, strides=stride, padding="valid", dtype=self.dtype)(x)
+
+    def global_avgpool(self, x):
+        return layers.GlobalAveragePooling2D(dtype=self.dtype)(x)
+
+    def adaptive_avgpool(self, x, size):
+        return AdaptiveAvgPool2D(size, dtype=self.dtype)(x)
+
+    def flatten_chw(self, x):
+        """torch.flatten of an NCHW tensor: channel-major order (PARITY.md #10)."""
+        x = layers.Permute((3, 1, 2), dtype=self.dtype)(x)
+        return layers.Flatten(dtype=self.dtype)(x)
+
+    def add(self, a, b):
+        return layers.Add(dtype=self.dtype)([a, b])
+
+
+def make_head(mirror: Mirror, feats, spec: HeadSpec):
+    """Dense layers named like the torch head; dropout off in eval, torch's 1/(1-p) scaling."""
+    x = feats
+    names = spec.layer_names()
+    units = [*spec.hidden, spec.num_outputs]
+    for i, (name, n) in enumerate(zip(names, units)):
+        if spec.dropout > 0 and (i > 0 or not spec.hidden):
+            x = layers.Dropout(spec.dropout, dtype=mirror.dtype)(x)
+        x = mirror.dense(x, name, n)
+        if i < len(units) - 1:
+            x = mirror.relu(x)
+    return x

@@ -1,0 +1,95 @@
+"""Canonical weights on Keras: translate layouts and names at the boundary (PARITY.md #9)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+
+def _same(a):
+    return a
+
+
+def _conv_to(a):      # HWIO -> OIHW
+    return np.transpose(a, (3, 2, 0, 1))
+
+
+def _conv_from(a):    # OIHW -> HWIO
+    return np.transpose(a, (2, 3, 1, 0))
+
+
+def _dw(a):           # (kh, kw, C, 1) <-> (C, 1, kh, kw): the permutation is its own inverse
+    return np.transpose(a, (2, 3, 0, 1))
+
+
+def _t(a):
+    return np.transpose(a)
+
+
+@dataclass
+class Slot:
+    """One canonical tensor: its Keras variable and the layout maps both ways."""
+
+    name: str
+    variable: object
+    to_canonical: Callable
+    from_canonical: Callable
+    is_param: bool
+
+
+_KINDS = {
+    "conv": [("kernel", "weight", _conv_to, _conv_from, True), ("bias", "bias", _same, _same, True)],
+    "depthwise": [("kernel", "weight", _dw, _dw, True), ("bias", "bias", _same, _same, True)],
+    "dense": [("kernel", "weight", _t, _t, True), ("bias", "bias", _same, _same, True)],
+    "bn": [("gamma", "weight", _same, _same, True), ("beta", "bias", _same, _same, True),
+           ("moving_mean", "running_mean", _same, _same, False),
+           ("moving_variance", "running_var", _same, _same, False)],
+}
+
+
+def slots_for(entries) -> list[Slot]:
+    slots = []
+    for prefix, kind, layer in entries:
+        for attr, leaf, to_c, from_c, is_param in _KINDS[kind]:
+            var = getattr(layer, attr, None)
+            if var is not None:
+                slots.append(Slot(f"{prefix}.{leaf}", var, to_c, from_c, is_param))
+    return slots
+
+
+def native_slots(model) -> list[Slot]:
+    """keras.applications weights keep Keras names and layouts, under 'backbone.'."""
+    return [Slot("backbone." + v.path.replace("/", "."), v, _same, _same, bool(v.trainable))
+            for v in model.weights]
+
+
+def canonical_shapes(slots) -> dict[str, tuple]:
+    return {s.name: tuple(s.to_canonical(np.zeros(tuple(s.variable.shape), dtype=np.int8)).shape)
+            for s in slots}
+
+
+def get_weights(slots) -> dict[str, np.ndarray]:
+    return {s.name: np.array(s.to_canonical(np.asarray(s.variable.numpy()))) for s in slots}
+
+
+def set_weights(slots, weights: dict) -> None:
+    for s in slots:
+        if s.name in weights:
+            value = s.from_canonical(np.asarray(weights[s.name]))
+            s.variable.assign(np.ascontiguousarray(value, dtype=s.variable.dtype))
+
+
+def apply_freeze(slots, layers, frozen: set[str]) -> None:
+    """Per-variable trainable flags; a layer with every parameter frozen becomes trainable=False
+    (for BatchNorm that means inference mode, as PyTorch's eval())."""
+    by_var = {id(s.variable): s for s in slots}
+    for s in slots:
+        if s.is_param:
+            s.variable.trainable = s.name not in frozen
+    for layer in layers:
+        params = [by_var[id(v)] for v in layer.weights if id(v) in by_var and by_var[id(v)].is_param]
+        if params:
+            layer.trainable = not all(p.name in frozen for p in params)
+            for p in params:  # layer.trainable resets its variables' flags; restore ours
+                p.variable.trainable = p.name not in frozen

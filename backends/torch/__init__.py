@@ -1,0 +1,75 @@
+"""The PyTorch backend. Its twin `tlbridge.backends.keras` exposes the same names."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from tlbridge.model import TransferModel
+from tlbridge.specs import HeadSpec, ModelSpec
+
+from . import backbones, compute, network, weights
+
+NAME = "torch"
+
+__all__ = ["NAME", "native_backbones", "build_backbone", "attach_head", "canonical_shapes",
+           "param_names", "get_weights", "set_weights", "apply_freeze", "features", "logits",
+           "loss_and_grads"]
+
+
+def native_backbones() -> list[str]:
+    return backbones.native_names()
+
+
+def build_backbone(spec: ModelSpec, portable: bool, pretrained: bool, seed: int | None):
+    """The bare backbone wrapped in a TLNet (identity head), in the spec's dtype, eval mode."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    options = dict(spec.options)
+    if portable:
+        module = backbones.PORTABLE[spec.backbone](pretrained, **options)
+    else:
+        module = backbones.build_native(spec.backbone, pretrained, options)
+    net = network.TLNet(module).to(network.DTYPES[spec.dtype]).eval()
+    h, w, c = spec.input_shape
+    with torch.no_grad():
+        dim = net.backbone(torch.zeros(1, c, h, w, dtype=network.DTYPES[spec.dtype])).shape[-1]
+    return net, {"feature_dim": int(dim)}
+
+
+def attach_head(m: TransferModel, head: HeadSpec):
+    module, dropout = network.make_head(m.state["feature_dim"], head)
+    net = network.TLNet(m.native.backbone, module, dropout).to(network.DTYPES[m.dtype])
+    net.train(False)
+    return net, dict(m.state)
+
+
+def canonical_shapes(m: TransferModel) -> dict[str, tuple]:
+    return weights.canonical_shapes(m.native)
+
+
+def param_names(m: TransferModel) -> list[str]:
+    return weights.param_names(m.native)
+
+
+def get_weights(m: TransferModel) -> dict[str, np.ndarray]:
+    return weights.get_weights(m.native)
+
+
+def set_weights(m: TransferModel, w: dict[str, np.ndarray]) -> None:
+    weights.set_weights(m.native, w)
+
+
+def apply_freeze(m: TransferModel) -> None:
+    weights.apply_freeze(m.native, m.frozen)
+
+
+def features(m: TransferModel, x: np.ndarray, batch_size: int) -> np.ndarray:
+    return compute.features(m.native, x, batch_size)
+
+
+def logits(m: TransferModel, x: np.ndarray, batch_size: int) -> np.ndarray:
+    return compute.logits(m.native, x, batch_size)
+
+
+def loss_and_grads(m: TransferModel, x: np.ndarray, y: np.ndarray, training: bool):
+    return compute.loss_and_grads(m.native, x, y, training)

@@ -1,0 +1,84 @@
+"""Backbones on PyTorch: portable ones from torchvision's constructors, and the native catalog.
+
+Every builder returns an nn.Module mapping NCHW images to (N, D) features: the
+torchvision model with its classifier replaced by nn.Identity, so torchvision
+checkpoints (minus the classifier) load unchanged.
+"""
+from __future__ import annotations
+
+import torch
+import torchvision
+from torch import nn
+from torchvision.models import vgg as tv_vgg
+
+from tlbridge.errors import TLBridgeError
+
+
+class SeedVGG(nn.Module):
+    """conv3x3 + (BN) + ReLU + maxpool2x2 per width, then a channel-major flatten."""
+
+    def __init__(self, widths=(16, 32, 64), batch_norm=False):
+        super().__init__()
+        cfg = []
+        for width in widths:
+            cfg += [int(width), "M"]
+        self.features = tv_vgg.make_layers(cfg, batch_norm=bool(batch_norm))
+
+    def forward(self, x):
+        return torch.flatten(self.features(x), 1)
+
+
+def _tv_weights(name: str, pretrained: bool):
+    return torchvision.models.get_model_weights(name).DEFAULT if pretrained else None
+
+
+def _strip(model: nn.Module, attr: str) -> nn.Module:
+    setattr(model, attr, nn.Identity())
+    return model
+
+
+def _seed_vgg(pretrained: bool, widths=(16, 32, 64), batch_norm=False):
+    if pretrained:
+        raise TLBridgeError("seed_vgg has no pretrained weights; use weights=None or a file path.")
+    return SeedVGG(widths, batch_norm)
+
+
+PORTABLE = {
+    "seed_vgg": _seed_vgg,
+    "vgg16": lambda pretrained: _strip(torchvision.models.vgg16(weights=_tv_weights("vgg16", pretrained)), "classifier"),
+    "resnet18": lambda pretrained: _strip(torchvision.models.resnet18(weights=_tv_weights("resnet18", pretrained)), "fc"),
+    "resnet50": lambda pretrained: _strip(torchvision.models.resnet50(weights=_tv_weights("resnet50", pretrained)), "fc"),
+}
+
+# torchvision models whose auxiliary classifiers we switch off: they change the train-mode output
+_NATIVE_DEFAULTS = {"inception_v3": {"aux_logits": False, "init_weights": False},
+                    "googlenet": {"aux_logits": False, "init_weights": False}}
+
+
+def native_names() -> list[str]:
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def strip_classifier(model: nn.Module) -> nn.Module:
+    """Replace the last nn.Linear (the classifier) with Identity; SqueezeNet's conv head by pooling."""
+    if isinstance(model, torchvision.models.SqueezeNet):
+        model.classifier = nn.Sequential(nn.ReLU(inplace=False), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        return model
+    last = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            last = name
+    if last is None:
+        raise TLBridgeError(f"Cannot find the classifier of {type(model).__name__} (no nn.Linear).")
+    parent_name, _, child = last.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, nn.Identity())
+    return model
+
+
+def build_native(name: str, pretrained: bool, options: dict) -> nn.Module:
+    kwargs = {**_NATIVE_DEFAULTS.get(name, {}), **options}
+    if pretrained:
+        kwargs.pop("init_weights", None)
+    model = torchvision.models.get_model(name, weights="DEFAULT" if pretrained else None, **kwargs)
+    return strip_classifier(model)

@@ -1,0 +1,37 @@
+"""Canonical weights on PyTorch: the state_dict itself, minus num_batches_tracked."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def _state(net: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in net.state_dict(keep_vars=True).items()
+            if not k.endswith("num_batches_tracked")}
+
+
+def canonical_shapes(net: nn.Module) -> dict[str, tuple]:
+    return {k: tuple(v.shape) for k, v in _state(net).items()}
+
+
+def param_names(net: nn.Module) -> list[str]:
+    return [k for k, _ in net.named_parameters()]
+
+
+def get_weights(net: nn.Module) -> dict[str, np.ndarray]:
+    return {k: v.detach().cpu().numpy().copy() for k, v in _state(net).items()}
+
+
+@torch.no_grad()
+def set_weights(net: nn.Module, weights: dict[str, np.ndarray]) -> None:
+    state = _state(net)
+    for key, value in weights.items():
+        target = state[key]
+        target.copy_(torch.as_tensor(np.asarray(value), dtype=target.dtype, device=target.device))
+
+
+def apply_freeze(net: nn.Module, frozen: set[str]) -> None:
+    for name, param in net.named_parameters():
+        param.requires_grad_(name not in frozen)
+    net.train(net.training)  # re-apply the frozen-BatchNorm rule

@@ -1,0 +1,24 @@
+"""Helpers the tests import (tests/ is on pytest's pythonpath)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+import tlbridge as tl  # noqa: E402
+
+_wanted = os.environ.get("TLBRIDGE_TEST_BACKENDS")
+BACKENDS = [b for b in tl.available_backends() if not _wanted or b in _wanted.split(",")]
+
+both_backends = pytest.mark.skipif(
+    not {"torch", "keras"} <= set(BACKENDS), reason="parity needs torch and keras installed")
+
+
+def small_model(backend, name="seed_vgg", num_outputs=1, dtype="float32", seed=0,
+                input_shape=(32, 32, 3), **options):
+    m = tl.load_backbone(name, backend=backend, input_shape=input_shape, dtype=dtype, seed=seed,
+                         **options)
+    return tl.replace_head(m, num_outputs, seed=seed + 1)

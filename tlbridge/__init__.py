@@ -1,0 +1,23 @@
+"""tlbridge: one transfer-learning API, implemented natively for PyTorch and for Keras 3.
+
+Importing tlbridge imports no framework; a backend is imported the first time a model
+needs it, so both can live side by side in one process.
+"""
+from __future__ import annotations
+
+from . import errors
+from .api import (bce_loss_and_grads, convert, features, freeze, get_weights, list_backbones,
+                  load, load_backbone, logits, predict, preprocess, replace_head, save,
+                  set_weights, trainable_names, unfreeze)
+from .config import available_backends, get_backend, set_backend, use_backend
+from .model import TransferModel
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "available_backends", "get_backend", "set_backend", "use_backend",
+    "list_backbones", "load_backbone", "replace_head", "freeze", "unfreeze", "trainable_names",
+    "features", "logits", "predict", "bce_loss_and_grads",
+    "get_weights", "set_weights", "convert", "save", "load", "preprocess",
+    "TransferModel", "errors", "__version__",
+]

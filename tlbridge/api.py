@@ -1,0 +1,268 @@
+"""The public functions: validate in numpy, then hand the *how* to the model's backend."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import replace
+
+import numpy as np
+
+from . import config, freezing, init, registry, validation, weights as wio, zoo
+from .errors import CheckpointError, DataError, NotPortableError, ShapeError, TLBridgeError
+from .model import TransferModel
+from .specs import HeadSpec, ModelSpec, freeze_options
+
+FORMAT = "tlbridge.model/1"
+_DTYPES = ("float32", "float64")
+
+
+def _be(name: str):
+    return registry.load(name)
+
+
+def _check_model(m) -> TransferModel:
+    if not isinstance(m, TransferModel):
+        raise TypeError(f"Expected a tlbridge TransferModel (from tl.load_backbone); "
+                        f"received {type(m).__name__}.")
+    return m
+
+
+def list_backbones(backend: str | None = None, portable: bool | None = None) -> list[str]:
+    """Names `load_backbone` accepts on `backend`; portable=True keeps the ones that convert."""
+    names = set(zoo.PORTABLE)
+    if not portable:
+        names |= set(_be(config.resolve(backend)).native_backbones())
+    if portable is False:
+        names -= set(zoo.PORTABLE)
+    return sorted(names)
+
+
+def _check_input_shape(input_shape) -> tuple:
+    try:
+        shape = tuple(int(d) for d in input_shape)
+    except (TypeError, ValueError):
+        shape = ()
+    if len(shape) != 3 or min(shape) < 1:
+        raise ShapeError(f"Expected input_shape as (height, width, channels) of positive ints; "
+                         f"received {input_shape!r}.")
+    return shape
+
+
+def load_backbone(name: str, *, weights=None, input_shape=(224, 224, 3), backend: str | None = None,
+                  dtype: str = "float32", seed: int | None = None, **options) -> TransferModel:
+    """A pretrained (or seeded random) backbone, without a head.
+
+    weights: None (random; for portable backbones the same weights on both backends for
+    one seed), "imagenet", or a path to a safetensors file of canonical backbone weights.
+    """
+    be_name = config.resolve(backend)
+    be = _be(be_name)
+    info = zoo.info(name, be.native_backbones(), be_name)
+    shape = _check_input_shape(input_shape)
+    if dtype not in _DTYPES:
+        raise DataError(f"Expected dtype one of {list(_DTYPES)}; received {dtype!r}.")
+    if weights not in (None, "imagenet") and not isinstance(weights, (str, os.PathLike)):
+        raise TypeError(f"Expected weights=None, 'imagenet' or a file path; received {weights!r}.")
+    opts = info.options(options) if info.portable else dict(options)
+    spec = ModelSpec(name, freeze_options(opts), shape, dtype, None,
+                     None if info.portable else be_name)
+    return _build(spec, be_name, info.portable, weights, seed, init_weights=True)
+
+
+def _build(spec: ModelSpec, be_name: str, portable: bool, weights, seed, init_weights: bool):
+    be = _be(be_name)
+    native, state = be.build_backbone(spec, portable, weights == "imagenet", seed)
+    m = TransferModel(be_name, native, spec, portable, set(), state)
+    if portable and weights is None and init_weights:
+        shapes = be.canonical_shapes(m)
+        be.set_weights(m, _cast(init.torchvision_style(shapes, np.random.default_rng(seed)), spec.dtype))
+    elif weights not in (None, "imagenet"):
+        tensors, _ = wio.load_file(weights)
+        set_weights(m, tensors)
+    if spec.head is not None:
+        m = _attach(m, spec.head, seed)
+    return m
+
+
+def _cast(w: dict, dtype: str) -> dict:
+    return {k: np.asarray(v, dtype=dtype) for k, v in w.items()}
+
+
+def _attach(m: TransferModel, head: HeadSpec, seed) -> TransferModel:
+    be = _be(m.backend)
+    base = replace(m, spec=replace(m.spec, head=None))
+    native, state = be.attach_head(base, head)
+    new = TransferModel(m.backend, native, replace(m.spec, head=head), m.portable, set(m.frozen), state)
+    dims = head.dims(state["feature_dim"])
+    be.set_weights(new, _cast(init.linear_head(dims, np.random.default_rng(seed), head.layer_names()),
+                              m.dtype))
+    new.frozen = {n for n in m.frozen if not n.startswith("head.")}
+    be.apply_freeze(new)
+    return new
+
+
+def replace_head(m: TransferModel, num_outputs: int = 1, *, hidden=(), dropout: float = 0.0,
+                 seed: int | None = None) -> TransferModel:
+    """A new model sharing `m`'s backbone with a fresh head emitting logits.
+
+    The head starts from torch.nn.Linear's default init drawn from numpy with `seed`, so
+    the same seed gives the same head on both backends.
+    """
+    _check_model(m)
+    if int(num_outputs) < 1:
+        raise ShapeError(f"Expected num_outputs >= 1; received {num_outputs}.")
+    if not 0.0 <= float(dropout) < 1.0:
+        raise DataError(f"Expected 0 <= dropout < 1; received {dropout}.")
+    head = HeadSpec(int(num_outputs), tuple(int(h) for h in hidden), float(dropout))
+    return _attach(m, head, seed)
+
+
+def _param_names(m) -> list[str]:
+    return _be(m.backend).param_names(m)
+
+
+def freeze(m: TransferModel, spec="backbone") -> TransferModel:
+    """Frozen: no gradient, no update, BatchNorm on its running statistics (both backends)."""
+    _check_model(m)
+    m.frozen |= freezing.resolve(spec, _param_names(m))
+    _be(m.backend).apply_freeze(m)
+    return m
+
+
+def unfreeze(m: TransferModel, spec="all") -> TransferModel:
+    _check_model(m)
+    m.frozen -= freezing.resolve(spec, _param_names(m))
+    _be(m.backend).apply_freeze(m)
+    return m
+
+
+def trainable_names(m: TransferModel) -> list[str]:
+    return [n for n in _param_names(m) if n not in m.frozen]
+
+
+def features(m: TransferModel, x, *, batch_size: int = 64) -> np.ndarray:
+    """(N, D): exactly what enters the head."""
+    _check_model(m)
+    x = validation.check_images(x, m.input_shape, m.dtype)
+    return _be(m.backend).features(m, x, batch_size)
+
+
+def _need_head(m: TransferModel, what: str):
+    if m.spec.head is None:
+        raise TLBridgeError(f"{what} needs a head; this model has none. "
+                            f"Call m = tl.replace_head(m, num_outputs=...) first.")
+
+
+def logits(m: TransferModel, x, *, batch_size: int = 64) -> np.ndarray:
+    _check_model(m)
+    _need_head(m, "logits")
+    x = validation.check_images(x, m.input_shape, m.dtype)
+    return _be(m.backend).logits(m, x, batch_size)
+
+
+def predict(m: TransferModel, x, *, batch_size: int = 64) -> np.ndarray:
+    """Probabilities: the sigmoid of the logits, computed stably in numpy."""
+    z = logits(m, x, batch_size=batch_size)
+    return np.where(z >= 0, 1.0 / (1.0 + np.exp(-np.abs(z))), np.exp(-np.abs(z)) / (1.0 + np.exp(-np.abs(z))))
+
+
+def bce_loss_and_grads(m: TransferModel, x, y, training: bool = False):
+    """Mean binary cross-entropy over all N*K entries, from logits, and its gradient with
+    respect to every trainable parameter (canonical names and layout).
+
+    training=True runs BatchNorm on batch statistics and updates its running statistics
+    (frozen BatchNorm excepted), as one training step would.
+    """
+    _check_model(m)
+    _need_head(m, "bce_loss_and_grads")
+    x = validation.check_images(x, m.input_shape, m.dtype)
+    y = validation.check_labels(y, len(x), m.num_outputs, m.dtype)
+    return _be(m.backend).loss_and_grads(m, x, y, bool(training))
+
+
+def get_weights(m: TransferModel) -> dict[str, np.ndarray]:
+    """Canonical names and layout (PyTorch state_dict conventions), as numpy copies."""
+    _check_model(m)
+    return _be(m.backend).get_weights(m)
+
+
+def set_weights(m: TransferModel, weights: dict, *, strict: bool = True) -> TransferModel:
+    """Validated in full before anything is written: a mismatch leaves `m` as it was.
+
+    strict=False accepts a subset of the keys (say, backbone weights only); unexpected or
+    mis-shaped keys are still errors.
+    """
+    _check_model(m)
+    be = _be(m.backend)
+    expected = be.canonical_shapes(m)
+    if not strict and isinstance(weights, dict):
+        expected = {k: v for k, v in expected.items() if k in weights}
+    wio.check_layout(expected, weights)
+    be.set_weights(m, _cast(weights, m.dtype))
+    return m
+
+
+def convert(m: TransferModel, backend: str) -> TransferModel:
+    """The same model (weights, head, freeze state) on the other framework."""
+    _check_model(m)
+    target = config.validate(backend)
+    if not m.portable:
+        raise NotPortableError(
+            f"{m.backbone_name!r} is a {m.backend}-native backbone and cannot be converted to "
+            f"{target!r}. Expected a portable backbone: one of {sorted(zoo.PORTABLE)}.")
+    return _rebuild(m.spec, target, get_weights(m), set(m.frozen))
+
+
+def _rebuild(spec: ModelSpec, backend: str, tensors: dict, frozen: set) -> TransferModel:
+    new = _build(replace(spec, head=None), backend, spec.native_backend is None, None, None,
+                 init_weights=False)
+    if spec.head is not None:
+        new = _attach(new, spec.head, None)
+    set_weights(new, tensors)
+    if frozen:
+        unknown = frozen - set(_param_names(new))
+        if unknown:
+            raise CheckpointError(f"Frozen names not in the model: {sorted(unknown)[:5]}")
+        new.frozen = set(frozen)
+        _be(backend).apply_freeze(new)
+    return new
+
+
+def save(m: TransferModel, path) -> None:
+    """One safetensors file: canonical weights, plus the model spec as JSON in its metadata."""
+    _check_model(m)
+    meta = {"format": FORMAT, "backend": m.backend, "spec": m.spec.to_json(),
+            "frozen": json.dumps(sorted(m.frozen))}
+    wio.save_file(path, get_weights(m), meta)
+
+
+def load(path, backend: str | None = None) -> TransferModel:
+    """Rebuild a saved model on `backend` (portable models load on either)."""
+    tensors, meta = wio.load_file(path)
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(
+            f"Expected a tlbridge model file (metadata format {FORMAT!r}); received {path!r} "
+            f"with format {meta.get('format')!r}. For backbone weights alone use "
+            f"tl.load_backbone(name, weights=path).")
+    try:
+        spec = ModelSpec.from_json(meta["spec"])
+        frozen = set(json.loads(meta.get("frozen", "[]")))
+    except (KeyError, ValueError, TypeError) as exc:
+        raise CheckpointError(f"The model spec stored in {path!r} is damaged: {exc}") from exc
+    target = config.resolve(backend if backend is not None else meta.get("backend"))
+    if spec.native_backend is not None and spec.native_backend != target:
+        raise NotPortableError(
+            f"{path!r} holds the {spec.native_backend}-native backbone {spec.backbone!r}; it "
+            f"cannot be loaded on {target!r}. Load it with backend={spec.native_backend!r}.")
+    return _rebuild(spec, target, tensors, frozen)
+
+
+def preprocess(name_or_model, images) -> np.ndarray:
+    """uint8 RGB NHWC images -> the float32 input the backbone was trained on (numpy, shared)."""
+    name = name_or_model.backbone_name if isinstance(name_or_model, TransferModel) else name_or_model
+    pre = zoo.PORTABLE[name].preprocessing if name in zoo.PORTABLE else zoo.Preprocessing()
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ShapeError(f"Expected uint8 RGB images of shape (N, H, W, 3); received {images.shape}.")
+    x = images.astype(np.float32) / 255.0
+    return ((x - np.asarray(pre.mean, np.float32)) / np.asarray(pre.std, np.float32)).astype(np.float32)

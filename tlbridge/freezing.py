@@ -1,0 +1,40 @@
+"""Resolve freeze specs ("backbone", "all", glob, list) to canonical parameter names."""
+from __future__ import annotations
+
+import fnmatch
+
+from .errors import FreezeSpecError
+
+_GLOB = set("*?[")
+
+
+def _match_one(spec: str, names: list[str]) -> list[str]:
+    if spec == "all":
+        return list(names)
+    if spec in ("backbone", "head"):
+        return [n for n in names if n.startswith(spec + ".")]
+    if any(ch in spec for ch in _GLOB):
+        return [n for n in names if fnmatch.fnmatchcase(n, spec)]
+    # an exact name or a module prefix like "backbone.layer4"
+    return [n for n in names if n == spec or n.startswith(spec + ".")]
+
+
+def resolve(spec, names: list[str]) -> set[str]:
+    """Names matched by `spec`; each part of it must match at least one parameter."""
+    parts = [spec] if isinstance(spec, str) else list(spec)
+    if not parts:
+        raise FreezeSpecError("Expected a freeze spec ('backbone', 'all', a glob or a list); "
+                              "received an empty list.")
+    matched: set[str] = set()
+    for part in parts:
+        if not isinstance(part, str):
+            raise FreezeSpecError(f"Expected freeze spec entries as strings; received {part!r}.")
+        hits = _match_one(part, names)
+        if not hits:
+            examples = ", ".join(names[:3] + (["…"] if len(names) > 3 else []) + names[-2:])
+            raise FreezeSpecError(
+                f"Freeze spec {part!r} matches no parameter. Expected 'backbone', 'head', 'all', "
+                f"a glob such as 'backbone.layer4.*', or exact names; this model's "
+                f"{len(names)} parameters are named like: {examples}.")
+        matched.update(hits)
+    return matched

@@ -1,0 +1,101 @@
+"""Frozen dataclasses describing backbones and heads: the data both backends build from."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How uint8 RGB images become model input: x = (img / 255 * scale - mean) / std."""
+
+    mean: tuple = IMAGENET_MEAN
+    std: tuple = IMAGENET_STD
+    color: str = "RGB"
+    value_range: tuple = (0.0, 1.0)
+
+
+@dataclass(frozen=True)
+class BackboneInfo:
+    """A catalog entry. `portable` entries exist on both backends with identical function."""
+
+    name: str
+    portable: bool
+    family: str = ""
+    defaults: tuple = ()          # (key, value) pairs of builder options
+    preprocessing: Preprocessing = field(default_factory=Preprocessing)
+    doc: str = ""
+
+    def options(self, overrides: dict | None = None) -> dict:
+        opts = dict(self.defaults)
+        for key, value in (overrides or {}).items():
+            if key not in opts:
+                raise TypeError(
+                    f"load_backbone({self.name!r}) got an unknown option {key!r}. "
+                    f"Expected one of {sorted(opts)}."
+                )
+            opts[key] = value
+        return opts
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """Linear layers with ReLU (and dropout) between them; emits logits.
+
+    Canonical names follow the torch module: `head` when there is no hidden layer,
+    else an nn.Sequential of Linear, ReLU, Dropout triples: `head.0`, `head.3`, ...
+    """
+
+    num_outputs: int = 1
+    hidden: tuple = ()
+    dropout: float = 0.0
+
+    def layer_names(self) -> list[str]:
+        if not self.hidden:
+            return ["head"]
+        return [f"head.{3 * i}" for i in range(len(self.hidden) + 1)]
+
+    def dims(self, in_features: int) -> list[int]:
+        return [in_features, *self.hidden, self.num_outputs]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to rebuild a TransferModel on either backend (saved as JSON)."""
+
+    backbone: str
+    options: tuple = ()           # (key, value) pairs, JSON-friendly
+    input_shape: tuple = (224, 224, 3)
+    dtype: str = "float32"
+    head: HeadSpec | None = None
+    native_backend: str | None = None   # set for native-only backbones
+
+    def to_json(self) -> str:
+        data: dict[str, Any] = asdict(self)
+        data["options"] = {k: v for k, v in self.options}
+        return json.dumps(data, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ModelSpec":
+        data = json.loads(text)
+        head = data.get("head")
+        return cls(
+            backbone=data["backbone"],
+            options=freeze_options(data.get("options", {})),
+            input_shape=tuple(data["input_shape"]),
+            dtype=data["dtype"],
+            head=None if head is None else HeadSpec(head["num_outputs"], tuple(head["hidden"]),
+                                                    float(head["dropout"])),
+            native_backend=data.get("native_backend"),
+        )
+
+
+def freeze_options(options: dict) -> tuple:
+    """Dict of builder options -> hashable, JSON-stable tuple of pairs (lists become tuples)."""
+    def fix(v):
+        return tuple(fix(i) for i in v) if isinstance(v, (list, tuple)) else v
+    return tuple(sorted((k, fix(v)) for k, v in options.items()))

@@ -1,0 +1,66 @@
+"""Input checks shared by both backends, so both reject the same things with the same words."""
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import DataError, ShapeError
+
+
+def check_images(x, input_shape: tuple, dtype: str, what: str = "x") -> np.ndarray:
+    """NHWC float images matching the model's input shape, finite, cast to the model dtype."""
+    if not isinstance(x, np.ndarray):
+        try:
+            x = np.asarray(x)
+        except Exception as exc:  # pragma: no cover - exotic inputs
+            raise DataError(f"Expected {what} as a numpy array of images (N, H, W, C); "
+                            f"received {type(x).__name__}.") from exc
+    h, w, c = input_shape
+    expected = f"(N, {h}, {w}, {c}) NHWC"
+    if x.ndim != 4:
+        raise ShapeError(
+            f"Expected {what} of shape {expected}; received an array of shape {x.shape} "
+            f"({x.ndim}-D). Add a batch axis with x[None] for a single image.")
+    if x.shape[0] == 0:
+        raise ShapeError(f"Expected {what} of shape {expected} with N >= 1; received an empty batch.")
+    if x.shape[1:] != (h, w, c):
+        hint = ""
+        if x.shape[1] == c and x.shape[3] != c:
+            hint = " It looks channels-first (NCHW); pass x.transpose(0, 2, 3, 1)."
+        elif x.shape[3] != c:
+            hint = f" The model takes {c} channel(s); convert your images (e.g. grey -> RGB)."
+        else:
+            hint = (f" Resize the images to {h}x{w}, or load the backbone with "
+                    f"input_shape={tuple(x.shape[1:])}.")
+        raise ShapeError(f"Expected {what} of shape {expected}; received {x.shape}.{hint}")
+    if not np.issubdtype(x.dtype, np.floating):
+        if np.issubdtype(x.dtype, np.integer) or x.dtype == bool:
+            raise DataError(
+                f"Expected {what} as float images already normalised for the backbone; received "
+                f"dtype {x.dtype}. Use tl.preprocess(model, images) for uint8 images.")
+        raise DataError(f"Expected {what} with a float dtype; received dtype {x.dtype}.")
+    if not np.all(np.isfinite(x)):
+        bad = int(np.size(x) - np.count_nonzero(np.isfinite(x)))
+        raise DataError(f"Expected finite values in {what}; received {bad} NaN/inf value(s). "
+                        f"Clean or drop those images first.")
+    return np.ascontiguousarray(x, dtype=dtype)
+
+
+def check_labels(y, n: int, k: int, dtype: str) -> np.ndarray:
+    """Binary labels of shape (N, K) (or (N,) when K == 1), values in {0, 1}."""
+    y = np.asarray(y)
+    if y.ndim == 1 and k == 1:
+        y = y[:, None]
+    if y.shape != (n, k):
+        raise ShapeError(
+            f"Expected labels y of shape ({n}, {k}) (one column per model output"
+            f"{', or (N,) for one output' if k == 1 else ''}); received {y.shape}.")
+    if not (np.issubdtype(y.dtype, np.number) or y.dtype == bool):
+        raise DataError(f"Expected numeric labels in {{0, 1}}; received dtype {y.dtype}.")
+    y = y.astype(dtype)
+    bad = ~((y == 0) | (y == 1))
+    if bad.any():
+        sample = np.unique(y[bad])[:5].tolist()
+        raise DataError(
+            f"Expected labels in {{0, 1}} for binary cross-entropy; received {int(bad.sum())} "
+            f"value(s) outside it, e.g. {sample}. One-hot encode class indices first.")
+    return np.ascontiguousarray(y)
