@@ -30,3 +30,22 @@ def test_torch_and_tensorflow_import_into_one_process():
     code = ("import torch, tensorflow as tf, keras; "
             "print(float(torch.ones(2).sum()) + float(tf.reduce_sum(tf.ones(2))))")
     assert _run(code) == "4.0"
+
+
+@pytest.mark.skipif(len(BACKENDS) < 2, reason="needs both frameworks")
+@pytest.mark.parametrize("order", [("keras", "torch"), ("torch", "keras")])
+def test_both_backends_work_in_one_process_in_either_order(order):
+    code = ("import numpy as np, tlbridge as tl\n"
+            f"for b in {order!r}:\n"
+            "    m = tl.replace_head(tl.load_backbone('resnet18', backend=b, input_shape=(32, 32, 3), seed=0), 1, seed=0)\n"
+            "    print(b, round(float(tl.predict(m, np.zeros((1, 32, 32, 3), 'float32'))[0, 0]), 6))\n"
+            "print('done')")
+    assert _run(code) == "done"
+
+
+@pytest.mark.skipif(len(BACKENDS) < 2, reason="needs both frameworks")
+def test_tensorflow_imported_by_the_user_first_still_lets_torch_run():
+    code = ("import warnings, tensorflow, numpy as np, tlbridge as tl\n"
+            "m = tl.replace_head(tl.load_backbone('seed_vgg', backend='torch', input_shape=(32, 32, 3)), 1)\n"
+            "print(tl.predict(m, np.zeros((1, 32, 32, 3), 'float32')).shape)")
+    assert _run(code) == "(1, 1)"

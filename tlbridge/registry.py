@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import sys
+import warnings
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -46,6 +48,33 @@ def load(name: str) -> ModuleType:
             f"The {name!r} backend needs {', '.join(missing)}, which is not installed. "
             f"Install it with: {entry.install_hint}"
         )
+    _guard_import_order(name)
     module = importlib.import_module(entry.module)
     _loaded[name] = module
     return module
+
+
+def _guard_import_order(name: str) -> None:
+    """Keep torch and TensorFlow importable into one process, in either order.
+
+    CUDA builds of torch ship Triton, whose libtriton and TensorFlow both carry LLVM:
+    loading libtriton *after* TensorFlow segfaults (seen with torch 2.14 + TF 2.21).
+    Loaded first, both work; so the Keras backend loads libtriton (a ~0.1 s native
+    library, not torch) before TensorFlow when Triton is installed. If TensorFlow is
+    already in the process, the torch backend switches Triton off instead (torch then
+    runs without Triton kernels) and says so.
+    """
+    if importlib.util.find_spec("triton") is None or "triton._C.libtriton" in sys.modules:
+        return
+    if name == "keras" and "tensorflow" not in sys.modules:
+        try:
+            importlib.import_module("triton._C.libtriton")
+        except Exception:  # a broken Triton must not stop the Keras backend
+            pass
+    elif name == "torch" and "tensorflow" in sys.modules and "triton" not in sys.modules:
+        sys.modules["triton"] = None  # makes `import triton` raise ImportError: torch skips it
+        warnings.warn(
+            "TensorFlow was imported before PyTorch; importing Triton now would crash the "
+            "process (both bundle LLVM), so tlbridge disabled Triton for this process. To keep "
+            "it, import torch (or use tlbridge's torch backend) before TensorFlow.",
+            RuntimeWarning, stacklevel=3)

@@ -1,0 +1,167 @@
+"""One test per row of the README's bad-input table: the exception type (tlbridge's and the
+builtin one) and a phrase of its message; failed writes leave the model as it was."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from helpers import small_model
+
+import tlbridge as tl
+from tlbridge import errors, registry
+from tlbridge import weights as wio
+
+
+def _x(n=2):
+    return np.random.default_rng(0).normal(size=(n, 32, 32, 3)).astype("float32")
+
+
+def test_unknown_backend_argument():
+    with pytest.raises(errors.UnknownBackendError, match=r"Expected one of \['keras', 'torch'\]") as e:
+        tl.set_backend("trch")
+    assert isinstance(e.value, ValueError) and "backend='trch'" in str(e.value)
+
+
+def test_unknown_backend_from_environment_variable():
+    code = "import tlbridge as tl; tl.get_backend()"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "TLBRIDGE_BACKEND": "trch"})
+    assert out.returncode != 0
+    assert "UnknownBackendError" in out.stderr
+    assert "environment variable TLBRIDGE_BACKEND='trch'" in out.stderr
+
+
+def test_backend_not_installed_names_the_pip_extra(monkeypatch):
+    fake = registry.BackendEntry("torch", "tlbridge.backends.torch",
+                                 ("tlbridge_no_such_framework",), 'pip install "tlbridge[torch]"')
+    monkeypatch.setitem(registry.BACKENDS, "torch", fake)
+    monkeypatch.setattr(registry, "_loaded", {})
+    with pytest.raises(errors.BackendNotInstalledError, match=r'pip install "tlbridge\[torch\]"') as e:
+        tl.load_backbone("resnet18", backend="torch")
+    assert isinstance(e.value, ImportError)
+
+
+def test_unknown_backbone_suggests_close_matches(backend):
+    with pytest.raises(errors.UnknownBackboneError, match="Did you mean: 'resnet18'") as e:
+        tl.load_backbone("resnt18", backend=backend)
+    assert isinstance(e.value, KeyError)
+
+
+def test_channels_first_input_is_refused_with_a_hint(backend):
+    m = small_model(backend)
+    with pytest.raises(errors.ShapeError, match=r"NCHW.*transpose\(0, 2, 3, 1\)") as e:
+        tl.predict(m, _x().transpose(0, 3, 1, 2))
+    assert isinstance(e.value, ValueError) and "Expected x of shape (N, 32, 32, 3)" in str(e.value)
+
+
+def test_wrong_channel_count(backend):
+    m = small_model(backend)
+    with pytest.raises(errors.ShapeError, match="takes 3 channel"):
+        tl.features(m, np.zeros((2, 32, 32, 1), "float32"))
+
+
+def test_labels_outside_zero_one(backend):
+    m = small_model(backend)
+    with pytest.raises(errors.DataError, match=r"labels in \{0, 1\}.*e\.g\. \[2\.0\]") as e:
+        tl.bce_loss_and_grads(m, _x(), np.array([0, 2]))
+    assert isinstance(e.value, ValueError)
+
+
+def test_labels_of_the_wrong_shape(backend):
+    m = small_model(backend, num_outputs=3)
+    with pytest.raises(errors.ShapeError, match=r"shape \(2, 3\).*received \(2,\)"):
+        tl.bce_loss_and_grads(m, _x(), np.array([0, 1]))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_nan_or_inf_in_images(backend, bad):
+    m = small_model(backend)
+    x = _x()
+    x[1, 3, 4, 0] = bad
+    with pytest.raises(errors.DataError, match="1 NaN/inf value"):
+        tl.predict(m, x)
+
+
+def test_weights_dict_of_another_architecture_lists_keys_and_changes_nothing(backend):
+    m = small_model(backend)
+    before = tl.get_weights(m)
+    other = tl.get_weights(small_model(backend, widths=(8, 32)))
+    other["backbone.extra.weight"] = np.zeros(3)
+    with pytest.raises(errors.WeightsMismatchError) as e:
+        tl.set_weights(m, other)
+    msg = str(e.value)
+    assert "missing keys [backbone.features.6.weight" in msg
+    assert "unexpected keys [backbone.extra.weight]" in msg
+    assert "backbone.features.0.weight: expected (16, 3, 3, 3), received (8, 3, 3, 3)" in msg
+    assert e.value.missing and e.value.unexpected and e.value.mismatched
+    after = tl.get_weights(m)
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+
+
+def test_partly_valid_weights_write_nothing(backend):
+    m = small_model(backend)
+    before = tl.get_weights(m)
+    w = {k: v + 1 for k, v in before.items()}
+    w["head.bias"] = np.array([np.nan])
+    with pytest.raises(errors.WeightsMismatchError, match="NaN/inf in \\[head.bias\\]"):
+        tl.set_weights(m, w)
+    assert all(np.array_equal(before[k], tl.get_weights(m)[k]) for k in before)
+
+
+def test_weights_file_of_another_architecture(backend, tmp_path):
+    tl.save(small_model(backend, widths=(8,)), tmp_path / "other.safetensors")
+    with pytest.raises(errors.WeightsMismatchError, match="do not fit"):
+        tl.load_backbone("seed_vgg", backend=backend, input_shape=(32, 32, 3),
+                         weights=tmp_path / "other.safetensors")
+
+
+def test_truncated_file(backend, tmp_path):
+    path = tmp_path / "m.safetensors"
+    tl.save(small_model(backend), path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(errors.CheckpointError, match="truncated or not safetensors") as e:
+        tl.load(path)
+    assert isinstance(e.value, ValueError)
+
+
+def test_file_that_is_not_safetensors(tmp_path):
+    path = tmp_path / "notes.safetensors"
+    path.write_text("hello, I am not a tensor file")
+    with pytest.raises(errors.CheckpointError, match="truncated or not safetensors"):
+        tl.load(path)
+
+
+def test_safetensors_without_tlbridge_spec(tmp_path):
+    wio.save_file(tmp_path / "plain.safetensors", {"a": np.zeros(2)}, {})
+    with pytest.raises(errors.CheckpointError, match="Expected a tlbridge model file"):
+        tl.load(tmp_path / "plain.safetensors")
+
+
+def test_failed_load_leaves_existing_model_untouched(backend, tmp_path):
+    m = small_model(backend)
+    before = tl.get_weights(m)
+    (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 20)
+    with pytest.raises(errors.CheckpointError):
+        tl.set_weights(m, wio.load_file(tmp_path / "bad.safetensors")[0])
+    assert all(np.array_equal(before[k], tl.get_weights(m)[k]) for k in before)
+
+
+def test_freeze_spec_matching_nothing(backend):
+    m = small_model(backend)
+    with pytest.raises(errors.FreezeSpecError, match="'backbone.layer9.*' matches no parameter") as e:
+        tl.freeze(m, "backbone.layer9.*")
+    assert isinstance(e.value, ValueError) and not m.frozen
+
+
+def test_predict_without_a_head(backend):
+    m = tl.load_backbone("seed_vgg", backend=backend, input_shape=(32, 32, 3))
+    with pytest.raises(errors.TLBridgeError, match="replace_head"):
+        tl.predict(m, _x())
+
+
+def test_uint8_images_point_to_preprocess(backend):
+    m = small_model(backend)
+    with pytest.raises(errors.DataError, match="tl.preprocess"):
+        tl.predict(m, np.zeros((1, 32, 32, 3), np.uint8))
