@@ -17,10 +17,10 @@ def main(names):
     text = readme.read_text()
     for name in names:
         body = (ROOT / "benchmarks" / "out" / f"{name}.md").read_text().rstrip("\n")
-        pattern = re.compile(rf"(<!-- {name}:start -->\n).*?(\n<!-- {name}:end -->)", re.S)
+        pattern = re.compile(rf"(<!-- {name}:start -->\n)(?:.*?\n)?(<!-- {name}:end -->)", re.S)
         if not pattern.search(text):
             raise SystemExit(f"README has no <!-- {name}:start --> block")
-        text = pattern.sub(lambda m: m.group(1) + body + m.group(2), text)
+        text = pattern.sub(lambda m: m.group(1) + body + "\n" + m.group(2), text)
     readme.write_text(text)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from . import errors
 from .api import (bce_loss_and_grads, convert, features, freeze, get_weights, list_backbones,
+                  preprocessing_of,
                   load, load_backbone, logits, predict, preprocess, replace_head, save,
                   set_weights, trainable_names, unfreeze)
 from .config import available_backends, get_backend, set_backend, use_backend
@@ -18,6 +19,6 @@ __all__ = [
     "available_backends", "get_backend", "set_backend", "use_backend",
     "list_backbones", "load_backbone", "replace_head", "freeze", "unfreeze", "trainable_names",
     "features", "logits", "predict", "bce_loss_and_grads",
-    "get_weights", "set_weights", "convert", "save", "load", "preprocess",
+    "get_weights", "set_weights", "convert", "save", "load", "preprocess", "preprocessing_of",
     "TransferModel", "errors", "__version__",
 ]

@@ -7,10 +7,10 @@ from dataclasses import replace
 
 import numpy as np
 
-from . import config, freezing, init, registry, validation, weights as wio, zoo
+from . import checkpoints, config, freezing, init, registry, validation, weights as wio, zoo
 from .errors import CheckpointError, DataError, NotPortableError, ShapeError, TLBridgeError
 from .model import TransferModel
-from .specs import HeadSpec, ModelSpec, freeze_options
+from .specs import TORCHVISION, HeadSpec, ModelSpec, Preprocessing, freeze_options
 
 FORMAT = "tlbridge.model/1"
 _DTYPES = ("float32", "float64")
@@ -71,15 +71,23 @@ def load_backbone(name: str, *, weights=None, input_shape=(224, 224, 3), backend
 
 def _build(spec: ModelSpec, be_name: str, portable: bool, weights, seed, init_weights: bool):
     be = _be(be_name)
-    native, state = be.build_backbone(spec, portable, weights == "imagenet", seed)
+    # torchvision constructors load ImageNet weights themselves; the Keras mirrors take the
+    # same torchvision checkpoint, translated (below)
+    native_pretrained = weights == "imagenet" and (be_name == "torch" or not portable)
+    native, state = be.build_backbone(spec, portable, native_pretrained, seed)
     m = TransferModel(be_name, native, spec, portable, set(), state)
     if portable and weights is None and init_weights:
         shapes = be.canonical_shapes(m)
         be.set_weights(m, _cast(init.torchvision_style(shapes, np.random.default_rng(seed)), spec.dtype))
+    elif weights == "imagenet" and not native_pretrained:
+        expected = be.canonical_shapes(m)
+        set_weights(m, checkpoints.to_canonical(checkpoints.torchvision_imagenet(spec.backbone), expected))
     elif weights not in (None, "imagenet"):
-        tensors, _ = wio.load_file(weights)
+        tensors, pre = checkpoints.read(weights, spec.backbone, be.canonical_shapes(m))
         set_weights(m, tensors)
-    if spec.head is not None:
+        if pre is not None:
+            m.spec = replace(m.spec, preprocessing=pre)
+    if m.spec.head is not None:
         m = _attach(m, spec.head, seed)
     return m
 
@@ -257,12 +265,32 @@ def load(path, backend: str | None = None) -> TransferModel:
     return _rebuild(spec, target, tensors, frozen)
 
 
+def preprocessing_of(name_or_model) -> Preprocessing:
+    """The input normalisation a backbone (or a model, whose weights may bring their own) expects."""
+    if isinstance(name_or_model, TransferModel):
+        if name_or_model.spec.preprocessing is not None:
+            return name_or_model.spec.preprocessing
+        name_or_model = name_or_model.backbone_name
+    info = zoo.PORTABLE.get(name_or_model)
+    return info.preprocessing if info is not None else TORCHVISION
+
+
 def preprocess(name_or_model, images) -> np.ndarray:
-    """uint8 RGB NHWC images -> the float32 input the backbone was trained on (numpy, shared)."""
-    name = name_or_model.backbone_name if isinstance(name_or_model, TransferModel) else name_or_model
-    pre = zoo.PORTABLE[name].preprocessing if name in zoo.PORTABLE else zoo.Preprocessing()
+    """uint8 RGB NHWC images -> the float32 input the backbone was trained on.
+
+    In numpy, so both backends see the same bytes; the recipe comes from the backbone's
+    catalog entry, or from the checkpoint the model was loaded from (Keras VGG16: BGR, caffe).
+    """
+    pre = preprocessing_of(name_or_model)
     images = np.asarray(images)
     if images.ndim != 4 or images.shape[-1] != 3:
-        raise ShapeError(f"Expected uint8 RGB images of shape (N, H, W, 3); received {images.shape}.")
-    x = images.astype(np.float32) / 255.0
-    return ((x - np.asarray(pre.mean, np.float32)) / np.asarray(pre.std, np.float32)).astype(np.float32)
+        raise ShapeError(f"Expected RGB images of shape (N, H, W, 3); received {images.shape}.")
+    if images.dtype != np.uint8:
+        raise DataError(f"Expected uint8 images (0-255); received dtype {images.dtype}. For float "
+                        f"images in [0, 1] pass (images * 255).round().astype('uint8').")
+    x = images.astype(np.float32)
+    if pre.color == "BGR":
+        x = x[..., ::-1]
+    x = x * np.float32(pre.scale)
+    return np.ascontiguousarray((x - np.asarray(pre.mean, np.float32)) / np.asarray(pre.std, np.float32),
+                                dtype=np.float32)

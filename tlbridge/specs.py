@@ -11,12 +11,27 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """How uint8 RGB images become model input: x = (img / 255 * scale - mean) / std."""
+    """How uint8 RGB images become model input: x = (img[..., order] * scale - mean) / std.
+
+    torchvision's convention is the default (RGB, [0, 1], ImageNet mean/std); weights
+    trained by keras.applications' VGG16 use CAFFE below (BGR, [0, 255], mean-centred).
+    """
 
     mean: tuple = IMAGENET_MEAN
     std: tuple = IMAGENET_STD
     color: str = "RGB"
-    value_range: tuple = (0.0, 1.0)
+    scale: float = 1.0 / 255.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preprocessing":
+        return cls(tuple(d["mean"]), tuple(d["std"]), d["color"], float(d["scale"]))
+
+
+TORCHVISION = Preprocessing()
+CAFFE = Preprocessing(mean=(103.939, 116.779, 123.68), std=(1.0, 1.0, 1.0), color="BGR", scale=1.0)
 
 
 @dataclass(frozen=True)
@@ -73,6 +88,7 @@ class ModelSpec:
     dtype: str = "float32"
     head: HeadSpec | None = None
     native_backend: str | None = None   # set for native-only backbones
+    preprocessing: Preprocessing | None = None   # None: the catalog's default for the backbone
 
     def to_json(self) -> str:
         data: dict[str, Any] = asdict(self)
@@ -91,6 +107,8 @@ class ModelSpec:
             head=None if head is None else HeadSpec(head["num_outputs"], tuple(head["hidden"]),
                                                     float(head["dropout"])),
             native_backend=data.get("native_backend"),
+            preprocessing=(Preprocessing.from_dict(data["preprocessing"])
+                           if data.get("preprocessing") else None),
         )
 
 
