@@ -1,0 +1,574 @@
+"""The data layer of fine-tuning: batching, shuffling and augmentation in numpy, driven by a seed.
+
+Both backends must see exactly the same batches in the same order, so everything random
+happens here and nowhere else.
+
+Determinism. Epoch ``e`` of a dataset with seed ``s`` uses one generator,
+``np.random.default_rng([s, e])``, and draws from it up front, in the consumer's thread and
+in a fixed order: first the permutation of the samples (only when ``shuffle``), then the
+augmentation parameters of every *position* of the epoch (``Augment.sample``: always the
+same number of draws, whichever parts of the augmentation are switched on). Batch ``b`` is
+then a pure function of (positions ``b*B .. b*B+B-1``, their parameters), so
+
+* epoch ``e`` does not depend on earlier epochs (resume with ``ds.epoch(e, start_batch=k)``,
+  which skips batches without decoding them);
+* background threads (``workers``, ``prefetch``) change the speed, never the numbers.
+
+Images from folders are decoded lazily, one batch at a time; only the file headers are read
+when the dataset is built (to find unreadable files early). Pillow is imported only then.
+"""
+from __future__ import annotations
+
+import math
+import os
+import threading
+import warnings
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from itertools import islice
+
+import numpy as np
+
+from .errors import DataError, ShapeError
+
+__all__ = ["Augment", "Dataset", "arrays", "image_folder", "IMG_EXTENSIONS"]
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+_DTYPES = ("float32", "float64")
+_ATTEMPTS = 10  # RandomResizedCrop's tries at a crop that fits before falling back
+_CHUNK_PIXELS = 32768  # images warped together, so that the temporaries stay in cache
+
+
+# ----------------------------------------------------------------------------- augmentation
+
+@dataclass(frozen=True)
+class Augment:
+    """Random flip + RandomResizedCrop-like crop + small rotation, as one affine map per image.
+
+    flip: horizontal flip with p=0.5. crop_scale: (min, max) fraction of the image area kept
+    by the crop (None: no crop), aspect ratio drawn log-uniformly in ``ratio``; the crop is
+    resized back to the image size. rotation: maximum angle in degrees (uniform in
+    [-rotation, rotation], positive = counter-clockwise), zero fill. Applied in that order
+    (crop, flip, rotate), sampled once with bilinear interpolation.
+    """
+
+    flip: bool = True
+    crop_scale: tuple | None = (0.8, 1.0)
+    rotation: float = 10.0
+    ratio: tuple = (3 / 4, 4 / 3)
+
+    def __post_init__(self):
+        if self.crop_scale is not None:
+            lo, hi = _pair(self.crop_scale, "crop_scale")
+            if not 0 < lo <= hi <= 1:
+                raise DataError(f"Expected crop_scale as (min, max) area fractions with "
+                                f"0 < min <= max <= 1, or None; received {self.crop_scale!r}.")
+            object.__setattr__(self, "crop_scale", (lo, hi))
+        lo, hi = _pair(self.ratio, "ratio")
+        if not 0 < lo <= hi:
+            raise DataError(f"Expected ratio as (min, max) aspect ratios with 0 < min <= max; "
+                            f"received {self.ratio!r}.")
+        object.__setattr__(self, "ratio", (lo, hi))
+        rot = float(self.rotation)
+        if not (math.isfinite(rot) and 0 <= rot <= 180):
+            raise DataError(f"Expected rotation as a maximum angle in degrees in [0, 180]; "
+                            f"received {self.rotation!r}. Use 0 for no rotation.")
+        object.__setattr__(self, "rotation", rot)
+        object.__setattr__(self, "flip", bool(self.flip))
+
+    @property
+    def is_identity(self) -> bool:
+        return not self.flip and self.crop_scale is None and self.rotation == 0
+
+    def sample(self, rng: np.random.Generator, n: int, image_hw: tuple) -> np.ndarray:
+        """Parameters of n images, shape (n, 6): flip, crop left, top, width, height (input
+        pixels), angle (radians). Always makes the same draws from rng, in the same order."""
+        h, w = (float(d) for d in image_hw)
+        u_flip = rng.random(n)
+        u_scale = rng.random((n, _ATTEMPTS))
+        u_ratio = rng.random((n, _ATTEMPTS))
+        u_x, u_y = rng.random(n), rng.random(n)
+        u_angle = rng.random(n)
+
+        p = np.zeros((n, 6))
+        p[:, 0] = (u_flip < 0.5) if self.flip else 0.0
+        p[:, 3], p[:, 4] = w, h
+        if self.crop_scale is not None:
+            lo, hi = self.crop_scale
+            area = h * w * (lo + (hi - lo) * u_scale)
+            lr0, lr1 = math.log(self.ratio[0]), math.log(self.ratio[1])
+            r = np.exp(lr0 + (lr1 - lr0) * u_ratio)
+            cw, ch = np.sqrt(area * r), np.sqrt(area / r)
+            fits = (cw <= w) & (ch <= h)
+            rows, first = np.arange(n), np.argmax(fits, axis=1)
+            ok = fits[rows, first]
+            # fallback, as torchvision: the whole image, or its centre clamped to the ratio range
+            fw, fh = w, h
+            if w / h < self.ratio[0]:
+                fh = w / self.ratio[0]
+            elif w / h > self.ratio[1]:
+                fw = h * self.ratio[1]
+            cw = np.where(ok, cw[rows, first], fw)
+            ch = np.where(ok, ch[rows, first], fh)
+            ux = np.where(ok, u_x, 0.5)
+            uy = np.where(ok, u_y, 0.5)
+            p[:, 1], p[:, 2], p[:, 3], p[:, 4] = ux * (w - cw), uy * (h - ch), cw, ch
+        p[:, 5] = np.deg2rad((2.0 * u_angle - 1.0) * self.rotation)
+        return p
+
+    def apply(self, images: np.ndarray, params: np.ndarray) -> np.ndarray:
+        """Augmented copy of float images (B, H, W, C) with parameters from `sample`."""
+        images = np.asarray(images)
+        if not np.issubdtype(images.dtype, np.floating):
+            images = images.astype(np.float32)
+        if self.crop_scale is None and self.rotation == 0:  # flip only: exact mirrors
+            out = images.copy()
+            flipped = params[:, 0] > 0.5
+            out[flipped] = images[flipped, :, ::-1]
+            return out
+        out = np.empty_like(images)
+        step = max(1, _CHUNK_PIXELS // (images.shape[1] * images.shape[2]))
+        for i in range(0, len(images), step):   # small chunks stay in cache: ~2x faster
+            out[i:i + step] = _warp(images[i:i + step], params[i:i + step])
+        return out
+
+    def __call__(self, images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        images = np.asarray(images)
+        return self.apply(images, self.sample(rng, len(images), images.shape[1:3]))
+
+
+def _pair(v, what) -> tuple:
+    try:
+        lo, hi = (float(t) for t in v)
+    except (TypeError, ValueError):
+        raise DataError(f"Expected {what} as a (min, max) pair of numbers; received {v!r}.") from None
+    return lo, hi
+
+
+def _warp(images: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """Crop -> flip -> rotate of every image as one inverse affine map, bilinear, zero fill."""
+    b, h, w, c = images.shape
+    dt = images.dtype
+    X = (np.arange(w) + 0.5 - w / 2)[None, None, :]       # output pixel centres, centred
+    Y = (np.arange(h) + 0.5 - h / 2)[None, :, None]
+    flip, x0, y0, cw, ch, ang = (p[:, k][:, None, None] for k in range(6))
+    cos, sin = np.cos(ang), np.sin(ang)
+    sx = np.where(flip > 0.5, -cw / w, cw / w)             # undo rotation, flip, crop scaling
+    sy = ch / h
+    xs = (X * cos - Y * sin) * sx + (x0 + cw / 2 - 0.5)   # sample positions, input pixel indices
+    ys = (X * sin + Y * cos) * sy + (y0 + ch / 2 - 0.5)
+    # zero fill outside the rotated crop (its extent is [x0, x0 + cw] in input pixels)
+    inside = (xs >= x0 - 0.5 - 1e-9) & (xs <= x0 + cw - 0.5 + 1e-9)
+    inside &= (ys >= y0 - 0.5 - 1e-9) & (ys <= y0 + ch - 0.5 + 1e-9)
+    np.clip(xs, 0, w - 1, out=xs)
+    np.clip(ys, 0, h - 1, out=ys)
+    xi, yi = np.floor(xs), np.floor(ys)
+    wx = (xs - xi).astype(dt)[..., None]
+    wy = (ys - yi).astype(dt)[..., None]
+    xi, yi = xi.astype(np.intp), yi.astype(np.intp)
+    dx = (xi < w - 1).astype(np.intp)                     # neighbour offsets, 0 at the border
+    dy = (yi < h - 1) * w
+    i00 = yi * w + xi
+    i00 += (np.arange(b) * (h * w))[:, None, None]
+    flat = images.reshape(b * h * w, c)
+    g00, g01 = np.take(flat, i00, axis=0), np.take(flat, i00 + dx, axis=0)
+    i00 += dy
+    g10, g11 = np.take(flat, i00, axis=0), np.take(flat, i00 + dx, axis=0)
+    g01 -= g00
+    g01 *= wx
+    g00 += g01                                            # top row
+    g11 -= g10
+    g11 *= wx
+    g10 += g11                                            # bottom row
+    g10 -= g00
+    g10 *= wy
+    g00 += g10
+    g00 *= inside[..., None]
+    return g00
+
+
+# ----------------------------------------------------------------------------- sources
+
+class _ArraySource:
+    def __init__(self, x):
+        self.x = x
+
+    def load(self, idx, dtype):
+        return self.x[idx].astype(dtype, copy=False), None, []
+
+    def finish(self, x, dtype):
+        return x.astype(dtype, copy=False)
+
+
+class _FolderSource:
+    def __init__(self, files, image_hw, preprocess, on_error):
+        self.files, self.hw, self.preprocess, self.on_error = files, image_hw, preprocess, on_error
+
+    def load(self, idx, dtype):
+        h, w = self.hw
+        out = np.empty((len(idx), h, w, 3), np.uint8)
+        keep = np.ones(len(idx), bool)
+        failed = []
+        for k, i in enumerate(idx):
+            try:
+                out[k] = _decode(self.files[i], self.hw)
+            except Exception as exc:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError...
+                if self.on_error == "raise":
+                    raise _unreadable(self.files[i], exc) from exc
+                keep[k] = False
+                failed.append(self.files[i])
+        return (out if keep.all() else out[keep]), (None if keep.all() else keep), failed
+
+    def finish(self, x, dtype):
+        if self.preprocess is None:
+            return x.astype(dtype) / np.asarray(255, dtype)
+        y = np.asarray(self.preprocess(x))
+        if y.shape != x.shape or not np.issubdtype(y.dtype, np.number):
+            raise DataError(f"Expected preprocess to return numeric images of shape {x.shape}; "
+                            f"received {y.dtype} {y.shape}. It gets a uint8 (or, augmented, "
+                            f"float in [0, 255]) batch (B, H, W, 3) and must keep its shape.")
+        return y.astype(dtype, copy=False)
+
+
+def _pil():
+    try:
+        from PIL import Image
+    except ImportError:
+        raise ImportError("tl.data.image_folder needs Pillow to decode images; received an "
+                          "environment without it. Install it with `pip install pillow`.") from None
+    return Image
+
+
+def _decode(path, hw) -> np.ndarray:
+    Image = _pil()
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        if im.size != (hw[1], hw[0]):
+            im = im.resize((hw[1], hw[0]), Image.Resampling.BILINEAR)
+        return np.asarray(im, dtype=np.uint8)
+
+
+def _unreadable(path, exc) -> DataError:
+    return DataError(f"Expected a readable image at {path}; received a file Pillow cannot "
+                     f"decode ({type(exc).__name__}: {exc}). Remove or fix it, or pass "
+                     f"on_error='skip' to leave unreadable files out.")
+
+
+def _check_header(path):
+    """Reads only the header; returns None if fine, else the exception."""
+    try:
+        with _pil().open(path) as im:
+            im.size  # noqa: B018
+    except Exception as exc:  # noqa: BLE001
+        return exc
+    return None
+
+
+# ----------------------------------------------------------------------------- dataset
+
+class Dataset:
+    """Batches of (x float NHWC, y float (B, K)) in a seeded order; see `arrays`, `image_folder`.
+
+    len(ds) is the number of batches per epoch; iterate an epoch with ``ds.epoch(e)``.
+    """
+
+    def __init__(self, source, labels, image_shape, *, batch_size, shuffle, seed, augment,
+                 drop_last, dtype, prefetch, workers, classes=None, files=None, skipped=()):
+        self._source = source
+        self.labels = labels
+        self.image_shape = tuple(int(d) for d in image_shape)
+        self.num_samples, self.num_outputs = labels.shape
+        self.batch_size = _positive_int(batch_size, "batch_size")
+        self.shuffle = bool(shuffle)
+        self.seed = _seed(seed)
+        if augment is True:
+            augment = Augment()
+        if augment is not None and not isinstance(augment, Augment):
+            raise DataError(f"Expected augment as a tl.data.Augment (or None / True); received "
+                            f"{type(augment).__name__}.")
+        self.augment = None if augment is None or augment.is_identity else augment
+        self.drop_last = bool(drop_last)
+        self.dtype = dtype
+        self.prefetch = _nonneg_int(prefetch, "prefetch")
+        self.workers = _nonneg_int(workers, "workers")
+        self.classes = classes
+        self.files = files
+        self.skipped = list(skipped)
+        self._lock = threading.Lock()
+        if len(self) == 0:
+            raise DataError(f"Expected at least one batch per epoch; received {self.num_samples} "
+                            f"sample(s) with batch_size={self.batch_size} and drop_last=True. "
+                            f"Lower batch_size or set drop_last=False.")
+
+    @property
+    def dtype(self) -> str:
+        return self._dtype
+
+    @dtype.setter
+    def dtype(self, value):
+        if not isinstance(value, str):
+            try:
+                value = str(np.dtype(value))
+            except TypeError:
+                pass
+        if value not in _DTYPES:
+            raise DataError(f"Expected dtype 'float32' or 'float64'; received {value!r}.")
+        self._dtype = value
+
+    def __len__(self) -> int:
+        n, b = self.num_samples, self.batch_size
+        return n // b if self.drop_last else -(-n // b)
+
+    def __iter__(self):
+        raise TypeError("A tl.data.Dataset is iterated one epoch at a time: "
+                        "`for x, y in ds.epoch(e)` (e = 0, 1, ...).")
+
+    def __repr__(self) -> str:
+        return (f"Dataset(num_samples={self.num_samples}, num_outputs={self.num_outputs}, "
+                f"image_shape={self.image_shape}, batch_size={self.batch_size}, "
+                f"batches={len(self)}, shuffle={self.shuffle}, seed={self.seed}, "
+                f"augment={self.augment!r}, dtype={self.dtype!r})")
+
+    def plan(self, epoch: int):
+        """(order, params): sample indices in epoch order and augmentation parameters per position."""
+        epoch = _nonneg_int(epoch, "epoch")
+        rng = np.random.default_rng([self.seed, epoch])
+        n = self.num_samples
+        order = rng.permutation(n) if self.shuffle else np.arange(n)
+        params = None
+        if self.augment is not None:
+            params = self.augment.sample(rng, n, self.image_shape[:2])
+        return order, params
+
+    def epoch(self, epoch: int, *, start_batch: int = 0):
+        """Iterator over the batches of `epoch`, from batch `start_batch` (earlier ones are not
+        decoded). Close it (or drop it) to stop early; its threads end with it."""
+        order, params = self.plan(epoch)
+        start = _nonneg_int(start_batch, "start_batch")
+        if start > len(self):
+            raise DataError(f"Expected start_batch in [0, {len(self)}] (batches per epoch); "
+                            f"received {start_batch}.")
+        b = self.batch_size
+        jobs = []
+        for k in range(start, len(self)):
+            sl = slice(k * b, min((k + 1) * b, self.num_samples))
+            jobs.append((order[sl], None if params is None else params[sl]))
+        return self._run(jobs)
+
+    def as_arrays(self):
+        """The whole set, un-augmented and in its stored order, as (x, y)."""
+        n, b = self.num_samples, self.batch_size
+        jobs = [(np.arange(s, min(s + b, n)), None) for s in range(0, n, b)]
+        batches = list(self._run(jobs, augment=False))
+        if not batches:
+            raise DataError(f"Expected at least one readable image; received none of "
+                            f"{n} (see ds.skipped).")
+        xs, ys = zip(*batches)
+        return np.concatenate(xs), np.concatenate(ys)
+
+    # -- internals
+    def _batch(self, idx, params, augment=True):
+        x, keep, failed = self._source.load(idx, self.dtype)
+        y = self.labels[idx]
+        if keep is not None:
+            y = y[keep]
+            params = None if params is None else params[keep]
+        if not len(x):  # every image of the batch failed to decode (on_error="skip")
+            return x, y, failed
+        if augment and params is not None:
+            x = self.augment.apply(x.astype(self.dtype, copy=False), params)
+        return self._source.finish(x, self.dtype), y.astype(self.dtype), failed
+
+    def _run(self, jobs, augment=True):
+        """Yields the jobs' batches in order; up to `prefetch` of them computed ahead in threads."""
+        def note(failed):
+            new = []
+            with self._lock:
+                for f in failed:
+                    if f not in self.skipped:
+                        self.skipped.append(f)
+                        new.append(f)
+            if new:
+                warnings.warn(f"tl.data skipped {len(new)} image(s) that could not be decoded: "
+                              f"{new[:5]}{' ...' if len(new) > 5 else ''}", stacklevel=3)
+
+        if self.workers == 0 or self.prefetch == 0:
+            for idx, params in jobs:
+                x, y, failed = self._batch(idx, params, augment)
+                note(failed)
+                if len(x):
+                    yield x, y
+            return
+        pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="tlbridge-data")
+        pending = deque()
+        try:
+            it = iter(jobs)
+            for idx, params in islice(it, self.prefetch):
+                pending.append(pool.submit(self._batch, idx, params, augment))
+            while pending:
+                fut = pending.popleft()
+                nxt = next(it, None)
+                if nxt is not None:
+                    pending.append(pool.submit(self._batch, nxt[0], nxt[1], augment))
+                x, y, failed = fut.result()
+                note(failed)
+                if len(x):
+                    yield x, y
+        finally:
+            for fut in pending:
+                fut.cancel()
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _positive_int(v, what) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+        raise DataError(f"Expected {what} as a positive int; received {v!r}.")
+    return int(v)
+
+
+def _nonneg_int(v, what) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+        raise DataError(f"Expected {what} as an int >= 0; received {v!r}.")
+    return int(v)
+
+
+def _seed(v) -> int:
+    return _nonneg_int(v, "seed")
+
+
+# ----------------------------------------------------------------------------- constructors
+
+def arrays(x, y, *, batch_size=32, shuffle=True, seed=0, augment=None, drop_last=False,
+           dtype="float32", prefetch=2, workers=2) -> Dataset:
+    """A Dataset over in-memory NHWC float images x (N, H, W, C) and labels y (N,) or (N, K)
+    in {0, 1}. x is not copied; batches are cast to `dtype`. Augmentation zero-fills in the
+    space x is in (after any normalisation)."""
+    if not isinstance(x, np.ndarray):
+        x = np.asarray(x)
+    if x.ndim != 4:
+        raise ShapeError(f"Expected x as NHWC images of shape (N, H, W, C); received an array of "
+                         f"shape {x.shape} ({x.ndim}-D). Stack single images with np.stack.")
+    if x.shape[0] == 0 or min(x.shape[1:]) < 1:
+        raise ShapeError(f"Expected x with at least one non-empty image; received shape {x.shape}.")
+    if not np.issubdtype(x.dtype, np.floating):
+        raise DataError(f"Expected x as float images already normalised for the backbone; "
+                        f"received dtype {x.dtype}. Use tl.preprocess(model, images) for uint8 "
+                        f"images.")
+    step = max(1, (1 << 22) // max(1, x[0].size))  # blocks of ~4M values: no full-size temporary
+    bad = sum(int(x[i:i + step].size - np.count_nonzero(np.isfinite(x[i:i + step])))
+              for i in range(0, len(x), step))
+    if bad:
+        raise DataError(f"Expected finite values in x; received {bad} NaN/inf value(s). "
+                        f"Clean or drop those images first.")
+    y = np.asarray(y)
+    if y.ndim == 1:
+        y = y[:, None]
+    if y.ndim != 2 or y.shape[1] < 1:
+        raise ShapeError(f"Expected labels y of shape (N,) or (N, K); received {y.shape}.")
+    if y.shape[0] != x.shape[0]:
+        raise ShapeError(f"Expected one label row per image; received {x.shape[0]} image(s) in x "
+                         f"but {y.shape[0]} label row(s) in y. Pass x and y of the same length.")
+    if not (np.issubdtype(y.dtype, np.number) or y.dtype == bool):
+        raise DataError(f"Expected numeric labels in {{0, 1}}; received dtype {y.dtype}.")
+    bad = ~((y == 0) | (y == 1))
+    if bad.any():
+        sample = np.unique(y[bad])[:5].tolist()
+        raise DataError(f"Expected labels in {{0, 1}} for binary cross-entropy; received "
+                        f"{int(bad.sum())} value(s) outside it, e.g. {sample}. One-hot encode "
+                        f"class indices first (np.eye(K)[y]).")
+    return Dataset(_ArraySource(x), y.astype(np.float64), x.shape[1:], batch_size=batch_size,
+                   shuffle=shuffle, seed=seed, augment=augment, drop_last=drop_last, dtype=dtype,
+                   prefetch=prefetch, workers=workers)
+
+
+def image_folder(root, image_size, *, classes=None, on_error="raise", batch_size=32,
+                 shuffle=True, seed=0, augment=None, preprocess=None, drop_last=False,
+                 dtype="float32", prefetch=2, workers=2) -> Dataset:
+    """A Dataset over root/<class>/**/<image> (torchvision's ImageFolder layout).
+
+    Classes are the sorted sub-folder names (hidden ones left out) unless `classes` lists them.
+    Images are decoded per batch: RGB, resized to image_size (h, w) bilinear, then augmented
+    (in [0, 255] float) and scaled to [0, 1], or passed to `preprocess(batch)` instead (it gets
+    uint8, or float in [0, 255] when augmented, shape (B, h, w, 3); it runs in worker threads).
+    Augmentation acts on the resized image (not on the full-size file, as torchvision's
+    RandomResizedCrop would). Labels: 2 classes -> (N, 1), class index 1 positive;
+    K > 2 -> one-hot (N, K).
+    on_error: "raise" (DataError naming the file) or "skip" (left out, listed in ds.skipped,
+    with a warning). Headers are checked here; a file whose pixels fail later is dropped from
+    its batch under "skip".
+    """
+    if on_error not in ("raise", "skip"):
+        raise DataError(f"Expected on_error 'raise' or 'skip'; received {on_error!r}.")
+    if isinstance(image_size, (int, np.integer)) and not isinstance(image_size, bool):
+        image_size = (image_size, image_size)
+    try:
+        hw = tuple(int(d) for d in image_size)
+    except (TypeError, ValueError):
+        hw = ()
+    if len(hw) != 2 or min(hw) < 1:
+        raise ShapeError(f"Expected image_size as (height, width) positive ints; received "
+                         f"{image_size!r}.")
+    if preprocess is not None and not callable(preprocess):
+        raise DataError(f"Expected preprocess as a callable on uint8 batches (or None); "
+                        f"received {type(preprocess).__name__}.")
+    _pil()  # fail now, with the install hint, rather than per file
+    root = os.fspath(root)
+    if not os.path.isdir(root):
+        raise DataError(f"Expected root as a folder with one sub-folder per class; received "
+                        f"{root!r}, which {'is not a folder' if os.path.exists(root) else 'does not exist'}.")
+    found = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    if classes is None:
+        classes = found
+        if len(classes) < 2:
+            loose = [f for f in os.listdir(root) if f.lower().endswith(IMG_EXTENSIONS)]
+            hint = (f" It holds {len(loose)} image(s) directly; move them into root/<class>/."
+                    if loose else "")
+            raise DataError(f"Expected at least 2 class sub-folders in {root} (root/<class>/<image>);"
+                            f" received {len(classes)}: {classes}.{hint}")
+    else:
+        classes = [str(c) for c in classes]
+        missing = [c for c in classes if not os.path.isdir(os.path.join(root, c))]
+        if len(set(classes)) != len(classes) or len(classes) < 2 or missing:
+            raise DataError(f"Expected classes as at least 2 distinct sub-folder names of {root}; "
+                            f"received {classes}" + (f" ({missing} not found; found {found})."
+                                                     if missing else "."))
+    files, idx = [], []
+    for k, c in enumerate(classes):
+        n0 = len(files)
+        for d, _, names in sorted(os.walk(os.path.join(root, c), followlinks=True)):
+            files += [os.path.join(d, f) for f in sorted(names) if f.lower().endswith(IMG_EXTENSIONS)]
+        if len(files) == n0:
+            raise DataError(f"Expected images ({', '.join(IMG_EXTENSIONS)}) in class folder "
+                            f"{os.path.join(root, c)}; received none. Add images or remove the folder.")
+        idx += [k] * (len(files) - n0)
+
+    workers = _nonneg_int(workers, "workers")
+    if workers:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            errors = list(pool.map(_check_header, files))
+    else:
+        errors = [_check_header(f) for f in files]
+    skipped = []
+    for f, exc in zip(files, errors):
+        if exc is not None:
+            if on_error == "raise":
+                raise _unreadable(f, exc) from exc
+            skipped.append(f)
+    if skipped:
+        warnings.warn(f"tl.data.image_folder skipped {len(skipped)} unreadable file(s): "
+                      f"{skipped[:5]}{' ...' if len(skipped) > 5 else ''}", stacklevel=2)
+        keep = [e is None for e in errors]
+        files = [f for f, ok in zip(files, keep) if ok]
+        idx = [i for i, ok in zip(idx, keep) if ok]
+        present = set(idx)
+        empty = [c for k, c in enumerate(classes) if k not in present]
+        if empty:
+            raise DataError(f"Expected readable images in every class folder; received none in "
+                            f"{empty} after skipping {len(skipped)} unreadable file(s).")
+    idx = np.asarray(idx)
+    labels = (idx == 1)[:, None].astype(np.float64) if len(classes) == 2 else np.eye(len(classes))[idx]
+    return Dataset(_FolderSource(files, hw, preprocess, on_error), labels, (*hw, 3),
+                   batch_size=batch_size, shuffle=shuffle, seed=seed, augment=augment,
+                   drop_last=drop_last, dtype=dtype, prefetch=prefetch, workers=workers,
+                   classes=list(classes), files=files, skipped=skipped)
