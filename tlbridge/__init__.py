@@ -5,13 +5,16 @@ needs it, so both can live side by side in one process.
 """
 from __future__ import annotations
 
-from . import errors
+from . import data, errors, optim, parity
 from .api import (bce_loss_and_grads, convert, features, freeze, get_weights, list_backbones,
                   preprocessing_of,
                   load, load_backbone, logits, predict, preprocess, replace_head, save,
                   set_weights, trainable_names, unfreeze)
 from .config import available_backends, get_backend, set_backend, use_backend
+from .history import History
 from .model import TransferModel
+from .optim import OptimizerConfig
+from .training import EarlyStopping, L2SP, evaluate, fine_tune
 
 __version__ = "0.1.0"
 
@@ -20,5 +23,6 @@ __all__ = [
     "list_backbones", "load_backbone", "replace_head", "freeze", "unfreeze", "trainable_names",
     "features", "logits", "predict", "bce_loss_and_grads",
     "get_weights", "set_weights", "convert", "save", "load", "preprocess", "preprocessing_of",
-    "TransferModel", "errors", "__version__",
+    "fine_tune", "evaluate", "History", "EarlyStopping", "L2SP", "OptimizerConfig",
+    "TransferModel", "data", "errors", "optim", "parity", "__version__",
 ]

@@ -17,6 +17,7 @@ __all__ = [
     "WeightsMismatchError",
     "CheckpointError",
     "FreezeSpecError",
+    "TrainingDivergedError",
 ]
 
 
@@ -65,3 +66,12 @@ class CheckpointError(TLBridgeError, ValueError):
 
 class FreezeSpecError(TLBridgeError, ValueError):
     pass
+
+
+class TrainingDivergedError(TLBridgeError, RuntimeError):
+    """A NaN/inf loss: names the epoch and step; the model is restored to its last good state."""
+
+    def __init__(self, message: str, epoch: int, step: int):
+        super().__init__(message)
+        self.epoch = epoch
+        self.step = step

@@ -2,7 +2,8 @@
 
 Follows torchvision's own init for the portable families: conv kernels
 kaiming-normal (fan_out, ReLU gain), conv biases 0, BatchNorm weight 1 / bias 0 /
-running stats 0 and 1; linear layers torch's default U(±1/√fan_in).
+running stats 0 and 1, LayerNorm weight 1 / bias 0, ConvNeXt layer_scale 1e-6;
+linear layers torch's default U(±1/√fan_in).
 """
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ def torchvision_style(shapes: dict[str, tuple], rng: np.random.Generator) -> dic
     out: dict[str, np.ndarray] = {}
     for name, shape in shapes.items():
         leaf = name.rsplit(".", 1)[-1]
-        if leaf == "running_var":
+        if leaf == "layer_scale":  # ConvNeXt's per-channel residual scale: torchvision's 1e-6
+            out[name] = np.full(shape, 1e-6)
+        elif leaf == "running_var":
             out[name] = np.ones(shape)
         elif leaf == "running_mean":
             out[name] = np.zeros(shape)
@@ -23,8 +26,8 @@ def torchvision_style(shapes: dict[str, tuple], rng: np.random.Generator) -> dic
         elif len(shape) == 2:  # linear (out, in)
             bound = 1.0 / np.sqrt(shape[1])
             out[name] = rng.uniform(-bound, bound, size=shape)
-        elif len(shape) == 1:
-            out[name] = np.zeros(shape)
+        elif len(shape) == 1:  # biases 0; a 1-D weight is a norm scale (BN/LayerNorm): 1
+            out[name] = np.ones(shape) if leaf == "weight" else np.zeros(shape)
         else:
             out[name] = rng.normal(0.0, 0.02, size=shape)
     # BatchNorm / LayerNorm scales start at one: they are the 1-D `weight` next to running stats

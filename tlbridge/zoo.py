@@ -31,6 +31,26 @@ PORTABLE: dict[str, BackboneInfo] = {
             "resnet18", True, "resnet", preprocessing=_RGB01,
             doc="torchvision resnet18 up to global average pooling (512 features).",
         ),
+        BackboneInfo(
+            "mobilenet_v2", True, "mobilenet", preprocessing=_RGB01,
+            doc="torchvision mobilenet_v2: features (ReLU6, depthwise convs, inverted residuals), "
+                "global average pooling (1280 features).",
+        ),
+        BackboneInfo(
+            "efficientnet_b0", True, "efficientnet", preprocessing=_RGB01,
+            defaults=(("stochastic_depth_prob", 0.0),),
+            doc="torchvision efficientnet_b0: features (SiLU, squeeze-excitation), global average "
+                "pooling (1280 features). Stochastic depth is off by default on both backends "
+                "(torchvision trains with 0.2): parity needs it off, since a train-mode pass would "
+                "drop rows at random; with p > 0 only eval mode agrees across backends.",
+        ),
+        BackboneInfo(
+            "convnext_tiny", True, "convnext", preprocessing=_RGB01,
+            defaults=(("stochastic_depth_prob", 0.0),),
+            doc="torchvision convnext_tiny: features, global average pooling, the classifier's "
+                "LayerNorm2d + flatten (768 features). Stochastic depth off by default, as for "
+                "efficientnet_b0 (torchvision trains with 0.1).",
+        ),
     ]
 }
 

@@ -13,7 +13,7 @@ from tlbridge.errors import BackendNotInstalledError  # noqa: E402
 from tlbridge.model import TransferModel  # noqa: E402
 from tlbridge.specs import HeadSpec, ModelSpec  # noqa: E402
 
-from . import backbones, compute, network, weights  # noqa: E402
+from . import backbones, compute, network, training, weights  # noqa: E402
 
 if keras.backend.backend() != "tensorflow":
     raise BackendNotInstalledError(
@@ -25,7 +25,9 @@ NAME = "keras"
 
 __all__ = ["NAME", "native_backbones", "build_backbone", "attach_head", "canonical_shapes",
            "param_names", "get_weights", "set_weights", "apply_freeze", "features", "logits",
-           "loss_and_grads"]
+           "loss_and_grads", "make_trainer", "seed_everything"]
+
+seed_everything = training.seed_everything
 
 
 def native_backbones() -> list[str]:
@@ -64,6 +66,7 @@ def attach_head(m: TransferModel, head: HeadSpec):
     mirror = network.Mirror(m.dtype)
     logits = network.make_head(mirror, state["feats"], head)
     model = keras.Model(state["inputs"], logits, name=f"{m.backbone_name}_transfer")
+    state["head_model"] = keras.Model(state["feats"], logits, name="head")  # for cached features
     state["slots"] = state["backbone_slots"] + weights.slots_for(mirror.entries)
     state["layers"] = state["layers"] + [layer for _, _, layer in mirror.entries]
     return model, state
@@ -99,3 +102,7 @@ def logits(m: TransferModel, x: np.ndarray, batch_size: int) -> np.ndarray:
 
 def loss_and_grads(m: TransferModel, x: np.ndarray, y: np.ndarray, training: bool):
     return compute.loss_and_grads(m, x, y, training)
+
+
+def make_trainer(m: TransferModel, cfg, groups, regularizer, anchors):
+    return training.Trainer(m, cfg, groups, regularizer, anchors)

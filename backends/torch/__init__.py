@@ -7,13 +7,15 @@ import torch
 from tlbridge.model import TransferModel
 from tlbridge.specs import HeadSpec, ModelSpec
 
-from . import backbones, compute, network, weights
+from . import backbones, compute, network, training, weights
 
 NAME = "torch"
 
 __all__ = ["NAME", "native_backbones", "build_backbone", "attach_head", "canonical_shapes",
            "param_names", "get_weights", "set_weights", "apply_freeze", "features", "logits",
-           "loss_and_grads"]
+           "loss_and_grads", "make_trainer", "seed_everything"]
+
+seed_everything = training.seed_everything
 
 
 def native_backbones() -> list[str]:
@@ -73,3 +75,7 @@ def logits(m: TransferModel, x: np.ndarray, batch_size: int) -> np.ndarray:
 
 def loss_and_grads(m: TransferModel, x: np.ndarray, y: np.ndarray, training: bool):
     return compute.loss_and_grads(m.native, x, y, training)
+
+
+def make_trainer(m: TransferModel, cfg, groups, regularizer, anchors):
+    return training.Trainer(m.native, cfg, groups, regularizer, anchors)

@@ -1,0 +1,110 @@
+"""Training steps on PyTorch: torch.optim itself (its formulas are the ones tlbridge documents)."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from tlbridge.optim import OptimizerConfig
+
+
+class Trainer:
+    """One optimizer over every parameter, in tlbridge's groups; frozen ones have no gradient
+    and torch.optim skips them (no update, no state, no weight decay)."""
+
+    def __init__(self, net, cfg: OptimizerConfig, groups: list[tuple[float, list[str]]],
+                 regularizer=None, anchors: dict | None = None):
+        self.net = net
+        params = dict(net.named_parameters())
+        self.names = {id(p): n for n, p in params.items()}
+        param_groups = [{"params": [params[n] for n in names], "lr": lr} for lr, names in groups]
+        if cfg.name == "sgd":
+            self.opt = torch.optim.SGD(param_groups, lr=groups[0][0], momentum=cfg.momentum,
+                                       nesterov=cfg.nesterov, weight_decay=cfg.weight_decay,
+                                       foreach=False)
+        else:
+            cls = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW
+            self.opt = cls(param_groups, lr=groups[0][0], betas=tuple(cfg.betas), eps=cfg.eps,
+                           weight_decay=cfg.weight_decay, foreach=False)
+        self.reg = regularizer
+        self.set_anchors(anchors or {})
+
+    def set_anchors(self, anchors: dict) -> None:
+        dtype = next(self.net.parameters()).dtype
+        self.anchors = {n: torch.as_tensor(np.array(a), dtype=dtype) for n, a in anchors.items()}
+
+    def _penalty(self):
+        """L2-SP: alpha/2 ||w - w0||^2 over trainable backbone weights, beta/2 ||w||^2 over the head."""
+        alpha, beta = self.reg
+        total = None
+        for name, p in self.net.named_parameters():
+            if not p.requires_grad:
+                continue
+            if name.startswith("backbone."):
+                term = (alpha / 2) * torch.sum((p - self.anchors[name]) ** 2)
+            else:
+                term = (beta / 2) * torch.sum(p ** 2)
+            total = term if total is None else total + term
+        return total
+
+    def _step(self, forward, y: np.ndarray, lrs: list[float]):
+        for group, lr in zip(self.opt.param_groups, lrs):
+            group["lr"] = lr
+        self.opt.zero_grad(set_to_none=True)
+        z = forward()
+        loss = F.binary_cross_entropy_with_logits(z, torch.from_numpy(y))
+        total = loss
+        reg = 0.0
+        if self.reg is not None:
+            penalty = self._penalty()
+            if penalty is not None:
+                total = loss + penalty
+                reg = float(penalty.detach())
+        total.backward()
+        self.opt.step()
+        return float(loss.detach()), reg
+
+    def step(self, x: np.ndarray, y: np.ndarray, lrs: list[float]):
+        """One optimizer step on a batch, BatchNorm in train mode (frozen BN stays in eval)."""
+        self.net.train(True)
+        try:
+            xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
+            return self._step(lambda: self.net(xt), y, lrs)
+        finally:
+            self.net.train(False)
+
+    def head_step(self, f: np.ndarray, y: np.ndarray, lrs: list[float]):
+        """The same step from cached backbone features (backbone frozen, so identical)."""
+        self.net.train(True)
+        try:
+            ft = torch.from_numpy(f)
+            return self._step(lambda: self.net.head(self.net.head_dropout(ft)), y, lrs)
+        finally:
+            self.net.train(False)
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Optimizer state under canonical names: '<slot>/<param name>' (and 'step/<name>')."""
+        out = {}
+        for p, st in self.opt.state.items():
+            name = self.names[id(p)]
+            for slot, value in st.items():
+                if value is None:
+                    continue
+                out[f"{slot}/{name}"] = np.asarray(value.detach().cpu().numpy() if torch.is_tensor(value) else value)
+        return out
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        params = dict(self.net.named_parameters())
+        self.opt.state.clear()
+        for key, value in state.items():
+            slot, name = key.split("/", 1)
+            p = params[name]
+            if slot == "step":
+                t = torch.tensor(float(value), dtype=torch.float32)
+            else:
+                t = torch.as_tensor(np.array(value), dtype=p.dtype)
+            self.opt.state[p][slot] = t
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)

@@ -1,0 +1,43 @@
+"""Metrics in numpy, so both backends are scored by the same code."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def bce_from_logits(z: np.ndarray, y: np.ndarray) -> float:
+    """Mean over all entries of max(z, 0) - z*y + log(1 + exp(-|z|)) (stable)."""
+    z = np.asarray(z, np.float64)
+    return float(np.mean(np.maximum(z, 0) - z * y + np.log1p(np.exp(-np.abs(z)))))
+
+
+def accuracy(z: np.ndarray, y: np.ndarray) -> float:
+    """Threshold 0.5 (logit 0) for one output; argmax for several (one-hot labels)."""
+    if z.shape[1] == 1:
+        return float(np.mean((z[:, 0] > 0) == (y[:, 0] > 0.5)))
+    return float(np.mean(np.argmax(z, 1) == np.argmax(y, 1)))
+
+
+def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Area under the ROC curve (Mann-Whitney U with tie-averaged ranks); NaN with one class."""
+    scores, labels = np.asarray(scores, np.float64).ravel(), np.asarray(labels).ravel() > 0.5
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores))
+    sorted_scores = scores[order]
+    i = 0
+    while i < len(scores):              # average ranks over ties
+        j = i
+        while j + 1 < len(scores) and sorted_scores[j + 1] == sorted_scores[i]:
+            j += 1
+        ranks[order[i:j + 1]] = (i + j) / 2.0 + 1.0
+        i = j + 1
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def scores(z: np.ndarray, y: np.ndarray) -> dict:
+    out = {"loss": bce_from_logits(z, y), "accuracy": accuracy(z, y)}
+    if z.shape[1] == 1:
+        out["auc"] = roc_auc(z[:, 0], y[:, 0])
+    return out
