@@ -67,7 +67,8 @@ def save_file(path, tensors: dict[str, np.ndarray], metadata: dict[str, str]) ->
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
     os.close(fd)
     try:
-        stnp.save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp,
+        # np.ascontiguousarray would turn 0-d arrays (optimizer step counts) into shape (1,)
+        stnp.save_file({k: np.array(v, order="C", copy=True) for k, v in tensors.items()}, tmp,
                        metadata=metadata)
         os.replace(tmp, path)
     except BaseException:

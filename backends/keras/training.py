@@ -1,5 +1,10 @@
 """Training steps on Keras (TensorFlow), following tlbridge's optimizer formulas op for op
-(see tlbridge/optim.py; Keras' own SGD and Adam use other formulas)."""
+(see tlbridge/optim.py; Keras' own SGD and Adam use other formulas).
+
+Each step is one compiled tf.function (forward, BCE, gradients, updates) per set of trainable
+parameters. Per-parameter scalars (learning rate, bias corrections, "first step") are computed
+in Python floats exactly as torch.optim computes them, and passed in as a vector.
+"""
 from __future__ import annotations
 
 import keras
@@ -17,111 +22,144 @@ class Trainer:
         self.cfg = cfg
         self.slots = {s.name: s for s in m.state["slots"] if s.is_param}
         self.group_of = {name: i for i, (_, names) in enumerate(groups) for name in names}
-        self.state: dict[str, dict[str, tf.Variable]] = {}     # slot -> name -> tf.Variable (Keras layout)
-        self.steps: dict[str, int] = {}
+        self.state: dict[str, dict[str, tf.Variable]] = {}    # slot -> name -> Variable (Keras layout)
+        self.steps: dict[str, int] = {}                       # updates so far, per parameter
         self.reg = regularizer
+        self._compiled: dict = {}
         self.set_anchors(anchors or {})
 
     def set_anchors(self, anchors: dict) -> None:
         self.anchors = {n: tf.constant(np.ascontiguousarray(self.slots[n].from_canonical(np.asarray(a))),
                                        dtype=self.m.dtype) for n, a in anchors.items()}
+        self._compiled.clear()
 
-    def _trainable(self):
-        return [self.slots[n] for n in self.slots if n not in self.m.frozen]
-
-    def _penalty(self, slots):
-        alpha, beta = self.reg
-        total = None
-        for s in slots:
-            v = s.variable.value
-            if s.name.startswith("backbone."):
-                term = (alpha / 2) * tf.reduce_sum(tf.square(v - self.anchors[s.name]))
-            else:
-                term = (beta / 2) * tf.reduce_sum(tf.square(v))
-            total = term if total is None else total + term
-        return total
-
-    def _step(self, forward, y, lrs):
-        slots = self._trainable()
-        with tf.GradientTape(watch_accessed_variables=False) as tape:
-            for s in slots:
-                tape.watch(s.variable.value)
-            z = forward()
-            loss = ops.mean(ops.binary_crossentropy(tf.constant(y), z, from_logits=True))
-            total, reg = loss, 0.0
-            if self.reg is not None and slots:
-                penalty = self._penalty(slots)
-                total = loss + penalty
-        grads = tape.gradient(total, [s.variable.value for s in slots])
-        if self.reg is not None and slots:
-            reg = float(penalty)
-        for s, g in zip(slots, grads):
-            if g is not None:
-                self._update(s, g, lrs[self.group_of[s.name]])
-        return float(loss), reg
-
-    def step(self, x, y, lrs):
-        xt = tf.constant(x)
-        return self._step(lambda: self.m.native(xt, training=True), y, lrs)
-
-    def head_step(self, f, y, lrs):
-        ft = tf.constant(f)
-        return self._step(lambda: self.m.state["head_model"](ft, training=True), y, lrs)
-
-    def _buf(self, slot, s, init):
+    # -- state ---------------------------------------------------------------------------
+    def _var(self, slot, s):
         table = self.state.setdefault(slot, {})
         if s.name not in table:
-            table[s.name] = tf.Variable(init, trainable=False)
-            return table[s.name], True
-        return table[s.name], False
+            table[s.name] = tf.Variable(tf.zeros(s.variable.shape, dtype=self.m.dtype), trainable=False)
+        return table[s.name]
 
-    def _update(self, s, g, lr):
-        cfg, var = self.cfg, s.variable
-        p = var.value
-        if cfg.name == "sgd":
-            if cfg.weight_decay:
+    def _scalars(self, names, lrs):
+        """Per parameter (lr, a, b) as torch.optim computes them in Python floats:
+        sgd: a = 1.0 on the first update (the buffer starts as the gradient);
+        adam(w): a = lr / (1 - b1^t), b = sqrt(1 - b2^t); adamw also c = 1 - lr * wd."""
+        rows = []
+        for name in names:
+            lr = lrs[self.group_of[name]]
+            t = self.steps.get(name, 0) + 1
+            if self.cfg.name == "sgd":
+                rows.append((lr, 1.0 if t == 1 else 0.0, 0.0, 0.0))
+            else:
+                b1, b2 = self.cfg.betas
+                rows.append((lr, lr / (1 - b1 ** t), (1 - b2 ** t) ** 0.5, 1 - lr * self.cfg.weight_decay))
+        return tf.constant(np.array(rows, dtype=np.float64).reshape(-1, 4), dtype=self.m.dtype)
+
+    # -- the compiled step ----------------------------------------------------------------
+    def _build(self, names, head_only):
+        slots = [self.slots[n] for n in names]
+        cfg = self.cfg
+        bufs = {}
+        for s in slots:
+            if cfg.name == "sgd" and cfg.momentum:
+                bufs[s.name] = (self._var("momentum_buffer", s),)
+            elif cfg.name != "sgd":
+                bufs[s.name] = (self._var("exp_avg", s), self._var("exp_avg_sq", s))
+        model = self.m.state["head_model"] if head_only else self.m.native
+        anchors = self.anchors
+
+        def penalty():
+            alpha, beta = self.reg
+            total = None
+            for s in slots:
+                v = s.variable.value
+                if s.name.startswith("backbone."):
+                    term = (alpha / 2) * tf.reduce_sum(tf.square(v - anchors[s.name]))
+                else:
+                    term = (beta / 2) * tf.reduce_sum(tf.square(v))
+                total = term if total is None else total + term
+            return total
+
+        def update(s, g, row):
+            var, p = s.variable, s.variable.value
+            lr, a, b, c = row[0], row[1], row[2], row[3]
+            if cfg.name == "sgd":
+                if cfg.weight_decay:
+                    g = g + cfg.weight_decay * p
+                if cfg.momentum:
+                    (buf,) = bufs[s.name]
+                    buf.assign(tf.where(a > 0, g, buf * cfg.momentum + g))
+                    g = g + cfg.momentum * buf if cfg.nesterov else buf.read_value()
+                var.assign(p + (-lr) * g)
+                return
+            b1, b2 = cfg.betas
+            if cfg.name == "adamw" and cfg.weight_decay:
+                p = p * c
+            elif cfg.weight_decay:
                 g = g + cfg.weight_decay * p
-            if cfg.momentum:
-                buf, fresh = self._buf("momentum_buffer", s, g)
-                if not fresh:
-                    buf.assign(buf * cfg.momentum + g)
-                g = g + cfg.momentum * buf if cfg.nesterov else tf.identity(buf)
-            var.assign(p + (-lr) * g)
-            return
-        b1, b2 = cfg.betas
-        if cfg.name == "adamw" and cfg.weight_decay:
-            p = p * (1 - lr * cfg.weight_decay)
-        elif cfg.weight_decay:
-            g = g + cfg.weight_decay * p
-        m, _ = self._buf("exp_avg", s, tf.zeros_like(p))
-        v, _ = self._buf("exp_avg_sq", s, tf.zeros_like(p))
-        t = self.steps[s.name] = self.steps.get(s.name, 0) + 1
-        m.assign(m + (1 - b1) * (g - m))
-        v.assign(v * b2 + (1 - b2) * g * g)
-        step_size = lr / (1 - b1 ** t)
-        denom = tf.sqrt(v) / (1 - b2 ** t) ** 0.5 + cfg.eps
-        var.assign(p + (-step_size) * (m / denom))
+            m_, v_ = bufs[s.name]
+            m_.assign(m_ + (1 - b1) * (g - m_))
+            v_.assign(v_ * b2 + (1 - b2) * g * g)
+            denom = tf.sqrt(v_) / b + cfg.eps
+            var.assign(p + (-a) * (m_ / denom))
 
+        @tf.function(reduce_retracing=True)
+        def step(x, y, rows):
+            with tf.GradientTape(watch_accessed_variables=False) as tape:
+                for s in slots:
+                    tape.watch(s.variable.value)
+                z = model(x, training=True)
+                loss = ops.mean(ops.binary_crossentropy(y, z, from_logits=True))
+                reg = penalty() if self.reg is not None and slots else tf.constant(0.0, loss.dtype)
+                total = loss + reg
+            grads = tape.gradient(total, [s.variable.value for s in slots])
+            for i, (s, g) in enumerate(zip(slots, grads)):
+                if g is not None:
+                    update(s, g, rows[i])
+            return loss, reg
+        return step
+
+    def _run(self, x, y, lrs, head_only):
+        names = tuple(n for n in self.slots if n not in self.m.frozen)
+        key = (names, head_only)
+        if key not in self._compiled:
+            self._compiled[key] = self._build(names, head_only)
+        rows = self._scalars(names, lrs)
+        loss, reg = self._compiled[key](tf.constant(x), tf.constant(y), rows)
+        for n in names:
+            self.steps[n] = self.steps.get(n, 0) + 1
+        return float(loss), float(reg)
+
+    def step(self, x, y, lrs):
+        return self._run(x, y, lrs, head_only=False)
+
+    def head_step(self, f, y, lrs):
+        return self._run(f, y, lrs, head_only=True)
+
+    # -- checkpoints ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, np.ndarray]:
         out = {}
         for slot, table in self.state.items():
             for name, var in table.items():
-                out[f"{slot}/{name}"] = np.asarray(self.slots[name].to_canonical(var.numpy()))
+                if self.steps.get(name, 0):
+                    out[f"{slot}/{name}"] = np.asarray(self.slots[name].to_canonical(var.numpy()))
         for name, t in self.steps.items():
             out[f"step/{name}"] = np.asarray(float(t), dtype=np.float32)
         return out
 
     def load_state(self, state: dict[str, np.ndarray]) -> None:
-        self.state, self.steps = {}, {}
+        self.steps = {}
+        for table in self.state.values():
+            for var in table.values():
+                var.assign(tf.zeros_like(var))
         for key, value in state.items():
             slot, name = key.split("/", 1)
             if slot == "step":
-                self.steps[name] = int(round(float(value)))
+                self.steps[name] = int(round(float(np.asarray(value).reshape(-1)[0])))
             else:
                 s = self.slots[name]
-                self.state.setdefault(slot, {})[name] = tf.Variable(
-                    np.ascontiguousarray(s.from_canonical(np.asarray(value)), dtype=self.m.dtype),
-                    trainable=False)
+                self._var(slot, s).assign(np.ascontiguousarray(s.from_canonical(np.asarray(value)),
+                                                               dtype=self.m.dtype))
 
 
 def seed_everything(seed: int) -> None:

@@ -100,7 +100,7 @@ class Trainer:
             slot, name = key.split("/", 1)
             p = params[name]
             if slot == "step":
-                t = torch.tensor(float(value), dtype=torch.float32)
+                t = torch.tensor(float(np.asarray(value).reshape(-1)[0]), dtype=torch.float32)
             else:
                 t = torch.as_tensor(np.array(value), dtype=p.dtype)
             self.opt.state[p][slot] = t
