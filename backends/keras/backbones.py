@@ -9,6 +9,7 @@ import keras
 
 from tlbridge.errors import TLBridgeError
 
+from . import mobile
 from .network import Mirror
 
 VGG16_CFG = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
@@ -85,7 +86,8 @@ def resnet50(mirror: Mirror, x, pretrained: bool):
     return _resnet(mirror, x, _bottleneck, (3, 4, 6, 3))
 
 
-PORTABLE = {"seed_vgg": seed_vgg, "vgg16": vgg16, "resnet18": resnet18, "resnet50": resnet50}
+PORTABLE = {"seed_vgg": seed_vgg, "vgg16": vgg16, "resnet18": resnet18, "resnet50": resnet50,
+            **mobile.PORTABLE}
 
 
 def native_names() -> list[str]:

@@ -53,6 +53,89 @@ class TorchBatchNorm(layers.Layer):
         return {**super().get_config(), "epsilon": self.epsilon, "momentum": self.momentum}
 
 
+@keras.saving.register_keras_serializable("tlbridge")
+class TorchLayerNorm(layers.Layer):
+    """nn.LayerNorm over the last axis (torchvision's LayerNorm2d is this on NHWC):
+    biased variance, eps inside the square root, per-channel weight and bias."""
+
+    def __init__(self, epsilon=1e-5, **kwargs):
+        super().__init__(**kwargs)
+        self.epsilon = float(epsilon)
+
+    def build(self, input_shape):
+        c = (int(input_shape[-1]),)
+        self.gamma = self.add_weight(shape=c, initializer="ones", name="gamma")
+        self.beta = self.add_weight(shape=c, initializer="zeros", name="beta")
+
+    def call(self, x):
+        mean = ops.mean(x, axis=-1, keepdims=True)
+        var = ops.var(x, axis=-1, keepdims=True)
+        return (x - mean) * ops.rsqrt(var + self.epsilon) * self.gamma + self.beta
+
+    def get_config(self):
+        return {**super().get_config(), "epsilon": self.epsilon}
+
+
+@keras.saving.register_keras_serializable("tlbridge")
+class TorchGELU(layers.Layer):
+    """nn.GELU(): x * 0.5 * (1 + erf(x / sqrt(2))), written out as torch does. TensorFlow's own
+    tf.nn.gelu(approximate=False) is off by ~5e-9 in float64 (measured), above the parity bar."""
+
+    def call(self, x):
+        return x * 0.5 * (1.0 + ops.erf(x * 0.7071067811865476))
+
+
+@keras.saving.register_keras_serializable("tlbridge")
+class LayerScale(layers.Layer):
+    """A per-channel scale parameter (ConvNeXt's `layer_scale`, torch shape (C, 1, 1))."""
+
+    def __init__(self, init_value=1e-6, **kwargs):
+        super().__init__(**kwargs)
+        self.init_value = float(init_value)
+
+    def build(self, input_shape):
+        self.gamma = self.add_weight(shape=(int(input_shape[-1]),),
+                                     initializer=keras.initializers.Constant(self.init_value),
+                                     name="gamma")
+
+    def call(self, x):
+        return x * self.gamma
+
+    def get_config(self):
+        return {**super().get_config(), "init_value": self.init_value}
+
+
+@keras.saving.register_keras_serializable("tlbridge")
+class StochasticDepth(layers.Layer):
+    """torchvision.ops.StochasticDepth(p, "row"): in training, zero whole samples with
+    probability p and scale the survivors by 1/(1-p); identity otherwise.
+
+    Its random mask is drawn by Keras, not shared with PyTorch, so a train-mode pass
+    with p > 0 is *not* reproduced across backends (the portable default is p = 0).
+    """
+
+    def __init__(self, rate=0.0, seed=None, **kwargs):
+        super().__init__(**kwargs)
+        self.rate = float(rate)
+        self.seed = seed
+        if self.rate > 0:
+            self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def call(self, x, training=None):
+        if not training or self.rate <= 0.0:
+            return x
+        survival = 1.0 - self.rate
+        shape = [ops.shape(x)[0]] + [1] * (len(x.shape) - 1)
+        noise = keras.random.uniform(shape, dtype=x.dtype, seed=self.seed_generator)
+        mask = ops.floor(noise + survival)
+        if survival > 0.0:
+            mask = mask / survival
+        return x * mask
+
+    def get_config(self):
+        return {**super().get_config(), "rate": self.rate, "seed": self.seed}
+
+
 def _bins(size: int, out: int) -> np.ndarray:
     """torch's AdaptiveAvgPool bins as an (out, size) averaging matrix."""
     mat = np.zeros((out, size))
@@ -128,6 +211,36 @@ class Mirror:
     def relu(self, x):
         return layers.ReLU(dtype=self.dtype)(x)
 
+    def relu6(self, x):
+        return layers.ReLU(max_value=6.0, dtype=self.dtype)(x)
+
+    def gelu(self, x):
+        """nn.GELU(): the exact erf form, not the tanh approximation."""
+        return TorchGELU(dtype=self.dtype)(x)
+
+    def layernorm(self, x, prefix, eps=1e-5):
+        """nn.LayerNorm(C) on channels-last input (also torchvision's LayerNorm2d on NHWC)."""
+        layer = TorchLayerNorm(eps, name=self.scope + prefix, dtype=self.dtype)
+        return self._record(self.scope + prefix, "layernorm", layer)(x)
+
+    def layer_scale(self, prefix, init_value=1e-6):
+        """The layer multiplying by the parameter `{prefix}.layer_scale` (torch (C, 1, 1), Keras
+        (C,)). Returned unapplied: create it where torch registers it, so the canonical order
+        matches the state_dict (a module's own parameters come before its children's)."""
+        layer = LayerScale(init_value, name=self.scope + prefix + ".layer_scale", dtype=self.dtype)
+        return self._record(self.scope + prefix, "layer_scale", layer)
+
+    def stochastic_depth(self, x, rate):
+        """torchvision StochasticDepth(rate, "row"); nothing at all is added when rate == 0."""
+        return StochasticDepth(rate, dtype=self.dtype)(x) if rate > 0 else x
+
+    def squeeze_excitation(self, x, prefix, squeeze, activation="silu"):
+        """torchvision.ops.SqueezeExcitation: x * sigmoid(fc2(act(fc1(avgpool(x)))))."""
+        s = layers.GlobalAveragePooling2D(keepdims=True, dtype=self.dtype)(x)
+        s = self.act(self.conv(s, f"{prefix}.fc1", squeeze, 1), activation)
+        s = self.act(self.conv(s, f"{prefix}.fc2", int(x.shape[-1]), 1), "sigmoid")
+        return self.multiply(s, x)
+
     def maxpool(self, x, size, stride, padding=0):
         """nn.MaxPool2d; zero padding equals torch's -inf padding only after a ReLU (inputs >= 0)."""
         x = self.pad(x, padding)
@@ -146,6 +259,9 @@ class Mirror:
 
     def add(self, a, b):
         return layers.Add(dtype=self.dtype)([a, b])
+
+    def multiply(self, a, b):
+        return layers.Multiply(dtype=self.dtype)([a, b])
 
 
 def make_head(mirror: Mirror, feats, spec: HeadSpec):

@@ -27,6 +27,14 @@ def _t(a):
     return np.transpose(a)
 
 
+def _scale_to(a):     # (C,) -> (C, 1, 1): ConvNeXt's layer_scale broadcasts over NCHW
+    return np.reshape(a, (-1, 1, 1))
+
+
+def _scale_from(a):   # (C, 1, 1) -> (C,)
+    return np.reshape(a, (-1,))
+
+
 @dataclass
 class Slot:
     """One canonical tensor: its Keras variable and the layout maps both ways."""
@@ -45,6 +53,8 @@ _KINDS = {
     "bn": [("gamma", "weight", _same, _same, True), ("beta", "bias", _same, _same, True),
            ("moving_mean", "running_mean", _same, _same, False),
            ("moving_variance", "running_var", _same, _same, False)],
+    "layernorm": [("gamma", "weight", _same, _same, True), ("beta", "bias", _same, _same, True)],
+    "layer_scale": [("gamma", "layer_scale", _scale_to, _scale_from, True)],
 }
 
 

@@ -43,11 +43,40 @@ def _seed_vgg(pretrained: bool, widths=(16, 32, 64), batch_norm=False):
     return SeedVGG(widths, batch_norm)
 
 
+def _mobilenet_v2(pretrained: bool):
+    return _strip(torchvision.models.mobilenet_v2(weights=_tv_weights("mobilenet_v2", pretrained)),
+                  "classifier")
+
+
+def _efficientnet_b0(pretrained: bool, stochastic_depth_prob=0.0):
+    """torchvision efficientnet_b0 with stochastic depth off by default (torchvision: 0.2).
+
+    Parity needs it off: train-mode stochastic depth drops rows at random, and matching the
+    Keras mirror would need a mask shared through numpy. Eval mode is unaffected either way.
+    """
+    model = torchvision.models.efficientnet_b0(weights=_tv_weights("efficientnet_b0", pretrained),
+                                               stochastic_depth_prob=float(stochastic_depth_prob))
+    return _strip(model, "classifier")
+
+
+def _convnext_tiny(pretrained: bool, stochastic_depth_prob=0.0):
+    """torchvision convnext_tiny with stochastic depth off by default (torchvision: 0.1), for
+    the reason given in `_efficientnet_b0`. The classifier's LayerNorm2d and Flatten stay
+    part of the backbone; only its final Linear becomes Identity (768 features)."""
+    model = torchvision.models.convnext_tiny(weights=_tv_weights("convnext_tiny", pretrained),
+                                             stochastic_depth_prob=float(stochastic_depth_prob))
+    model.classifier[2] = nn.Identity()
+    return model
+
+
 PORTABLE = {
     "seed_vgg": _seed_vgg,
     "vgg16": lambda pretrained: _strip(torchvision.models.vgg16(weights=_tv_weights("vgg16", pretrained)), "classifier"),
     "resnet18": lambda pretrained: _strip(torchvision.models.resnet18(weights=_tv_weights("resnet18", pretrained)), "fc"),
     "resnet50": lambda pretrained: _strip(torchvision.models.resnet50(weights=_tv_weights("resnet50", pretrained)), "fc"),
+    "mobilenet_v2": _mobilenet_v2,
+    "efficientnet_b0": _efficientnet_b0,
+    "convnext_tiny": _convnext_tiny,
 }
 
 # torchvision models whose auxiliary classifiers we switch off: they change the train-mode output
