@@ -13,17 +13,14 @@ from tlbridge import parity, zoo
 
 pytestmark = both_backends
 
-TOL = {"float64": 1e-10, "float32": 1e-4}
-# fp32 uses 8 samples: with 4, resnet's last stage (1x1 spatial at 32x32) normalises
-# BatchNorm over 4 numbers and fp32 rounding alone reaches ~1.2e-4 (measured).
-BATCH = {"float64": 4, "float32": 8}
-SHAPE = (32, 32, 3)
+TOL, BATCH, SHAPE, SHAPES = parity.TOL, parity.BATCH, parity.SHAPE, parity.SHAPES
 PORTABLE = sorted(zoo.PORTABLE)
 
 
 @functools.lru_cache(maxsize=4)
 def _pair(name, dtype, k):
-    return parity.pair(name, dtype=dtype, num_outputs=k, input_shape=SHAPE, seed=0)
+    return parity.pair(name, dtype=dtype, num_outputs=k, input_shape=SHAPES.get(name, SHAPE), seed=0,
+                       calibrate=parity.CALIBRATE)
 
 
 @pytest.mark.parametrize("k", [1, 3], ids=["1out", "3out"])
@@ -37,12 +34,18 @@ def test_loss_every_gradient_and_bn_stats_agree(name, dtype, training, frozen, k
         tl.unfreeze(m, "all")
         if frozen:
             tl.freeze(m, "backbone")
-    x, y = parity.batch(SHAPE, BATCH[dtype], k, seed=1, dtype=dtype)
+    x, y = parity.batch(mt.input_shape, BATCH[dtype], k, seed=1, dtype=dtype)
+    own = parity.fp32_error(mt, x, y, training=training) if dtype == "float32" else 0.0
     r = parity.compare(mt, mk, x, y, training=training)
     expected = len(tl.trainable_names(mt))
     assert r.n_grads == expected and expected > 0
     assert r.loss <= TOL[dtype], f"loss differs by {r.loss:.3g}"
-    assert r.grads <= TOL[dtype], f"gradient {r.grads_at} differs by {r.grads:.3g}"
+    # fp32: the bar is 1e-4, or twice torch's own fp32-vs-fp64 error where fp32 itself is
+    # worse than that (deep nets: ReLU kinks flipped by rounding; see README "fp32")
+    bar = TOL[dtype] if dtype == "float64" else max(TOL[dtype], 2 * own)
+    assert r.grads <= bar, f"gradient {r.grads_at} differs by {r.grads:.3g} (torch fp32 own error {own:.3g})"
+    assert r.zero_level <= parity.ZERO[dtype]          # zero-to-rounding tensors: zero on both sides
+    assert r.zero_grads <= r.n_grads // 4
     assert r.stats <= TOL[dtype], f"weights/BN statistics differ by {r.stats:.3g} after the pass"
 
 

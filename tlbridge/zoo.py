@@ -32,6 +32,11 @@ PORTABLE: dict[str, BackboneInfo] = {
             doc="torchvision resnet18 up to global average pooling (512 features).",
         ),
         BackboneInfo(
+            "resnet50", True, "resnet", preprocessing=_RGB01,
+            doc="torchvision resnet50 (v1.5: the stride sits in the 3x3 conv of the bottleneck) up "
+                "to global average pooling (2048 features).",
+        ),
+        BackboneInfo(
             "mobilenet_v2", True, "mobilenet", preprocessing=_RGB01,
             doc="torchvision mobilenet_v2: features (ReLU6, depthwise convs, inverted residuals), "
                 "global average pooling (1280 features).",
