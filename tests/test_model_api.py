@@ -141,3 +141,16 @@ def test_every_torchvision_classifier_is_found():
         assert not any(isinstance(mod, torch.nn.Linear) and mod.out_features == 1000
                        for mod in model.modules()), name
     assert not failures, failures
+
+
+def test_fine_tune_a_native_backbone(backend):
+    name = {"torch": "mobilenet_v3_small", "keras": "MobileNetV2"}[backend]
+    m = tl.replace_head(tl.load_backbone(name, backend=backend, input_shape=(64, 64, 3), seed=0), 1)
+    tl.freeze(m, "backbone")
+    x, y = _x(8, (64, 64, 3)), np.array([0, 1] * 4)
+    before = tl.get_weights(m)
+    h = tl.fine_tune(m, (x, y), epochs=2, batch_size=4, optimizer="adam", lr=1e-2, progress=False)
+    after = tl.get_weights(m)
+    assert h["cached"] == [True, True]
+    changed = {k for k in before if not np.array_equal(before[k], after[k])}
+    assert changed == {"head.weight", "head.bias"}
