@@ -15,6 +15,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 
 import tlbridge as tl  # noqa: E402
+from _out import write_table  # noqa: E402
 
 
 def run(backend, name, n, epochs, cache):
@@ -44,9 +45,7 @@ def main(argv):
         lines.append(f"| {backend} | {plain[0]:.2f}s | {later_plain:.2f}s | {cached[0]:.2f}s | "
                      f"{later_cached:.3f}s | {later_plain / later_cached:.0f}x | {diff:.1e} |")
         print(lines[-1], flush=True)
-    os.makedirs("benchmarks/out", exist_ok=True)
-    with open("benchmarks/out/feature_cache.md", "w") as f:
-        f.write("\n".join(lines) + "\n")
+    write_table("feature_cache", lines)
 
 
 if __name__ == "__main__":

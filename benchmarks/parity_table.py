@@ -18,6 +18,7 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import tlbridge as tl  # noqa: E402
+from _out import write_table  # noqa: E402
 from tlbridge import parity, zoo  # noqa: E402
 
 K = 3
@@ -58,9 +59,7 @@ def main(argv):
                      f"{r.grads:.1e}{flag} (`{r.grads_at}`) | {r.n_grads} ({r.zero_grads}) | "
                      f"{r.stats:.1e} | {'—' if own is None else f'{own:.1e}'} |")
         print(lines[-1], flush=True)
-    os.makedirs("benchmarks/out", exist_ok=True)
-    with open("benchmarks/out/parity.md", "w") as f:
-        f.write("\n".join(lines) + "\n")
+    write_table("parity", lines)
 
 
 if __name__ == "__main__":

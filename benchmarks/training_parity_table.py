@@ -16,9 +16,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 
 import tlbridge as tl  # noqa: E402
+from _out import write_table  # noqa: E402
 from tlbridge import parity  # noqa: E402
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 from test_training_parity import CASES, OPTIONS, SHAPE, _data  # noqa: E402
 
 
@@ -43,9 +44,7 @@ def main():
         state = "per plan" if case == "gradual-unfreeze" else ("frozen" if frozen else "trainable (train-mode BN)" if name == "resnet18" else "trainable")
         lines.append(f"| {name} | {case} | {state} | {diff:.1e} (`{at}`) |")
         print(lines[-1], flush=True)
-    os.makedirs("benchmarks/out", exist_ok=True)
-    with open("benchmarks/out/training_parity.md", "w") as f:
-        f.write("\n".join(lines) + "\n")
+    write_table("training_parity", lines)
 
 
 if __name__ == "__main__":

@@ -133,7 +133,8 @@ def fp32_error(m32, x, y, *, training: bool) -> float:
                             dtype="float64", **dict(spec.options))
     m64 = api.replace_head(m64, spec.head.num_outputs, hidden=spec.head.hidden)
     api.set_weights(m64, weights)
-    api.freeze(m64, sorted(m32.frozen)) if m32.frozen else None
+    if m32.frozen:
+        api.freeze(m64, sorted(m32.frozen))
     _, g32 = api.bce_loss_and_grads(m32, x.astype("float32"), y, training=training)
     _, g64 = api.bce_loss_and_grads(m64, x.astype("float64"), y, training=training)
     api.set_weights(m32, weights)
