@@ -53,7 +53,9 @@ def load_backbone(name: str, *, weights=None, input_shape=(224, 224, 3), backend
     """A pretrained (or seeded random) backbone, without a head.
 
     weights: None (random; for portable backbones the same weights on both backends for
-    one seed), "imagenet", or a path to a safetensors file of canonical backbone weights.
+    one seed), "imagenet", or a checkpoint file: a torchvision state_dict (.pth/.pt), a
+    safetensors file, or keras.applications VGG16 weights (.h5) — see tlbridge.checkpoints.
+    options: the backbone's builder options (e.g. seed_vgg's widths, batch_norm).
     """
     be_name = config.resolve(backend)
     be = _be(be_name)
@@ -70,6 +72,7 @@ def load_backbone(name: str, *, weights=None, input_shape=(224, 224, 3), backend
 
 
 def _build(spec: ModelSpec, be_name: str, portable: bool, weights, seed, init_weights: bool):
+    """The headless backbone for `spec` (whose head, if any, the caller attaches)."""
     be = _be(be_name)
     # torchvision constructors load ImageNet weights themselves; the Keras mirrors take the
     # same torchvision checkpoint, translated (below)
@@ -87,8 +90,6 @@ def _build(spec: ModelSpec, be_name: str, portable: bool, weights, seed, init_we
         set_weights(m, tensors)
         if pre is not None:
             m.spec = replace(m.spec, preprocessing=pre)
-    if m.spec.head is not None:
-        m = _attach(m, spec.head, seed)
     return m
 
 
@@ -171,7 +172,8 @@ def logits(m: TransferModel, x, *, batch_size: int = 64) -> np.ndarray:
 def predict(m: TransferModel, x, *, batch_size: int = 64) -> np.ndarray:
     """Probabilities: the sigmoid of the logits, computed stably in numpy."""
     z = logits(m, x, batch_size=batch_size)
-    return np.where(z >= 0, 1.0 / (1.0 + np.exp(-np.abs(z))), np.exp(-np.abs(z)) / (1.0 + np.exp(-np.abs(z))))
+    e = np.exp(-np.abs(z))
+    return np.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
 
 
 def bce_loss_and_grads(m: TransferModel, x, y, training: bool = False):
