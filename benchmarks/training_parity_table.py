@@ -20,17 +20,17 @@ from _out import write_table  # noqa: E402
 from tlbridge import parity  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-from test_training_parity import CASES, OPTIONS, SHAPE, _data  # noqa: E402
+from test_training_parity import CASES, OPTIONS, RESNET, RESNET_CASES, SHAPE, _data  # noqa: E402
 
 
-def train(name, case, frozen, **options):
+def train(name, case, frozen, cases=CASES, **options):
     mt, mk = parity.pair(name, dtype="float64", num_outputs=2, input_shape=SHAPE, seed=0, **options)
     x, y = _data()
     for m in (mt, mk):
         if frozen:
             tl.freeze(m, "backbone")
         tl.fine_tune(m, (x, y), epochs=2, batch_size=8, seed=5, progress=False, feature_cache=False,
-                     **CASES[case])
+                     **cases[case])
     return parity.worst(tl.get_weights(mt), tl.get_weights(mk), floor_rel=1e-6)
 
 
@@ -38,9 +38,9 @@ def main():
     lines = ["| backbone | case | backbone state | worst weight difference (tensor) |", "|---|---|---|---|"]
     jobs = [("seed_vgg", c, f, OPTIONS) for c in sorted(CASES) for f in (False, True)
             if not (c == "gradual-unfreeze" and f)]
-    jobs += [("resnet18", c, False, {}) for c in ("sgd-momentum", "adam", "adamw", "l2sp")]
+    jobs += [("resnet18", c, f, {}) for c, f in RESNET]
     for name, case, frozen, options in jobs:
-        diff, at = train(name, case, frozen, **options)
+        diff, at = train(name, case, frozen, RESNET_CASES if name == "resnet18" else CASES, **options)
         state = "per plan" if case == "gradual-unfreeze" else ("frozen" if frozen else "trainable (train-mode BN)" if name == "resnet18" else "trainable")
         lines.append(f"| {name} | {case} | {state} | {diff:.1e} (`{at}`) |")
         print(lines[-1], flush=True)

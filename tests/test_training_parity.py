@@ -63,11 +63,24 @@ def test_two_epochs_give_the_same_weights_on_both_backends(case, frozen):
     assert any(k.startswith("backbone.") for k in moved) == (not frozen)
 
 
-@pytest.mark.parametrize("case", ["sgd-momentum", "adam", "adamw", "l2sp"])
-def test_resnet18_with_train_mode_batchnorm(case):
-    mt, mk, _ = _train_both("resnet18", False, CASES[case])
+RESNET_CASES = {**CASES, "gradual-unfreeze": dict(optimizer="sgd", lr=0.05, schedule="cosine",
+                                                  unfreeze={0: "head", 1: "backbone.layer4"})}
+RESNET = [("sgd-momentum", False), ("adam", False), ("adamw", False), ("l2sp", False),
+          ("gradual-unfreeze", False), ("adam", True)]
+
+
+@pytest.mark.parametrize("case,frozen", RESNET, ids=[f"{c}-{'frozen' if f else 'unfrozen'}" for c, f in RESNET])
+def test_resnet18_with_train_mode_batchnorm(case, frozen):
+    mt, mk, _ = _train_both("resnet18", frozen, RESNET_CASES[case])
     diff, at = parity.worst(tl.get_weights(mt), tl.get_weights(mk), floor_rel=1e-6)
     assert diff <= 1e-9, f"{at} differs by {diff:.3g}"
+    if case == "gradual-unfreeze":   # frozen BatchNorm stayed in inference mode on both
+        w0 = tl.get_weights(parity.pair("resnet18", dtype="float64", num_outputs=2,
+                                        input_shape=SHAPE, seed=0)[0])
+        for m in (mt, mk):
+            w = tl.get_weights(m)
+            assert np.array_equal(w["backbone.layer3.1.bn2.running_var"], w0["backbone.layer3.1.bn2.running_var"])
+            assert not np.array_equal(w["backbone.layer4.1.bn2.running_var"], w0["backbone.layer4.1.bn2.running_var"])
 
 
 def test_gradual_unfreezing_trains_only_what_the_plan_says():
