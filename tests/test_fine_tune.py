@@ -37,6 +37,7 @@ def _model(backend, dtype="float64", batch_norm=True, seed=0):
 CHILD = textwrap.dedent("""
     import sys, time, numpy as np, tlbridge as tl
     backend, ckpt, resume, out = sys.argv[1], sys.argv[2], sys.argv[3] == "1", sys.argv[4]
+    stall = len(sys.argv) > 5   # the run to be killed waits mid-epoch 1, so the kill lands there
     rng = np.random.default_rng(0)
     x = rng.normal(size=(32, 16, 16, 3)); y = (rng.random((32, 1)) > 0.5).astype(float)
     m = tl.load_backbone("seed_vgg", backend=backend, input_shape=(16, 16, 3), dtype="float64",
@@ -45,7 +46,8 @@ CHILD = textwrap.dedent("""
     def cb(event, info):
         if event == "step":
             print("step", info["epoch"], info["step"], flush=True)
-            time.sleep(0.02)
+            if stall and (info["epoch"], info["step"]) == (1, 4):
+                time.sleep(60)
     tl.fine_tune(m, (x, y), epochs=3, batch_size=4, optimizer="sgd", lr=0.05, schedule="cosine",
                  checkpoint_dir=ckpt, resume=resume, progress=False, seed=1, callbacks=[cb])
     tl.save(m, out)
@@ -64,7 +66,7 @@ def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_weights(backend, 
     subprocess.run(_child(tmp_path, backend, tmp_path / "ref_ckpt", 0, ref), check=True,
                    capture_output=True, timeout=600)
     ckpt = tmp_path / "ckpt"
-    proc = subprocess.Popen(_child(tmp_path, backend, ckpt, 0, tmp_path / "never.safetensors"),
+    proc = subprocess.Popen(_child(tmp_path, backend, ckpt, 0, tmp_path / "never.safetensors", "stall"),
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         for line in proc.stdout:                      # wait until epoch 1 is half done
