@@ -33,8 +33,15 @@ BACKENDS: dict[str, BackendEntry] = {
 _loaded: dict[str, ModuleType] = {}
 
 
+def _has(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):   # a broken or deliberately hidden install
+        return False
+
+
 def is_installed(name: str) -> bool:
-    return all(importlib.util.find_spec(req) is not None for req in BACKENDS[name].requires)
+    return all(_has(req) for req in BACKENDS[name].requires)
 
 
 def load(name: str) -> ModuleType:
@@ -42,7 +49,7 @@ def load(name: str) -> ModuleType:
     if name in _loaded:
         return _loaded[name]
     entry = BACKENDS[name]
-    missing = [req for req in entry.requires if importlib.util.find_spec(req) is None]
+    missing = [req for req in entry.requires if not _has(req)]
     if missing:
         raise BackendNotInstalledError(
             f"The {name!r} backend needs {', '.join(missing)}, which is not installed. "
@@ -64,7 +71,7 @@ def _guard_import_order(name: str) -> None:
     already in the process, the torch backend switches Triton off instead (torch then
     runs without Triton kernels) and says so.
     """
-    if importlib.util.find_spec("triton") is None or "triton._C.libtriton" in sys.modules:
+    if not _has("triton") or "triton._C.libtriton" in sys.modules:
         return
     if name == "keras" and "tensorflow" not in sys.modules:
         try:
