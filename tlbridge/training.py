@@ -6,6 +6,7 @@ unfreezing is resolved here) and follow the same optimizer formulas (tlbridge/op
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -264,14 +265,13 @@ def _save(m, trainer, path, epoch, history, anchors, cfg, seed):
     if anchors:
         tensors.update({f"anchor/{k}": v for k, v in anchors.items()})
     meta = {"format": CHECKPOINT_FORMAT, "backend": m.backend, "spec": m.spec.to_json(),
-            "frozen": __import__("json").dumps(sorted(m.frozen)), "epoch": str(epoch),
-            "history": history.to_json(), "optimizer": __import__("json").dumps(asdict(cfg)),
+            "frozen": json.dumps(sorted(m.frozen)), "epoch": str(epoch),
+            "history": history.to_json(), "optimizer": json.dumps(asdict(cfg)),
             "seed": str(seed)}
     wio.save_file(path, tensors, meta)
 
 
 def _restore(m, be, trainer, path, reg, anchors):
-    import json
     tensors, meta = wio.load_file(path)
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"Expected a fine_tune checkpoint ({CHECKPOINT_FORMAT}) in {path!r}; "
