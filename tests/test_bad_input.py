@@ -1,6 +1,7 @@
 """One test per row of the README's bad-input table: the exception type (tlbridge's and the
 builtin one) and a phrase of its message; failed writes leave the model as it was."""
 import os
+import re
 import subprocess
 import sys
 
@@ -140,12 +141,24 @@ def test_safetensors_without_tlbridge_spec(tmp_path):
 
 
 def test_failed_load_leaves_existing_model_untouched(backend, tmp_path):
+    """The file reads fine and every tensor has the right name, shape and a finite value; one
+    of them overflows the float32 model, so the write itself must refuse, before any tensor
+    (all of which differ from the model's) is written."""
     m = small_model(backend)
     before = tl.get_weights(m)
-    (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 20)
-    with pytest.raises(errors.CheckpointError):
-        tl.set_weights(m, wio.load_file(tmp_path / "bad.safetensors")[0])
-    assert all(np.array_equal(before[k], tl.get_weights(m)[k]) for k in before)
+    w = {k: v.astype("float64") + 1 for k, v in before.items()}
+    w["backbone.features.3.weight"][0, 0, 0, 0] = 1e39          # finite in fp64, inf in fp32
+    wio.save_file(tmp_path / "big.safetensors", w, {})
+    tensors = wio.load_file(tmp_path / "big.safetensors")[0]    # reading succeeds
+    assert sorted(tensors) == sorted(before) and all(np.isfinite(v).all() for v in tensors.values())
+    with pytest.raises(errors.WeightsMismatchError,
+                       match=r"overflow to inf in float32.*backbone\.features\.3\.weight|"
+                             r"backbone\.features\.3\.weight.*overflow to inf in float32") as e:
+        tl.set_weights(m, tensors)
+    assert isinstance(e.value, ValueError) and "left unchanged" in str(e.value)
+    after = tl.get_weights(m)
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+    assert all(np.isfinite(v).all() for v in after.values())
 
 
 def test_freeze_spec_matching_nothing(backend):
@@ -157,8 +170,83 @@ def test_freeze_spec_matching_nothing(backend):
 
 def test_predict_without_a_head(backend):
     m = tl.load_backbone("seed_vgg", backend=backend, input_shape=(32, 32, 3))
-    with pytest.raises(errors.TLBridgeError, match="replace_head"):
+    with pytest.raises(ValueError, match="replace_head") as e:
         tl.predict(m, _x())
+    assert isinstance(e.value, errors.NoHeadError) and "received a bare backbone" in str(e.value)
+
+
+def test_something_else_than_a_model():
+    with pytest.raises(TypeError, match="Expected a tlbridge TransferModel.*received str") as e:
+        tl.predict("model.safetensors", _x())
+    assert isinstance(e.value, errors.ArgumentTypeError)
+
+
+def test_weights_of_the_wrong_type(backend):
+    with pytest.raises(TypeError, match=r"Expected weights=None, 'imagenet' or a file path.*"
+                                        r"received dict.*tl\.set_weights") as e:
+        tl.load_backbone("seed_vgg", backend=backend, input_shape=(32, 32, 3), weights={})
+    assert isinstance(e.value, errors.ArgumentTypeError)
+
+
+def test_unknown_backbone_option(backend):
+    with pytest.raises(TypeError, match=r"unknown option 'width'.*Expected one of "
+                                        r"\['batch_norm', 'widths'\]; received width=\(8,\)") as e:
+        tl.load_backbone("seed_vgg", backend=backend, input_shape=(32, 32, 3), width=(8,))
+    assert isinstance(e.value, errors.UnknownOptionError)
+    assert isinstance(e.value, errors.TLBridgeError)
+
+
+def test_imagenet_weights_for_a_backbone_without_them(backend):
+    with pytest.raises(ValueError, match=r"Expected weights=None or a checkpoint file for "
+                                         r"'seed_vgg'.*received weights='imagenet'") as e:
+        tl.load_backbone("seed_vgg", backend=backend, weights="imagenet", input_shape=(32, 32, 3))
+    assert isinstance(e.value, errors.NoPretrainedWeightsError)
+
+
+@pytest.mark.parametrize("name, shape, options, least", [
+    ("vgg16", (16, 16, 3), {}, 32),
+    ("convnext_tiny", (64, 31, 3), {}, 32),
+    ("seed_vgg", (32, 7, 3), {"widths": (4, 4, 4)}, 8),
+])
+def test_input_too_small_for_the_backbone(backend, name, shape, options, least):
+    """Refused before anything is built: the frameworks fail deep inside (or, on Keras with
+    seed_vgg, build a model with no pixels left)."""
+    with pytest.raises(errors.ShapeError, match=rf"Expected input_shape of at least \({least}, "
+                                                rf"{least}, 3\) for '{name}'.*received "
+                                                rf"{re.escape(str(shape))}.*input_shape=") as e:
+        tl.load_backbone(name, backend=backend, input_shape=shape, **options)
+    assert isinstance(e.value, ValueError)
+
+
+def test_smallest_input_the_backbone_takes(backend):
+    m = tl.load_backbone("seed_vgg", backend=backend, input_shape=(8, 8, 3), widths=(4, 4, 4))
+    assert tl.features(m, np.zeros((1, 8, 8, 3), "float32")).shape == (1, 4)
+
+
+def test_grey_input_shape_for_a_portable_backbone(backend):
+    """torchvision builds the portable backbones for RGB; the Keras mirror would silently
+    build a 1-channel model that no longer matches its torch twin."""
+    with pytest.raises(errors.ShapeError, match=r"Expected input_shape with 3 channels.*received "
+                                                r"\(32, 32, 1\).*np\.repeat") as e:
+        tl.load_backbone("seed_vgg", backend=backend, input_shape=(32, 32, 1))
+    assert isinstance(e.value, ValueError)
+
+
+@pytest.mark.parametrize("hidden", [(0,), (16, -2)])
+def test_hidden_layer_without_units(backend, hidden):
+    m = tl.load_backbone("seed_vgg", backend=backend, input_shape=(32, 32, 3), widths=(4,))
+    with pytest.raises(errors.ShapeError, match=rf"Expected hidden layer widths as ints >= 1; "
+                                                rf"received hidden={re.escape(str(hidden))}.*hidden=\(\)") as e:
+        tl.replace_head(m, 1, hidden=hidden)
+    assert isinstance(e.value, ValueError)
+
+
+def test_freeze_spec_none(backend):
+    m = small_model(backend)
+    with pytest.raises(errors.FreezeSpecError, match=r"Expected a freeze spec.*received NoneType "
+                                                     r"None") as e:
+        tl.freeze(m, None)
+    assert isinstance(e.value, TypeError) and not m.frozen
 
 
 def test_uint8_images_point_to_preprocess(backend):

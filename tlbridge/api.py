@@ -8,7 +8,8 @@ from dataclasses import replace
 import numpy as np
 
 from . import checkpoints, config, freezing, init, registry, validation, weights as wio, zoo
-from .errors import CheckpointError, DataError, NotPortableError, ShapeError, TLBridgeError
+from .errors import (ArgumentTypeError, CheckpointError, DataError, NoHeadError, NotPortableError,
+                     ShapeError, WeightsMismatchError)
 from .model import TransferModel
 from .specs import TORCHVISION, HeadSpec, ModelSpec, Preprocessing, freeze_options
 
@@ -22,8 +23,9 @@ def _be(name: str):
 
 def _check_model(m) -> TransferModel:
     if not isinstance(m, TransferModel):
-        raise TypeError(f"Expected a tlbridge TransferModel (from tl.load_backbone); "
-                        f"received {type(m).__name__}.")
+        raise ArgumentTypeError(f"Expected a tlbridge TransferModel (from tl.load_backbone); "
+                                f"received {type(m).__name__}. Build one with "
+                                f"tl.load_backbone(...) or tl.load(path).")
     return m
 
 
@@ -64,8 +66,15 @@ def load_backbone(name: str, *, weights=None, input_shape=(224, 224, 3), backend
     if dtype not in _DTYPES:
         raise DataError(f"Expected dtype one of {list(_DTYPES)}; received {dtype!r}.")
     if weights not in (None, "imagenet") and not isinstance(weights, (str, os.PathLike)):
-        raise TypeError(f"Expected weights=None, 'imagenet' or a file path; received {weights!r}.")
+        raise ArgumentTypeError(
+            f"Expected weights=None, 'imagenet' or a file path (str or os.PathLike); received "
+            f"{type(weights).__name__} {weights!r}. To use a dict of arrays, load the backbone "
+            f"with weights=None and call tl.set_weights(m, weights, strict=False).")
     opts = info.options(options) if info.portable else dict(options)
+    if info.portable:
+        zoo.check_portable_input(name, opts, shape)
+        if weights == "imagenet":
+            zoo.check_pretrained(info)
     spec = ModelSpec(name, freeze_options(opts), shape, dtype, None,
                      None if info.portable else be_name)
     return _build(spec, be_name, info.portable, weights, seed, init_weights=True)
@@ -118,12 +127,33 @@ def replace_head(m: TransferModel, num_outputs: int = 1, *, hidden=(), dropout: 
     the same seed gives the same head on both backends.
     """
     _check_model(m)
-    if int(num_outputs) < 1:
-        raise ShapeError(f"Expected num_outputs >= 1; received {num_outputs}.")
+    if not _is_int(num_outputs) or num_outputs < 1:
+        raise ShapeError(f"Expected num_outputs as an int >= 1; received {num_outputs!r}. "
+                         f"Pass the number of outputs (1 for binary classification).")
     if not 0.0 <= float(dropout) < 1.0:
         raise DataError(f"Expected 0 <= dropout < 1; received {dropout}.")
-    head = HeadSpec(int(num_outputs), tuple(int(h) for h in hidden), float(dropout))
+    head = HeadSpec(int(num_outputs), _check_hidden(hidden), float(dropout))
     return _attach(m, head, seed)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _check_hidden(hidden) -> tuple:
+    """Hidden layer widths: a sequence of ints >= 1 (empty: one Linear layer)."""
+    if isinstance(hidden, (str, bytes)) or not hasattr(hidden, "__iter__"):
+        raise ArgumentTypeError(
+            f"Expected hidden as a tuple of layer widths; received {type(hidden).__name__} "
+            f"{hidden!r}. Write hidden=({hidden!r},) for one hidden layer, or hidden=() for none.")
+    widths = tuple(hidden)
+    bad = [h for h in widths if not _is_int(h) or h < 1]
+    if bad:
+        raise ShapeError(
+            f"Expected hidden layer widths as ints >= 1; received hidden={hidden!r} "
+            f"(bad: {bad}). A layer needs at least one unit: drop the entry, or use hidden=() "
+            f"for a head that is a single Linear layer.")
+    return tuple(int(h) for h in widths)
 
 
 def _param_names(m) -> list[str]:
@@ -158,8 +188,9 @@ def features(m: TransferModel, x, *, batch_size: int = 64) -> np.ndarray:
 
 def _need_head(m: TransferModel, what: str):
     if m.spec.head is None:
-        raise TLBridgeError(f"{what} needs a head; this model has none. "
-                            f"Call m = tl.replace_head(m, num_outputs=...) first.")
+        raise NoHeadError(f"{what} needs a model with a head; received a bare backbone "
+                          f"({m.backbone_name!r}, no head). Call m = tl.replace_head(m, "
+                          f"num_outputs=...) first.")
 
 
 def logits(m: TransferModel, x, *, batch_size: int = 64) -> np.ndarray:
@@ -208,7 +239,17 @@ def set_weights(m: TransferModel, weights: dict, *, strict: bool = True) -> Tran
     if not strict and isinstance(weights, dict):
         expected = {k: v for k, v in expected.items() if k in weights}
     wio.check_layout(expected, weights)
-    be.set_weights(m, _cast(weights, m.dtype))
+    with np.errstate(over="ignore"):
+        cast = _cast(weights, m.dtype)
+    overflow = [k for k, v in cast.items() if not np.all(np.isfinite(v))]
+    if overflow:  # finite as given, infinite in the model's dtype: checked before any write
+        big = max(float(np.max(np.abs(np.asarray(weights[k], np.float64)))) for k in overflow)
+        raise WeightsMismatchError(
+            f"Expected weights representable in the model's dtype {m.dtype}; received values up "
+            f"to {big:.3g} in [{', '.join(overflow[:8])}], which overflow to inf in {m.dtype}. "
+            f"The model was left unchanged. Load the backbone with dtype='float64', or rescale "
+            f"the weights.")
+    be.set_weights(m, cast)
     return m
 
 

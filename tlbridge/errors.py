@@ -1,13 +1,15 @@
 """Exceptions of tlbridge.
 
 Each one is also the builtin type a caller would catch without knowing tlbridge
-(ValueError, KeyError, ImportError), and each message says what was expected,
+(ValueError, TypeError, KeyError, ImportError, NotImplementedError), and each message says what was expected,
 what was received, and how to fix it.
 """
 from __future__ import annotations
 
 __all__ = [
     "TLBridgeError",
+    "ArgumentTypeError",
+    "UnknownOptionError",
     "UnknownBackendError",
     "BackendNotInstalledError",
     "UnknownBackboneError",
@@ -17,12 +19,26 @@ __all__ = [
     "WeightsMismatchError",
     "CheckpointError",
     "FreezeSpecError",
+    "FreezeSpecTypeError",
+    "NoHeadError",
+    "NoPretrainedWeightsError",
+    "UnsupportedLayerError",
     "TrainingDivergedError",
 ]
 
 
 class TLBridgeError(Exception):
     """Base class of every error tlbridge raises on purpose."""
+
+
+class ArgumentTypeError(TLBridgeError, TypeError):
+    """An argument of the wrong type: not a TransferModel, weights neither None, 'imagenet'
+    nor a path."""
+
+
+class UnknownOptionError(ArgumentTypeError):
+    """A builder option the backbone does not take (Python says TypeError for an unexpected
+    keyword argument)."""
 
 
 class UnknownBackendError(TLBridgeError, ValueError):
@@ -66,6 +82,23 @@ class CheckpointError(TLBridgeError, ValueError):
 
 class FreezeSpecError(TLBridgeError, ValueError):
     pass
+
+
+class FreezeSpecTypeError(FreezeSpecError, TypeError):
+    """A freeze spec that is not a string or a list of strings (None, a number): a
+    FreezeSpecError that is also a TypeError."""
+
+
+class NoHeadError(TLBridgeError, ValueError):
+    """logits/predict/loss/fine_tune on a backbone without a head (call tl.replace_head)."""
+
+
+class NoPretrainedWeightsError(TLBridgeError, ValueError):
+    """weights='imagenet' for a backbone that has no pretrained weights (seed_vgg)."""
+
+
+class UnsupportedLayerError(TLBridgeError, NotImplementedError):
+    """A layer the backend cannot mirror yet (e.g. a grouped convolution on Keras)."""
 
 
 class TrainingDivergedError(TLBridgeError, RuntimeError):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import fnmatch
 
-from .errors import FreezeSpecError
+from .errors import FreezeSpecError, FreezeSpecTypeError
 
 _GLOB = set("*?[")
 
@@ -21,6 +21,11 @@ def _match_one(spec: str, names: list[str]) -> list[str]:
 
 def resolve(spec, names: list[str]) -> set[str]:
     """Names matched by `spec`; each part of it must match at least one parameter."""
+    if not isinstance(spec, (str, list, tuple, set, frozenset)):
+        raise FreezeSpecTypeError(
+            f"Expected a freeze spec: 'backbone', 'head', 'all', a glob such as "
+            f"'backbone.layer4.*', or a list of those; received {type(spec).__name__} {spec!r}. "
+            f"To freeze nothing, skip the call (or tl.unfreeze(m, 'all') to undo a freeze).")
     parts = [spec] if isinstance(spec, str) else list(spec)
     if not parts:
         raise FreezeSpecError("Expected a freeze spec ('backbone', 'all', a glob or a list); "
@@ -28,7 +33,9 @@ def resolve(spec, names: list[str]) -> set[str]:
     matched: set[str] = set()
     for part in parts:
         if not isinstance(part, str):
-            raise FreezeSpecError(f"Expected freeze spec entries as strings; received {part!r}.")
+            raise FreezeSpecTypeError(f"Expected freeze spec entries as strings; received "
+                                      f"{type(part).__name__} {part!r} in {spec!r}. Name "
+                                      f"parameters by their canonical names (tl.get_weights(m)).")
         hits = _match_one(part, names)
         if not hits:
             examples = ", ".join(names[:3] + (["…"] if len(names) > 3 else []) + names[-2:])

@@ -5,6 +5,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .errors import UnknownOptionError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -44,14 +46,17 @@ class BackboneInfo:
     defaults: tuple = ()          # (key, value) pairs of builder options
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
     doc: str = ""
+    pretrained: bool = True       # weights="imagenet" exists for it
 
     def options(self, overrides: dict | None = None) -> dict:
         opts = dict(self.defaults)
         for key, value in (overrides or {}).items():
             if key not in opts:
-                raise TypeError(
+                expected = f"one of {sorted(opts)}" if opts else "no options"
+                raise UnknownOptionError(
                     f"load_backbone({self.name!r}) got an unknown option {key!r}. "
-                    f"Expected one of {sorted(opts)}."
+                    f"Expected {expected}; received {key}={value!r}. Remove it, or check "
+                    f"its spelling."
                 )
             opts[key] = value
         return opts

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 
-from .errors import UnknownBackboneError
+from .errors import NoPretrainedWeightsError, ShapeError, UnknownBackboneError
 from .specs import BackboneInfo, Preprocessing
 
 _RGB01 = Preprocessing()
@@ -19,7 +19,7 @@ PORTABLE: dict[str, BackboneInfo] = {
         BackboneInfo(
             "seed_vgg", True, "vgg",
             defaults=(("widths", (16, 32, 64)), ("batch_norm", False)),
-            preprocessing=_RGB01,
+            preprocessing=_RGB01, pretrained=False,
             doc="VGG-style stack: per width a conv3x3+ReLU(+BN)+maxpool2x2 block, then flatten "
                 "(channel-major, as PyTorch flattens). Built with torchvision.models.vgg.make_layers.",
         ),
@@ -81,3 +81,71 @@ def info(name: str, native_names: list[str], backend: str) -> BackboneInfo:
         f"({', '.join(sorted(PORTABLE))}) or one of the {len(native_names)} {backend}-native "
         f"names from tl.list_backbones(backend={backend!r})."
     )
+
+
+# (kernel, stride, padding) of each layer that shrinks the image, in order; layers that keep
+# the size (3x3 convs with padding 1, adaptive pooling) are left out
+_POOL2 = (2, 2, 0)
+_RESNET_STEPS = ((7, 2, 3), (3, 2, 1), (3, 2, 1), (3, 2, 1), (3, 2, 1))
+_STEPS = {
+    "vgg16": (_POOL2,) * 5,
+    "resnet18": _RESNET_STEPS,
+    "resnet50": _RESNET_STEPS,
+    "mobilenet_v2": ((3, 2, 1),) * 5,
+    "efficientnet_b0": ((3, 2, 1), (3, 2, 1), (5, 2, 2), (3, 2, 1), (5, 2, 2)),
+    "convnext_tiny": ((4, 4, 0), _POOL2, _POOL2, _POOL2),
+}
+PORTABLE_CHANNELS = 3   # torchvision builds every portable backbone for RGB
+
+
+def spatial_steps(name: str, options: dict) -> tuple:
+    """The shrinking layers of portable backbone `name` with builder `options`."""
+    if name == "seed_vgg":
+        return (_POOL2,) * len(tuple(options.get("widths", ())))
+    return _STEPS.get(name, ())
+
+
+def _survives(side: int, steps) -> bool:
+    for kernel, stride, padding in steps:
+        side = (side + 2 * padding - kernel) // stride + 1
+        if side < 1:
+            return False
+    return True
+
+
+def min_input_side(name: str, options: dict) -> int:
+    """The smallest height (and width) that leaves at least one pixel after every shrinking
+    layer of portable backbone `name`."""
+    steps = spatial_steps(name, options)
+    side = 1
+    while not _survives(side, steps):
+        side += 1
+    return side
+
+
+def check_portable_input(name: str, options: dict, input_shape: tuple) -> None:
+    """Refuse, before anything is built, an input shape a portable backbone cannot take:
+    too small for its downsampling, or not RGB."""
+    h, w, c = input_shape
+    side = min_input_side(name, options)
+    if h < side or w < side:
+        n = len(spatial_steps(name, options))
+        raise ShapeError(
+            f"Expected input_shape of at least ({side}, {side}, {c}) for {name!r}: its {n} "
+            f"downsampling layer(s) would leave nothing of a smaller image; received "
+            f"{tuple(input_shape)}. Load the backbone with input_shape=({max(h, side)}, "
+            f"{max(w, side)}, {c}) or larger and resize the images to it.")
+    if c != PORTABLE_CHANNELS:
+        raise ShapeError(
+            f"Expected input_shape with {PORTABLE_CHANNELS} channels (RGB) for the portable "
+            f"backbone {name!r}; received {tuple(input_shape)}. Repeat grey images to RGB "
+            f"(np.repeat(x, 3, axis=-1)) and load it with input_shape=({h}, {w}, 3).")
+
+
+def check_pretrained(info: BackboneInfo) -> None:
+    if not info.pretrained:
+        raise NoPretrainedWeightsError(
+            f"Expected weights=None or a checkpoint file for {info.name!r}, which has no "
+            f"pretrained weights; received weights='imagenet'. Use weights=None (seeded random "
+            f"init) or weights=<path>, or pick a backbone with ImageNet weights "
+            f"({', '.join(n for n, i in sorted(PORTABLE.items()) if i.pretrained)}).")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import keras
 
-from tlbridge.errors import TLBridgeError
+from tlbridge.errors import NoPretrainedWeightsError
 
 from . import mobile
 from .network import Mirror
@@ -34,7 +34,8 @@ def _vgg_features(mirror: Mirror, x, cfg, batch_norm: bool, prefix="features"):
 
 def seed_vgg(mirror: Mirror, x, pretrained: bool, widths=(16, 32, 64), batch_norm=False):
     if pretrained:
-        raise TLBridgeError("seed_vgg has no pretrained weights; use weights=None or a file path.")
+        raise NoPretrainedWeightsError("Expected weights=None or a file path for seed_vgg, which "
+                                       "has no pretrained weights; received weights='imagenet'.")
     cfg = []
     for width in widths:
         cfg += [int(width), "M"]

@@ -11,7 +11,7 @@ import torchvision
 from torch import nn
 from torchvision.models import vgg as tv_vgg
 
-from tlbridge.errors import TLBridgeError
+from tlbridge.errors import NoPretrainedWeightsError, UnsupportedLayerError
 
 
 class SeedVGG(nn.Module):
@@ -39,7 +39,8 @@ def _strip(model: nn.Module, attr: str) -> nn.Module:
 
 def _seed_vgg(pretrained: bool, widths=(16, 32, 64), batch_norm=False):
     if pretrained:
-        raise TLBridgeError("seed_vgg has no pretrained weights; use weights=None or a file path.")
+        raise NoPretrainedWeightsError("Expected weights=None or a file path for seed_vgg, which "
+                                       "has no pretrained weights; received weights='imagenet'.")
     return SeedVGG(widths, batch_norm)
 
 
@@ -98,7 +99,10 @@ def strip_classifier(model: nn.Module) -> nn.Module:
         if isinstance(module, nn.Linear):
             last = name
     if last is None:
-        raise TLBridgeError(f"Cannot find the classifier of {type(model).__name__} (no nn.Linear).")
+        raise UnsupportedLayerError(
+            f"Expected a torchvision classifier ending in nn.Linear (or SqueezeNet's conv head); "
+            f"received {type(model).__name__}, which has no nn.Linear, so tlbridge cannot remove "
+            f"its classifier. Use a portable backbone or another torchvision model.")
     parent_name, _, child = last.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, nn.Identity())
