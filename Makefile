@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo parity install clean
+.PHONY: test demo parity readme install clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ demo: $(STAMP)
 
 parity: $(STAMP)
 	$(PY) benchmarks/parity_table.py
+
+# copy the tables the benchmarks and the demo wrote (benchmarks/out/*.md) into README.md
+readme: $(STAMP)
+	$(PY) benchmarks/fill_readme.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

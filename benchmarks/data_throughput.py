@@ -5,6 +5,7 @@ first the loader alone (the consumer does nothing), then with a simulated traini
 batch that leaves the CPU free (time.sleep, like a Python thread waiting on a GPU), where
 prefetch overlaps loading with the step even on one core.
 Run: .venv/bin/python benchmarks/data_throughput.py [--images 512] [--repeats 3]
+Writes benchmarks/out/data_throughput.md; benchmarks/fill_readme.py copies it into the README.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from _out import write_table  # noqa: E402
 from tlbridge import data  # noqa: E402
 
 
@@ -51,30 +53,42 @@ def time_epoch(root, prefetch, workers, augment, batch_size, repeats, step_ms=0.
     return n / best
 
 
+ROWS = [("`Augment()`", True), ("no augmentation", False)]
+SETTINGS = [("prefetch=2, workers=2", 2, 2), ("prefetch off", 0, 0)]
+
+
+def usable_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--images", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3, help="epochs per setting; best is shown")
     ap.add_argument("--step-ms", type=float, default=10.0,
-                    help="simulated training step per batch for the second table (0: skip it)")
+                    help="simulated training step per batch for the last rows (0: skip them)")
     args = ap.parse_args()
-    print(f"CPUs: {os.cpu_count()} (usable: {len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else '?'})"
-          f", numpy {np.__version__}, {args.images} PNGs 64x64, batch {args.batch_size}")
+    load = f" (load average {os.getloadavg()[0]:.1f} at the start)" if hasattr(os, "getloadavg") else ""
+    lines = [f"{usable_cpus()} CPUs{load}, {args.images} PNGs 64×64, batch {args.batch_size}:", "",
+             "| setting | " + " | ".join(name for name, _, _ in SETTINGS) + " |",
+             "|---|" + "---|" * len(SETTINGS)]
     with tempfile.TemporaryDirectory() as root:
         write_images(root, args.images)
-        rows = [("Augment(), prefetch=2 workers=2", 2, 2, data.Augment()),
-                ("Augment(), prefetch off", 0, 0, data.Augment()),
-                ("no augment, prefetch=2 workers=2", 2, 2, None),
-                ("no augment, prefetch off", 0, 0, None)]
-        steps = [0.0] + ([args.step_ms] if args.step_ms else [])
-        for step in steps:
-            print("loader alone:" if not step else
-                  f"with a {step:g} ms training step per batch (CPU left free):")
-            for name, prefetch, workers, aug in rows:
-                rate = time_epoch(root, prefetch, workers, aug, args.batch_size, args.repeats,
-                                  step)
-                print(f"  {name:34s} {rate:9.0f} images/s")
+        for step in [0.0] + ([args.step_ms] if args.step_ms else []):
+            for label, augment in ROWS:
+                where = "loader alone" if not step else f"with a {step:g} ms training step per batch"
+                rates = [time_epoch(root, prefetch, workers, data.Augment() if augment else None,
+                                    args.batch_size, args.repeats, step)
+                         for _, prefetch, workers in SETTINGS]
+                lines.append(f"| {label}, {where} | "
+                             + " | ".join(f"{r:,.0f} images/s" for r in rates) + " |")
+                print(lines[-1], flush=True)
+    if args.step_ms:
+        ceiling = args.batch_size / (args.step_ms / 1000)
+        lines += ["", f"({ceiling:,.0f} images/s is the ceiling with a {args.step_ms:g} ms step at "
+                      f"batch {args.batch_size}: loading is hidden behind the step.)"]
+    print(f"wrote {write_table('data_throughput', lines)}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,11 @@
-"""Copy the latest generated tables (benchmarks/out/*.md) into README.md between markers.
+"""Copy the latest generated tables (benchmarks/out/NAME.md) into README.md between markers.
 
-    .venv/bin/python benchmarks/fill_readme.py
-Each block sits between `<!-- NAME:start -->` and `<!-- NAME:end -->` in the README.
+    make readme                                       # every block whose table exists
+    .venv/bin/python benchmarks/fill_readme.py parity # just these blocks
+
+Each block sits between `<!-- NAME:start -->` and `<!-- NAME:end -->` in the README, and the
+command in BLOCKS writes its table (through benchmarks/_out.py's format: the table's lines,
+written to benchmarks/out/NAME.md). tests/test_claims.py checks that every block has both.
 """
 from __future__ import annotations
 
@@ -10,19 +14,47 @@ import re
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+OUT = ROOT / "benchmarks" / "out"
+
+# README block -> (the file that writes benchmarks/out/NAME.md, the command to run it)
+BLOCKS = {
+    "training_parity": ("benchmarks/training_parity_table.py",
+                        ".venv/bin/python benchmarks/training_parity_table.py"),
+    "feature_cache": ("benchmarks/feature_cache.py", ".venv/bin/python benchmarks/feature_cache.py"),
+    "data_throughput": ("benchmarks/data_throughput.py",
+                        ".venv/bin/python benchmarks/data_throughput.py"),
+    "parity": ("benchmarks/parity_table.py", "make parity"),
+    "demo": ("tlbridge/demo.py", "make demo"),
+}
 
 
-def main(names):
+def block_pattern(name: str) -> re.Pattern:
+    return re.compile(rf"(<!-- {name}:start -->\n)(?:.*?\n)?(<!-- {name}:end -->)", re.S)
+
+
+def main(names: list[str]) -> None:
+    unknown = [n for n in names if n not in BLOCKS]
+    if unknown:
+        raise SystemExit(f"Unknown block(s) {unknown}. Expected some of {sorted(BLOCKS)}.")
+    if not names:
+        names = [n for n in BLOCKS if (OUT / f"{n}.md").exists()]
+        for n in BLOCKS:
+            if n not in names:
+                print(f"skipped {n}: no benchmarks/out/{n}.md yet (run: {BLOCKS[n][1]})")
     readme = ROOT / "README.md"
     text = readme.read_text()
     for name in names:
-        body = (ROOT / "benchmarks" / "out" / f"{name}.md").read_text().rstrip("\n")
-        pattern = re.compile(rf"(<!-- {name}:start -->\n)(?:.*?\n)?(<!-- {name}:end -->)", re.S)
+        table = OUT / f"{name}.md"
+        if not table.exists():
+            raise SystemExit(f"No {table.relative_to(ROOT)}. Run: {BLOCKS[name][1]}")
+        body = table.read_text().rstrip("\n")
+        pattern = block_pattern(name)
         if not pattern.search(text):
             raise SystemExit(f"README has no <!-- {name}:start --> block")
         text = pattern.sub(lambda m: m.group(1) + body + "\n" + m.group(2), text)
+        print(f"filled {name}")
     readme.write_text(text)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or ["parity"])
+    main(sys.argv[1:])

@@ -11,8 +11,6 @@ from __future__ import annotations
 import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
 import numpy as np  # noqa: E402
 
 import tlbridge as tl  # noqa: E402

@@ -6,18 +6,16 @@ Real data that ships with scikit-learn (the 8x8 digits, upscaled to 32x32 RGB; n
 2. target task: digits 5-9, "is it 7 or more?". The saved backbone is loaded on PyTorch and on
    Keras, gets a new head, is frozen (head trained on cached features), then unfrozen
    gradually and fine-tuned — the same fine_tune call on both backends.
-Prints a per-epoch side-by-side table and writes a PNG of both loss curves.
+Prints a per-epoch side-by-side table and writes, under benchmarks/out/, a PNG of both loss
+curves and demo.md (the transcript benchmarks/fill_readme.py copies into the README).
 """
 from __future__ import annotations
 
 import os
 import sys
-import tempfile
 import time
 
 import numpy as np
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 SHAPE = (32, 32, 3)
 RECIPE = dict(epochs=5, batch_size=32, optimizer="sgd", lr=0.01, momentum=0.9, schedule="cosine",
@@ -52,6 +50,14 @@ def split(x, y, frac=0.75, seed=0):
 def main(out_dir: str = "benchmarks/out") -> int:
     import tlbridge as tl
 
+    transcript = ["$ make demo"]
+
+    def say(line: str = "") -> None:
+        print(line, flush=True)
+        transcript.extend(line.split("\n"))
+
+    os.makedirs(out_dir, exist_ok=True)
+
     images, digits = digits_rgb()
     x_all = tl.preprocess("seed_vgg", images)
     src, tgt = digits < 5, digits >= 5
@@ -63,10 +69,10 @@ def main(out_dir: str = "benchmarks/out") -> int:
     source = tl.replace_head(source, 5, seed=1)
     tl.fine_tune(source, (xs, ys), epochs=3, batch_size=32, optimizer="sgd", lr=0.05, progress=False)
     src_acc = tl.evaluate(source, (xs, ys))["accuracy"]
-    backbone_file = os.path.join(tempfile.mkdtemp(), "seed_vgg_digits04.safetensors")
+    backbone_file = os.path.join(out_dir, "seed_vgg_digits04.safetensors")
     backbone = {k: v for k, v in tl.get_weights(source).items() if k.startswith("backbone.")}
     tl.weights.save_file(backbone_file, backbone, {})
-    print(f"1. source task (digits 0-4, 5 outputs) on torch: {len(xs)} images, train accuracy "
+    say(f"1. source task (digits 0-4, 5 outputs) on torch: {len(xs)} images, train accuracy "
           f"{src_acc:.3f}, {time.perf_counter() - t0:.1f}s; backbone saved to {backbone_file}\n")
 
     runs = {}
@@ -79,13 +85,13 @@ def main(out_dir: str = "benchmarks/out") -> int:
         runs[backend] = (m, hist, time.perf_counter() - t)
 
     ht, hk = runs["torch"][1], runs["keras"][1]
-    print(f"2. target task (digits 5-9: >= 7?) on both backends from that file: {len(xt)} train / "
+    say(f"2. target task (digits 5-9: >= 7?) on both backends from that file: {len(xt)} train / "
           f"{len(xv)} val images; SGD lr 0.01 momentum 0.9 cosine, batch 32;")
-    print("   epochs 0-1 head only (cached features), epoch 2 + last conv block, epochs 3-4 all\n")
-    print(f"{'epoch':>5} {'trainable':>9} {'loss torch':>12} {'loss keras':>12} {'|diff|':>9} "
+    say("   epochs 0-1 head only (cached features), epoch 2 + last conv block, epochs 3-4 all\n")
+    say(f"{'epoch':>5} {'trainable':>9} {'loss torch':>12} {'loss keras':>12} {'|diff|':>9} "
           f"{'val acc t/k':>12} {'s torch':>8} {'s keras':>8}")
     for et, ek in zip(ht.epochs, hk.epochs):
-        print(f"{et['epoch']:>5} {et['trainable']:>9} {et['loss']:>12.8f} {ek['loss']:>12.8f} "
+        say(f"{et['epoch']:>5} {et['trainable']:>9} {et['loss']:>12.8f} {ek['loss']:>12.8f} "
               f"{abs(et['loss'] - ek['loss']):>9.1e} {et['val_accuracy']:>6.3f}/{ek['val_accuracy']:.3f} "
               f"{et['seconds']:>8.2f} {ek['seconds']:>8.2f}")
     wt, wk = tl.get_weights(runs["torch"][0]), tl.get_weights(runs["keras"][0])
@@ -96,14 +102,13 @@ def main(out_dir: str = "benchmarks/out") -> int:
                                 {k: wk[k] for k in wk if k not in pre_bn})
     noise = max(float(max(np.abs(wt[k]).max(), np.abs(wk[k]).max())) for k in pre_bn)
     acc_t, acc_k = ht["val_accuracy"][-1], hk["val_accuracy"][-1]
-    print(f"\nfinal val accuracy: torch {acc_t:.4f}, keras {acc_k:.4f}; val AUC torch "
+    say(f"\nfinal val accuracy: torch {acc_t:.4f}, keras {acc_k:.4f}; val AUC torch "
           f"{ht['val_auc'][-1]:.4f}, keras {hk['val_auc'][-1]:.4f}")
-    print(f"worst relative weight difference after training (fp32): {worst:.1e} ({at}); the "
+    say(f"worst relative weight difference after training (fp32): {worst:.1e} ({at}); the "
           f"{len(pre_bn)} conv biases feeding BatchNorm (zero gradient in exact arithmetic) stay "
           f"below {noise:.0e} on both")
-    print(f"fine-tune wall time: torch {runs['torch'][2]:.1f}s, keras {runs['keras'][2]:.1f}s")
+    say(f"fine-tune wall time: torch {runs['torch'][2]:.1f}s, keras {runs['keras'][2]:.1f}s")
 
-    os.makedirs(out_dir, exist_ok=True)
     png = os.path.join(out_dir, "demo_loss_curves.png")
     import matplotlib
     matplotlib.use("Agg")
@@ -122,7 +127,9 @@ def main(out_dir: str = "benchmarks/out") -> int:
     fig.tight_layout()
     fig.savefig(png)
     plt.close(fig)
-    print(f"loss curves: {png}")
+    say(f"loss curves: {png}")
+    with open(os.path.join(out_dir, "demo.md"), "w") as f:   # the format of benchmarks/_out.py
+        f.write("\n".join(["```", *transcript, "```"]) + "\n")
     return 0
 
 

@@ -1,12 +1,100 @@
 """The Keras 3 backend (on TensorFlow). Its twin `tlbridge.backends.torch` exposes the same names."""
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import sys
+import tempfile
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# TensorFlow's C++ start-up chatter (oneDNN notice, "Could not find cuda drivers", "failed call
+# to cuInit" on a machine without a GPU) is not the user's business. 3 hides TF's C++ INFO,
+# WARNING and ERROR logs (the cuInit line is an ERROR); a value the user set is kept as it is.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
-import keras  # noqa: E402
+_ABSL_RECORD = re.compile(r"([IWEF])\d{4} ")
+_ABSL_PREINIT = "WARNING: All log messages before absl::InitializeLog() is called"
+
+
+def _tf_log_level() -> int:
+    try:
+        return int(os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0"))
+    except ValueError:
+        return 0
+
+
+def _drop_below(text: str, level: int) -> str:
+    """Lines of absl log records below `level` (TF's scale: 0 INFO .. 3 FATAL) removed; a
+    record's continuation lines go with it, absl's "before InitializeLog" notice is shown only
+    with a record that is shown; other output is kept."""
+    kept, keep, notice = [], True, ""
+    for line in text.splitlines(keepends=True):
+        if line.startswith(_ABSL_PREINIT):
+            notice = line
+            continue
+        record = _ABSL_RECORD.match(line)
+        if record:
+            keep = "IWEF".index(record.group(1)) >= level
+            if keep and notice:
+                kept.append(notice)
+                notice = ""
+        if keep:
+            kept.append(line)
+    return "".join(kept)
+
+
+@contextlib.contextmanager
+def _quiet_tensorflow_startup():
+    """Apply TF_CPP_MIN_LOG_LEVEL to the lines TensorFlow's native libraries log while they load.
+
+    Since TensorFlow moved to absl logging (2.21 here), records logged before
+    absl::InitializeLog() go to stderr whatever the level, so the variable alone does not
+    silence them. Native writes to file descriptor 2 are captured for the import only and
+    re-emitted without the records below the level; Python's own stderr keeps writing to the
+    terminal directly. If the import fails, everything captured is shown.
+    """
+    level = _tf_log_level()
+    if level <= 0 or "tensorflow" in sys.modules:
+        yield
+        return
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (AttributeError, OSError, ValueError):   # no usable stderr: nothing to keep clean
+        yield
+        return
+    python_stderr = sys.stderr
+    try:
+        swap = python_stderr.fileno() == 2
+    except (AttributeError, OSError, ValueError):
+        swap = False
+    failed = False
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        if swap:  # Python-level writes (warnings) skip the capture; not closed: may be kept
+            sys.stderr = open(os.dup(saved), "w", buffering=1, errors="backslashreplace")
+        try:
+            yield
+        except BaseException:
+            failed = True
+            raise
+        finally:
+            if swap:
+                sys.stderr.flush()
+                sys.stderr = python_stderr
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            text = captured.read().decode(errors="replace")
+            text = text if failed else _drop_below(text, level)
+            if text:
+                python_stderr.write(text)
+                python_stderr.flush()
+
+
+with _quiet_tensorflow_startup():
+    import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from tlbridge.errors import BackendNotInstalledError  # noqa: E402

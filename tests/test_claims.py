@@ -1,0 +1,158 @@
+"""What the README and docs claim about the project itself: every file they name is in the
+project, every generated README block has a script that writes it, and the Keras backend keeps
+TensorFlow's start-up log lines off the user's console."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import pathlib
+import platform
+import re
+import subprocess
+import sys
+
+import pytest
+from helpers import BACKENDS
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+SKIP_DIRS = {".git", ".venv", "build", "node_modules", "__pycache__", ".pytest_cache"}
+TOP_DIRS = ("tlbridge", "backends", "benchmarks", "tests", "docs", ".ci")
+
+
+def _fill_readme():
+    spec = importlib.util.spec_from_file_location("fill_readme", ROOT / "benchmarks" / "fill_readme.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _project_files() -> list[pathlib.Path]:
+    """The project's .py and .md files: git's list, or the tree without venvs and builds."""
+    try:
+        out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard",
+                              "*.py", "*.md"], cwd=ROOT, capture_output=True, text=True, check=True)
+        files = [ROOT / line for line in out.stdout.splitlines() if line]
+    except (OSError, subprocess.CalledProcessError):
+        files = [p for p in ROOT.rglob("*") if p.suffix in (".py", ".md")
+                 and not SKIP_DIRS & set(p.relative_to(ROOT).parts) and ".egg-info" not in str(p)]
+    return [p for p in files if p.is_file()]
+
+
+def _generated() -> set[str]:
+    """Files the benchmarks write (benchmarks/out/ is not in the repository)."""
+    return {f"{name}.md" for name in _fill_readme().BLOCKS}
+
+
+def test_nothing_points_outside_the_project():
+    outside = ".." + "/shared"
+    hits = [f"{p.relative_to(ROOT)}:{i}" for p in _project_files()
+            for i, line in enumerate(p.read_text(errors="replace").splitlines(), 1) if outside in line]
+    assert not hits, f"references to {outside!r} (outside the project): {hits}"
+
+
+def _missing(pattern: re.Pattern, accept) -> list[str]:
+    names = {p.name for p in _project_files()}
+    missing = []
+    for path in _project_files():
+        for i, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+            for m in pattern.finditer(line):
+                token = m.group(1).rstrip("./")
+                if "//" in token or any(c in token for c in "*{}<>") or accept(token):
+                    continue
+                if (ROOT / token).exists() or (path.parent / token).exists():
+                    continue
+                if "/" not in token and token in names:
+                    continue
+                missing.append(f"{path.relative_to(ROOT)}:{i}: {token}")
+    return missing
+
+
+def test_every_markdown_file_named_exists():
+    generated = _generated()
+    missing = _missing(re.compile(r"(?<![\w./{}-])([\w./-]*\w\.md)\b"),
+                       lambda t: t.startswith("benchmarks/out/") or pathlib.PurePath(t).name in generated)
+    assert not missing, "named .md files that are not in the project:\n" + "\n".join(missing)
+
+
+def test_every_project_path_named_exists():
+    pattern = re.compile(r"(?<![\w./-])((?:" + "|".join(re.escape(d) for d in TOP_DIRS)
+                         + r")/[\w./*{}<>-]*)")
+    missing = _missing(pattern, lambda t: t.startswith("benchmarks/out"))
+    assert not missing, "named paths that are not in the project:\n" + "\n".join(missing)
+
+
+def test_every_block_fill_readme_fills_has_markers_and_a_producer():
+    fill = _fill_readme()
+    readme = (ROOT / "README.md").read_text()
+    marked = set(re.findall(r"<!-- (\w+):start -->", readme))
+    assert marked == set(fill.BLOCKS), (
+        f"README blocks {sorted(marked)} != fill_readme.BLOCKS {sorted(fill.BLOCKS)}")
+    for name, (producer, command) in fill.BLOCKS.items():
+        assert readme.count(f"<!-- {name}:start -->") == 1 == readme.count(f"<!-- {name}:end -->")
+        assert fill.block_pattern(name).search(readme), f"{name}: end marker before start marker"
+        source = (ROOT / producer).read_text()
+        writes = re.search(rf"write_table\(\s*[\"']{name}[\"']", source) or f'"{name}.md"' in source
+        assert writes, f"{producer} does not write benchmarks/out/{name}.md"
+        if command.startswith("make "):
+            target = command.split()[1]
+            assert re.search(rf"^{target}:", (ROOT / "Makefile").read_text(), re.M), command
+        else:
+            assert (ROOT / command.split()[-1]).exists(), command
+
+
+# ---- TensorFlow's start-up logs --------------------------------------------------------------
+
+PREDICT = """
+import os, numpy as np, tlbridge as tl
+m = tl.load_backbone("seed_vgg", backend="keras", input_shape=(16, 16, 3), widths=(4,), seed=0)
+m = tl.replace_head(m, 1, seed=0)
+print("shape", tl.predict(m, np.zeros((1, 16, 16, 3), "float32")).shape)
+print("level", os.environ.get("TF_CPP_MIN_LOG_LEVEL"))
+"""
+TF_NOISE = re.compile(r"onednn|cuinit|cuda|absl::InitializeLog|cpu_feature_guard", re.I)
+needs_keras = pytest.mark.skipif("keras" not in BACKENDS, reason="needs keras")
+
+
+def _predict(level: str | None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    if level is not None:
+        env["TF_CPP_MIN_LOG_LEVEL"] = level
+    out = subprocess.run([sys.executable, "-c", PREDICT], capture_output=True, text=True,
+                         env=env, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    return out
+
+
+@needs_keras
+def test_keras_backend_keeps_tensorflow_startup_logs_off_the_console():
+    out = _predict(None)
+    noise = [line for line in out.stderr.splitlines() if TF_NOISE.search(line)]
+    assert not noise, "TensorFlow log lines on stderr:\n" + "\n".join(noise)
+    assert "shape (1, 1)" in out.stdout and "level 3" in out.stdout
+
+
+@needs_keras
+def test_a_tf_log_level_the_user_set_is_kept():
+    out = _predict("0")
+    assert "level 0" in out.stdout
+    if platform.machine() in ("x86_64", "AMD64") and os.environ.get("TF_ENABLE_ONEDNN_OPTS") != "0":
+        # x86 builds log the oneDNN notice at start-up; level 0 asks for every line
+        assert "oneDNN custom operations" in out.stderr
+
+
+@needs_keras
+def test_startup_log_filter_applies_tensorflows_levels():
+    from tlbridge.backends.keras import _drop_below
+
+    text = ("WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n"
+            "I0000 00:00:1.0 1 port.cc:153] oneDNN custom operations are on.\n"
+            "I0000 00:00:1.0 1 cpu_feature_guard.cc:227] This TensorFlow binary is optimized\n"
+            "To enable the following instructions: AVX2, rebuild TensorFlow.\n"
+            "W0000 00:00:1.0 1 x.cc:1] a warning\n"
+            "E0000 00:00:1.0 1 y.cc:2] an error\n")
+    lines = text.splitlines(keepends=True)
+    assert _drop_below(text, 0) == text
+    assert _drop_below(text, 1) == "".join([lines[0]] + lines[4:])   # the notice goes with a record shown
+    assert _drop_below(text, 2) == "".join([lines[0], lines[5]])
+    assert _drop_below(text, 3) == ""
+    assert _drop_below("plain output\n", 3) == "plain output\n"
