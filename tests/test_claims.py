@@ -156,3 +156,19 @@ def test_startup_log_filter_applies_tensorflows_levels():
     assert _drop_below(text, 2) == "".join([lines[0], lines[5]])
     assert _drop_below(text, 3) == ""
     assert _drop_below("plain output\n", 3) == "plain output\n"
+
+
+def test_every_test_the_docs_cite_exists():
+    """README.md and docs/*.md name tests as proof: each named test function must exist."""
+    defined = {}
+    for path in (ROOT / "tests").glob("test_*.py"):
+        for name in re.findall(r"^\s*def (test_\w+)", path.read_text(), re.M):
+            defined.setdefault(name, set()).add(path.name)
+    missing = []
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for i, line in enumerate(doc.read_text().splitlines(), 1):
+            for m in re.finditer(r"(?:(test_\w+)\.py::)?\b(test_\w+)\b(?!\.py)", line):
+                file, name = m.group(1), m.group(2)
+                if name not in defined or (file and f"{file}.py" not in defined[name]):
+                    missing.append(f"{doc.relative_to(ROOT)}:{i}: {m.group(0)}")
+    assert not missing, "tests cited that do not exist:\n" + "\n".join(missing)
