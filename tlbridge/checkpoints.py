@@ -8,6 +8,7 @@ arbitrary pickled objects), and keras.applications VGG16 weights (`.h5` legacy o
 from __future__ import annotations
 
 import os
+import pickle
 import re
 
 import numpy as np
@@ -70,11 +71,17 @@ def torch_state_dict(path: str) -> dict[str, np.ndarray]:
             "where torch is installed: safetensors.torch.save_file(torch.load(p), 'w.safetensors').") from exc
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
+    except pickle.UnpicklingError as exc:
+        if "weights only" not in str(exc).lower():   # a damaged pickle stream, not a refusal
+            raise _corrupt_torch_file(path, exc) from exc
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        what = f" (such as {found.group(1)})" if found else ""
         raise CheckpointError(
-            f"Expected a PyTorch state_dict saved with torch.save; could not read {path!r} with "
-            f"torch.load(weights_only=True): {str(exc).splitlines()[0]}. tlbridge never unpickles "
-            "arbitrary objects; save model.state_dict(), not the model.") from exc
+            f"Expected a PyTorch state_dict (tensors only) saved with torch.save; {path!r} holds "
+            f"other pickled objects{what}, which torch.load(weights_only=True) refused. tlbridge "
+            "never unpickles arbitrary objects; save model.state_dict(), not the model.") from exc
+    except Exception as exc:  # truncated zip, EOF in a legacy pickle, not a torch file at all
+        raise _corrupt_torch_file(path, exc) from exc
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -82,6 +89,18 @@ def torch_state_dict(path: str) -> dict[str, np.ndarray]:
         raise CheckpointError(f"Expected a state_dict (dict of tensors) in {path!r}; received "
                               f"{type(obj).__name__}.")
     return {k: v.detach().cpu().numpy() for k, v in obj.items() if hasattr(v, "detach")}
+
+
+def _first_line(exc: BaseException) -> str:
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()   # torch bolds parts of its messages
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _corrupt_torch_file(path: str, exc: BaseException) -> CheckpointError:
+    return CheckpointError(
+        f"Expected a complete PyTorch checkpoint saved with torch.save; {path!r} "
+        f"({os.path.getsize(path)} bytes) could not be read: it is truncated or corrupt "
+        f"({type(exc).__name__}: {_first_line(exc)}). Download or save the file again.")
 
 
 def keras_vgg16(path: str) -> dict[str, np.ndarray]:
