@@ -30,7 +30,7 @@ from itertools import islice
 
 import numpy as np
 
-from .errors import DataError, ShapeError
+from .errors import BackendNotInstalledError, DataError, ShapeError
 
 __all__ = ["Augment", "Dataset", "arrays", "image_folder", "IMG_EXTENSIONS"]
 
@@ -235,8 +235,10 @@ def _pil():
     try:
         from PIL import Image
     except ImportError:
-        raise ImportError("tl.data.image_folder needs Pillow to decode images; received an "
-                          "environment without it. Install it with `pip install pillow`.") from None
+        raise BackendNotInstalledError(
+            "tl.data.image_folder needs Pillow to decode images; received an environment "
+            'without it. Install it with `pip install pillow` (the "tlbridge[torch]" and '
+            '"tlbridge[keras]" extras include it).') from None
     return Image
 
 
@@ -357,30 +359,37 @@ class Dataset:
         return self._run(jobs)
 
     def as_arrays(self):
-        """The whole set, un-augmented and in its stored order, as (x, y)."""
-        n, b = self.num_samples, self.batch_size
-        jobs = [(np.arange(s, min(s + b, n)), None) for s in range(0, n, b)]
-        batches = list(self._run(jobs, augment=False))
+        """The whole set, un-augmented and in its stored order, as (x, y). This holds every
+        decoded image at once; `indexed_batches` walks the set one batch at a time."""
+        batches = [(x, y) for _, x, y in self.indexed_batches()]
         if not batches:
             raise DataError(f"Expected at least one readable image; received none of "
-                            f"{n} (see ds.skipped).")
+                            f"{self.num_samples} (see ds.skipped).")
         xs, ys = zip(*batches)
         return np.concatenate(xs), np.concatenate(ys)
+
+    def indexed_batches(self):
+        """(indices, x, y) per batch of the whole set, un-augmented, in its stored order:
+        `indices` are the sample indices of the rows of x (images that failed to decode under
+        on_error="skip" are left out, so it can be shorter than the batch)."""
+        n, b = self.num_samples, self.batch_size
+        jobs = [(np.arange(s, min(s + b, n)), None) for s in range(0, n, b)]
+        return self._run(jobs, augment=False, with_index=True)
 
     # -- internals
     def _batch(self, idx, params, augment=True):
         x, keep, failed = self._source.load(idx, self.dtype)
         y = self.labels[idx]
         if keep is not None:
-            y = y[keep]
+            idx, y = idx[keep], y[keep]
             params = None if params is None else params[keep]
         if not len(x):  # every image of the batch failed to decode (on_error="skip")
-            return x, y, failed
+            return idx, x, y, failed
         if augment and params is not None:
             x = self.augment.apply(x.astype(self.dtype, copy=False), params)
-        return self._source.finish(x, self.dtype), y.astype(self.dtype), failed
+        return idx, self._source.finish(x, self.dtype), y.astype(self.dtype), failed
 
-    def _run(self, jobs, augment=True):
+    def _run(self, jobs, augment=True, with_index=False):
         """Yields the jobs' batches in order; up to `prefetch` of them computed ahead in threads."""
         def note(failed):
             new = []
@@ -395,10 +404,10 @@ class Dataset:
 
         if self.workers == 0 or self.prefetch == 0:
             for idx, params in jobs:
-                x, y, failed = self._batch(idx, params, augment)
+                kept, x, y, failed = self._batch(idx, params, augment)
                 note(failed)
                 if len(x):
-                    yield x, y
+                    yield (kept, x, y) if with_index else (x, y)
             return
         pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="tlbridge-data")
         pending = deque()
@@ -411,10 +420,10 @@ class Dataset:
                 nxt = next(it, None)
                 if nxt is not None:
                     pending.append(pool.submit(self._batch, nxt[0], nxt[1], augment))
-                x, y, failed = fut.result()
+                kept, x, y, failed = fut.result()
                 note(failed)
                 if len(x):
-                    yield x, y
+                    yield (kept, x, y) if with_index else (x, y)
         finally:
             for fut in pending:
                 fut.cancel()

@@ -33,7 +33,14 @@ class History:
 
     def plot(self, path, *, keys=("loss", "val_loss"), title: str | None = None) -> str:
         """Write a PNG of the chosen metrics per epoch; returns the path."""
-        import matplotlib
+        try:
+            import matplotlib
+        except ImportError:
+            from .errors import BackendNotInstalledError
+            raise BackendNotInstalledError(
+                "History.plot needs matplotlib; received an environment without it. Install it "
+                'with `pip install matplotlib` (the "tlbridge[torch]" and "tlbridge[keras]" '
+                "extras include it).") from None
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 

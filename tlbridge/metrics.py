@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .errors import ShapeError
+
 
 def bce_from_logits(z: np.ndarray, y: np.ndarray) -> float:
     """Mean over all entries of max(z, 0) - z*y + log(1 + exp(-|z|)) (stable)."""
@@ -36,7 +38,16 @@ def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
     return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
+def score_names(num_outputs: int) -> list[str]:
+    """The keys of `scores` for a model with `num_outputs` outputs."""
+    return ["loss", "accuracy"] + (["auc"] if num_outputs == 1 else [])
+
+
 def scores(z: np.ndarray, y: np.ndarray) -> dict:
+    z, y = np.asarray(z), np.asarray(y)
+    if z.ndim != 2 or z.shape != y.shape:
+        raise ShapeError(f"Expected logits and labels of the same shape (N, K); received logits "
+                         f"{z.shape} and labels {y.shape}. Labels need one column per model output.")
     out = {"loss": bce_from_logits(z, y), "accuracy": accuracy(z, y)}
     if z.shape[1] == 1:
         out["auc"] = roc_auc(z[:, 0], y[:, 0])

@@ -6,6 +6,7 @@ unfreezing is resolved here) and follow the same optimizer formulas (tlbridge/op
 """
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import os
@@ -17,7 +18,7 @@ import numpy as np
 
 from . import api, data as tldata, freezing, metrics, optim, registry
 from . import weights as wio
-from .errors import CheckpointError, DataError, TrainingDivergedError
+from .errors import CheckpointError, DataError, FreezeSpecError, TrainingDivergedError
 from .history import History
 from .model import TransferModel
 
@@ -42,6 +43,22 @@ class EarlyStopping:
     min_delta: float = 0.0
     restore_best: bool = True
 
+    def __post_init__(self):
+        if not isinstance(self.monitor, str) or not self.monitor:
+            raise DataError(f"Expected EarlyStopping monitor as a history key such as 'val_loss'; "
+                            f"received {self.monitor!r}.")
+        if self.mode not in ("min", "max", "auto"):
+            raise DataError(f"Expected EarlyStopping mode 'min', 'max' or 'auto'; received "
+                            f"{self.mode!r}.")
+        if isinstance(self.patience, bool) or not isinstance(self.patience, (int, np.integer)) \
+                or self.patience < 0:
+            raise DataError(f"Expected EarlyStopping patience as an int >= 0 (epochs without "
+                            f"improvement); received {self.patience!r}.")
+        if not (isinstance(self.min_delta, (int, float)) and math.isfinite(self.min_delta)
+                and self.min_delta >= 0):
+            raise DataError(f"Expected EarlyStopping min_delta as a finite number >= 0; received "
+                            f"{self.min_delta!r}.")
+
     def better(self, new: float, best: float) -> bool:
         mode = self.mode
         if mode == "auto":
@@ -63,6 +80,22 @@ def _as_dataset(d, batch_size, shuffle, seed, dtype, what) -> tldata.Dataset:
                     f"received {type(d).__name__}.")
 
 
+def _check_data(m: TransferModel, ds: tldata.Dataset, what: str) -> tldata.Dataset:
+    """The data must fit the model before any work is done: label columns and image shape."""
+    if ds.num_outputs != m.num_outputs:
+        raise DataError(
+            f"Expected {what} labels with {m.num_outputs} column(s) (the model's outputs); "
+            f"received {ds.num_outputs}. Pass labels of shape (N, {m.num_outputs})"
+            f"{' or (N,)' if m.num_outputs == 1 else ''}, or give the model "
+            f"{ds.num_outputs} outputs with tl.replace_head(m, {ds.num_outputs}).")
+    if ds.image_shape != tuple(m.input_shape):
+        raise DataError(
+            f"Expected {what} images of shape {tuple(m.input_shape)} (the model's input_shape); "
+            f"received {ds.image_shape}. Resize the images (image_folder's image_size), or load "
+            f"the backbone with input_shape={ds.image_shape}.")
+    return ds
+
+
 def _regularizer(spec):
     if spec is None:
         return None
@@ -82,51 +115,109 @@ def _early(spec):
     if isinstance(spec, int):
         return EarlyStopping(patience=spec)
     if isinstance(spec, dict):
+        unknown = sorted(set(spec) - {"monitor", "patience", "mode", "min_delta", "restore_best"})
+        if unknown:
+            raise DataError(f"Unknown early_stopping key(s) {unknown}; expected monitor, patience, "
+                            f"mode, min_delta, restore_best.")
         return EarlyStopping(**spec)
     raise DataError(f"Expected early_stopping as None, a patience int, a dict or tl.EarlyStopping; "
                     f"received {spec!r}.")
+
+
+def _plan_key(k) -> int:
+    """An epoch key of an unfreeze plan: an int, or an int-like string (plans read from JSON)."""
+    if isinstance(k, (int, np.integer)) and not isinstance(k, bool):
+        epoch = int(k)
+    elif isinstance(k, str) and k.strip().lstrip("+").isdigit():
+        epoch = int(k)
+    else:
+        raise DataError(f"Expected unfreeze plan keys as epoch numbers (ints >= 0, or int-like "
+                        f"strings such as '2'); received {k!r}.")
+    if epoch < 0:
+        raise DataError(f"Expected unfreeze plan keys as epoch numbers >= 0; received {k!r}.")
+    return epoch
 
 
 def _unfreeze_plan(m: TransferModel, plan, epochs: int):
     """Frozen set per epoch: with a plan, epoch e trains the union of specs with key <= e."""
     if plan is None:
         return None
+    if not isinstance(plan, dict):
+        raise DataError(f"Expected unfreeze as a dict {{epoch: spec}}, e.g. {{0: 'head', 2: "
+                        f"'backbone.layer4', 4: 'all'}}; received {type(plan).__name__}.")
     names = api._param_names(m)
-    keys = sorted(int(k) for k in plan)
+    normalised = {}
+    for k, spec in plan.items():
+        e = _plan_key(k)
+        if e in normalised:
+            raise DataError(f"Expected each epoch once in the unfreeze plan; received epoch {e} "
+                            f"twice (keys {[key for key in plan if _plan_key(key) == e]}).")
+        normalised[e] = spec
+    plan = normalised
+    keys = sorted(plan)
     if not keys or keys[0] != 0:
         raise DataError(f"Expected an unfreeze plan starting at epoch 0, e.g. {{0: 'head.*', 2: "
                         f"'backbone.layer4.*', 4: 'all'}}; received keys {keys}.")
+    opened = {e: freezing.resolve(spec, names) for e, spec in plan.items()}  # every spec checked
     frozen_at, trainable = [], set()
     for e in range(epochs):
-        if e in plan:
-            trainable |= freezing.resolve(plan[e], names)
+        trainable |= opened.get(e, set())
         frozen_at.append(set(names) - trainable)
     return frozen_at
 
 
 class _Progress:
+    """A tqdm bar per epoch; without tqdm (an install that left it out), one plain line per
+    epoch on stderr, so progress=True never needs an optional package."""
+
     def __init__(self, enabled, total, desc):
         self.bar = None
+        self.text = None
         if enabled:
-            from tqdm.auto import tqdm
-            self.bar = tqdm(total=total, desc=desc, leave=True, dynamic_ncols=True)
+            try:
+                from tqdm.auto import tqdm
+            except ImportError:
+                self.text, self.steps = desc, 0
+            else:
+                self.bar = tqdm(total=total, desc=desc, leave=True, dynamic_ncols=True)
 
     def update(self, loss):
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{loss:.4f}")
+        elif self.text is not None:
+            self.steps += 1
 
     def close(self, **info):
         if self.bar is not None:
             self.bar.set_postfix({k: f"{v:.4f}" for k, v in info.items()})
             self.bar.close()
+            self.bar = None
+        elif self.text is not None:
+            import sys
+            parts = [f"{self.steps} steps"] + [f"{k}={v:.4f}" for k, v in info.items()]
+            print(f"{self.text}: {', '.join(parts)}", file=sys.stderr, flush=True)
+            self.text = None
 
 
 def evaluate(m: TransferModel, data, *, batch_size: int = 64) -> dict:
     """loss (mean BCE from logits), accuracy (0.5 threshold / argmax), ROC AUC for one output."""
-    ds = _as_dataset(data, batch_size, False, 0, m.dtype, "data")
-    x, y = ds.as_arrays()
-    return metrics.scores(api.logits(m, x, batch_size=batch_size), y)
+    m = api._check_model(m)
+    api._need_head(m, "evaluate")
+    ds = _check_data(m, _as_dataset(data, batch_size, False, 0, m.dtype, "data"), "data")
+    return _evaluate(m, ds, batch_size)
+
+
+def _evaluate(m: TransferModel, ds: tldata.Dataset, batch_size: int) -> dict:
+    """Scores over the whole set, computed one batch at a time (no full decoded copy)."""
+    zs, ys = [], []
+    for _, xb, yb in ds.indexed_batches():
+        zs.append(api.logits(m, xb, batch_size=batch_size))
+        ys.append(yb)
+    if not zs:
+        raise DataError(f"Expected at least one readable image; received none of "
+                        f"{ds.num_samples} (see ds.skipped).")
+    return metrics.scores(np.concatenate(zs), np.concatenate(ys))
 
 
 def fine_tune(model: TransferModel, train, *, val=None, epochs: int = 1, batch_size: int = 32,
@@ -145,39 +236,54 @@ def fine_tune(model: TransferModel, train, *, val=None, epochs: int = 1, batch_s
     m = api._check_model(model)
     api._need_head(m, "fine_tune")
     be = registry.load(m.backend)
-    ds = _as_dataset(train, batch_size, True, seed, m.dtype, "train")
-    vds = None if val is None else _as_dataset(val, batch_size, False, seed, m.dtype, "val")
-    if ds.num_outputs != m.num_outputs:
-        raise DataError(f"Expected labels with {m.num_outputs} column(s) (the model's outputs); "
-                        f"received {ds.num_outputs}.")
-    if ds.image_shape != m.input_shape:
-        raise DataError(f"Expected images of shape {m.input_shape}; the data has {ds.image_shape}.")
+    ds = _check_data(m, _as_dataset(train, batch_size, True, seed, m.dtype, "train"), "train")
+    vds = None if val is None else _check_data(
+        m, _as_dataset(val, batch_size, False, seed, m.dtype, "val"), "val")
     cfg = optimizer if isinstance(optimizer, optim.OptimizerConfig) else optim.OptimizerConfig(
         str(optimizer).lower(), momentum, nesterov, weight_decay, tuple(betas), eps)
     reg = _regularizer(regularizer)
     stop = _early(early_stopping)
+    if stop is not None:
+        _check_monitor(stop, m, reg, vds)
+    if not (feature_cache == "auto" or feature_cache is True or feature_cache is False):
+        raise DataError(f"Expected feature_cache 'auto', True or False; received {feature_cache!r}.")
     names = api._param_names(m)
     groups = optim.param_groups(names, lr, group_lrs)
     steps = len(ds)
     total_steps = epochs * steps
     factor = optim.make_schedule(schedule, steps)
     frozen_at = _unfreeze_plan(m, unfreeze, epochs)
+    ckpt = None if checkpoint_dir is None else os.path.join(os.fspath(checkpoint_dir), CHECKPOINT_NAME)
+    saved = None
+    if resume and ckpt and os.path.exists(ckpt):
+        saved = _read_checkpoint(m, ckpt, cfg, seed, stop)
+    start = 0 if saved is None else saved["epoch"] + 1
+    _check_trainable(m, names, frozen_at, None if saved is None else saved["frozen"], start, epochs)
+    if feature_cache is True:
+        _check_feature_cache(m, names, ds, frozen_at,
+                             None if saved is None else saved["frozen"], start, epochs)
     anchors = None
     if reg is not None:
         w = api.get_weights(m)
         anchors = {n: w[n] for n in names if n.startswith("backbone.")}
 
-    history, start = History(), 0
+    history = History()
     trainer = be.make_trainer(m, cfg, groups, None if reg is None else (reg.alpha, reg.beta), anchors)
-    ckpt = None if checkpoint_dir is None else os.path.join(os.fspath(checkpoint_dir), CHECKPOINT_NAME)
-    if resume and ckpt and os.path.exists(ckpt):
-        start, history, anchors = _restore(m, be, trainer, ckpt, reg, anchors)
     best = {"value": math.nan, "weights": None, "epoch": -1}
+    stopped = False
+    if saved is not None:
+        history, anchors = _apply_checkpoint(m, be, trainer, saved, reg, anchors)
+        if stop is not None:
+            best, stopped = saved["best"], saved["stopped"]
     good = api.get_weights(m), set(m.frozen)
+    good_epoch = start - 1              # the epoch whose end `good` holds (-1: before training)
+    ckpt_epoch = start - 1 if saved is not None else None   # the epoch the file on disk holds
     cache = None
     callbacks = list(callbacks or [])
 
     for epoch in range(start, epochs):
+        if stopped:
+            break
         t0 = time.perf_counter()
         if frozen_at is not None:
             m.frozen = set(frozen_at[epoch])
@@ -186,11 +292,10 @@ def fine_tune(model: TransferModel, train, *, val=None, epochs: int = 1, batch_s
         backbone_frozen = all(n in m.frozen for n in names if n.startswith("backbone."))
         use_cache = feature_cache is True or (feature_cache == "auto" and backbone_frozen
                                               and ds.augment is None)
-        if use_cache and not backbone_frozen:
-            raise DataError("feature_cache=True needs the whole backbone frozen.")
-        if use_cache and cache is None:
-            xa, ya = ds.as_arrays()
-            cache = (api.features(m, xa), ya)
+        if not use_cache:
+            cache = None                # computed again if the backbone is frozen again later
+        elif cache is None:
+            cache = _feature_cache(m, ds)
         bar = _Progress(progress, steps, f"epoch {epoch + 1}/{epochs}")
         losses = []
         for step, (xb, yb) in enumerate(_batches(ds, epoch, cache if use_cache else None)):
@@ -203,11 +308,14 @@ def fine_tune(model: TransferModel, train, *, val=None, epochs: int = 1, batch_s
                 api.set_weights(m, good[0])
                 m.frozen = good[1]
                 be.apply_freeze(m)
-                where = f"checkpoint {ckpt} (end of epoch {epoch})" if ckpt and os.path.exists(ckpt) \
-                    else "the weights before this epoch"
+                where = ("its weights from before training" if good_epoch < 0
+                         else f"the end of epoch {good_epoch}")
+                if ckpt_epoch is not None and ckpt_epoch == good_epoch:
+                    where += f", as saved in the checkpoint {ckpt}, which is left as it was"
                 raise TrainingDivergedError(
                     f"Training diverged: the loss is {loss} at epoch {epoch}, step {step} "
-                    f"(lr {lrs[-1]:.3g}). Expected a finite loss; the model was restored to {where}. "
+                    f"(lr {lrs[-1]:.3g}; epochs and steps count from 0, as in the history). "
+                    f"Expected a finite loss; the model was restored to {where}. "
                     "Lower the learning rate, add warm-up, or check the data.", epoch, step)
             losses.append(loss)
             bar.update(loss)
@@ -218,48 +326,127 @@ def fine_tune(model: TransferModel, train, *, val=None, epochs: int = 1, batch_s
         if reg is not None:
             record["penalty"] = penalty
         if vds is not None:
-            record.update({f"val_{k}": v for k, v in evaluate(m, vds).items()})
+            record.update({f"val_{k}": v for k, v in _evaluate(m, vds, vds.batch_size).items()})
         record["seconds"] = time.perf_counter() - t0
         history.append(record)
         bar.close(**{k: v for k, v in record.items() if k in ("loss", "val_loss", "val_accuracy")})
-        good = api.get_weights(m), set(m.frozen)
-        stop_now = False
+        good, good_epoch = (api.get_weights(m), set(m.frozen)), epoch
         if stop is not None:
-            value = record.get(stop.monitor, math.nan)
-            if stop.monitor not in record:
-                raise DataError(f"early_stopping monitors {stop.monitor!r}, which the history does "
-                                f"not have; expected one of {sorted(record)} (pass val= for val_*).")
+            value = record[stop.monitor]
             if stop.better(value, best["value"]):
-                best = {"value": value, "weights": good, "epoch": epoch}
+                best = {"value": value, "weights": good if stop.restore_best else None,
+                        "epoch": epoch}
             elif epoch - best["epoch"] >= stop.patience:
-                stop_now = True
+                stopped = True
         if ckpt:
-            _save(m, trainer, ckpt, epoch, history, anchors, cfg, seed)
+            _save(m, trainer, ckpt, epoch, history, anchors, cfg, seed, stop, best, stopped)
+            ckpt_epoch = epoch
         for cb in callbacks:
             cb("epoch", record)
-        if stop_now:
-            break
     if stop is not None and stop.restore_best and best["weights"] is not None:
         api.set_weights(m, best["weights"][0])
-        m.frozen = best["weights"][1]
+        m.frozen = set(best["weights"][1])
         be.apply_freeze(m)
         history.best_epoch = best["epoch"]
     return history
 
 
+def _check_monitor(stop: EarlyStopping, m: TransferModel, reg, vds) -> None:
+    """The monitored metric must be one the history will have: checked before training."""
+    available = ["loss"] + (["penalty"] if reg is not None else [])
+    if vds is not None:
+        available += [f"val_{k}" for k in metrics.score_names(m.num_outputs)]
+    if stop.monitor in available:
+        return
+    hint = ""
+    if stop.monitor.startswith("val_") and vds is None:
+        hint = " Pass val=(x_val, y_val) to monitor validation metrics."
+    else:
+        close = difflib.get_close_matches(stop.monitor, available, n=1)
+        if close:
+            hint = f" Did you mean {close[0]!r}?"
+    raise DataError(f"Expected early_stopping monitor as one of {available}; received "
+                    f"{stop.monitor!r}.{hint}")
+
+
+def _frozen_per_epoch(m, frozen_at, saved_frozen, start, epochs):
+    for e in range(start, epochs):
+        if frozen_at is not None:
+            yield e, frozen_at[e]
+        else:
+            yield e, m.frozen if saved_frozen is None else saved_frozen
+
+
+def _check_trainable(m, names, frozen_at, saved_frozen, start, epochs) -> None:
+    """Every epoch must train something (torch would fail in backward, Keras train nothing)."""
+    for e, frozen in _frozen_per_epoch(m, frozen_at, saved_frozen, start, epochs):
+        if all(n in frozen for n in names):
+            how = ("the unfreeze plan opens nothing by then" if frozen_at is not None
+                   else "the model is frozen entirely")
+            raise FreezeSpecError(
+                f"Expected at least one trainable parameter in every epoch; received all "
+                f"{len(names)} parameters frozen in epoch {e} ({how}). Unfreeze some first, e.g. "
+                f"tl.unfreeze(m, 'head'), or pass unfreeze={{0: 'head', ...}}.")
+
+
+def _check_feature_cache(m, names, ds, frozen_at, saved_frozen, start, epochs) -> None:
+    """feature_cache=True trains the head on features computed once, un-augmented, from a
+    frozen backbone: anything else would silently train on other data."""
+    if ds.augment is not None:
+        raise DataError(f"Expected no augmentation with feature_cache=True (features are computed "
+                        f"once, from un-augmented images); received train data with "
+                        f"augment={ds.augment!r}. Pass feature_cache='auto' (caches only without "
+                        f"augmentation) or False, or drop the augmentation.")
+    for e, frozen in _frozen_per_epoch(m, frozen_at, saved_frozen, start, epochs):
+        open_ = [n for n in names if n.startswith("backbone.") and n not in frozen]
+        if open_:
+            raise DataError(
+                f"Expected the whole backbone frozen in every epoch with feature_cache=True; "
+                f"received {len(open_)} trainable backbone parameter(s) in epoch {e} (e.g. "
+                f"{open_[0]!r}). Freeze it with tl.freeze(m, 'backbone'), or pass "
+                f"feature_cache='auto' (caches only the epochs with a frozen backbone).")
+
+
+def _feature_cache(m: TransferModel, ds: tldata.Dataset):
+    """Backbone features of every sample, computed one batch at a time and stored by sample
+    index; `valid` marks the samples whose image decoded (on_error="skip" leaves some out)."""
+    feats, valid = None, np.zeros(ds.num_samples, bool)
+    for idx, xb, _ in ds.indexed_batches():
+        f = api.features(m, xb, batch_size=ds.batch_size)
+        if feats is None:
+            feats = np.zeros((ds.num_samples, *f.shape[1:]), f.dtype)
+        feats[idx] = f
+        valid[idx] = True
+    if feats is None:
+        raise DataError(f"Expected at least one readable image; received none of "
+                        f"{ds.num_samples} (see ds.skipped).")
+    return feats, valid
+
+
 def _batches(ds: tldata.Dataset, epoch: int, cache):
+    """The epoch's batches; from the cache, the same samples in the same order as ds.epoch
+    (images that failed to decode are left out of their batch, empty batches skipped)."""
     if cache is None:
         yield from ds.epoch(epoch)
         return
-    feats, labels = cache
+    feats, valid = cache
     order, _ = ds.plan(epoch)
     b = ds.batch_size
     for k in range(len(ds)):
         idx = order[k * b:(k + 1) * b]
-        yield feats[idx], labels[idx]
+        idx = idx[valid[idx]]
+        if len(idx):
+            yield feats[idx], ds.labels[idx]
 
 
-def _save(m, trainer, path, epoch, history, anchors, cfg, seed):
+def _stop_config(stop) -> dict | None:
+    return None if stop is None else {"monitor": stop.monitor, "patience": int(stop.patience),
+                                      "mode": stop.mode, "min_delta": float(stop.min_delta),
+                                      "restore_best": bool(stop.restore_best)}
+
+
+def _save(m, trainer, path, epoch, history, anchors, cfg, seed, stop=None, best=None,
+          stopped=False):
     tensors = {f"model/{k}": v for k, v in api.get_weights(m).items()}
     tensors.update({f"optim/{k}": v for k, v in trainer.state_dict().items()})
     if anchors:
@@ -267,11 +454,20 @@ def _save(m, trainer, path, epoch, history, anchors, cfg, seed):
     meta = {"format": CHECKPOINT_FORMAT, "backend": m.backend, "spec": m.spec.to_json(),
             "frozen": json.dumps(sorted(m.frozen)), "epoch": str(epoch),
             "history": history.to_json(), "optimizer": json.dumps(asdict(cfg)),
-            "seed": str(seed)}
+            "seed": str(seed), "early_stopping": json.dumps(_stop_config(stop))}
+    if stop is not None:
+        state = {"best_value": best["value"], "best_epoch": best["epoch"], "stopped": stopped}
+        if best["weights"] is not None:
+            tensors.update({f"best/{k}": v for k, v in best["weights"][0].items()})
+            state["best_frozen"] = sorted(best["weights"][1])
+        meta["early_stopping_state"] = json.dumps(state)
     wio.save_file(path, tensors, meta)
 
 
-def _restore(m, be, trainer, path, reg, anchors):
+def _read_checkpoint(m, path, cfg, seed, stop) -> dict:
+    """Read and check a checkpoint before anything is changed: the same backbone, optimizer,
+    seed and early stopping as this call (else the resumed run could not be the run it
+    continues). The backend may differ: checkpoints are portable."""
     tensors, meta = wio.load_file(path)
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"Expected a fine_tune checkpoint ({CHECKPOINT_FORMAT}) in {path!r}; "
@@ -280,12 +476,53 @@ def _restore(m, be, trainer, path, reg, anchors):
     if spec["backbone"] != m.backbone_name:
         raise CheckpointError(f"The checkpoint {path!r} is of backbone {spec['backbone']!r}; this "
                               f"model is {m.backbone_name!r}. Use another checkpoint_dir.")
+    fresh = "or start afresh with resume=False or another checkpoint_dir"
+    stored = json.loads(meta["optimizer"]) if "optimizer" in meta else None
+    asked = json.loads(json.dumps(asdict(cfg)))
+    if stored != asked:
+        diff = ", ".join(f"{k} {stored.get(k)!r} -> {asked.get(k)!r}" for k in asked
+                         if stored is None or stored.get(k) != asked.get(k))
+        raise CheckpointError(
+            f"Expected the optimizer the checkpoint {path!r} was trained with ({stored}); received "
+            f"{asked} ({diff}). Its optimizer state belongs to that optimizer: resume with the "
+            f"same settings, {fresh}.")
+    if "seed" in meta and int(meta["seed"]) != int(seed):
+        raise CheckpointError(
+            f"Expected seed={meta['seed']} (the seed the checkpoint {path!r} was trained with); "
+            f"received seed={seed}. The remaining epochs would shuffle differently from the run "
+            f"being resumed: pass seed={meta['seed']}, {fresh}.")
+    stored_stop = json.loads(meta.get("early_stopping", "null"))
+    if stored_stop != _stop_config(stop):
+        raise CheckpointError(
+            f"Expected the early_stopping the checkpoint {path!r} was trained with "
+            f"({stored_stop}); received {_stop_config(stop)}. Resume with the same early_stopping, "
+            f"{fresh}.")
+    out = {"tensors": tensors, "meta": meta, "epoch": int(meta["epoch"]),
+           "frozen": set(json.loads(meta["frozen"])),
+           "best": {"value": math.nan, "weights": None, "epoch": -1}, "stopped": False}
+    if stop is not None and "early_stopping_state" in meta:
+        state = json.loads(meta["early_stopping_state"])
+        weights = None
+        if "best_frozen" in state:
+            weights = ({k[5:]: v for k, v in tensors.items() if k.startswith("best/")},
+                       set(state["best_frozen"]))
+        out["best"] = {"value": float(state["best_value"]), "weights": weights,
+                       "epoch": int(state["best_epoch"])}
+        out["stopped"] = bool(state["stopped"])
+    return out
+
+
+def _apply_checkpoint(m, be, trainer, saved, reg, anchors):
+    tensors, meta = saved["tensors"], saved["meta"]
     api.set_weights(m, {k[6:]: v for k, v in tensors.items() if k.startswith("model/")})
-    m.frozen = set(json.loads(meta["frozen"]))
+    m.frozen = set(saved["frozen"])
     be.apply_freeze(m)
     trainer.load_state({k[6:]: v for k, v in tensors.items() if k.startswith("optim/")})
     saved_anchors = {k[7:]: v for k, v in tensors.items() if k.startswith("anchor/")}
     if reg is not None and saved_anchors:
         anchors = saved_anchors
         trainer.set_anchors(anchors)
-    return int(meta["epoch"]) + 1, History.from_json(meta["history"]), anchors
+    history = History.from_json(meta["history"])
+    if saved["best"]["epoch"] >= 0:
+        history.best_epoch = saved["best"]["epoch"]
+    return history, anchors

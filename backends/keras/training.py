@@ -160,6 +160,10 @@ class Trainer:
                 s = self.slots[name]
                 self._var(slot, s).assign(np.ascontiguousarray(s.from_canonical(np.asarray(value)),
                                                                dtype=self.m.dtype))
+        for key in state:   # older torch checkpoints hold SGD buffers without a step count:
+            slot, name = key.split("/", 1)   # a buffer means at least one update was made
+            if slot != "step" and name not in self.steps:
+                self.steps[name] = 1
 
 
 def seed_everything(seed: int) -> None:

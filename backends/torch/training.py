@@ -27,6 +27,7 @@ class Trainer:
             self.opt = cls(param_groups, lr=groups[0][0], betas=tuple(cfg.betas), eps=cfg.eps,
                            weight_decay=cfg.weight_decay, foreach=False)
         self.reg = regularizer
+        self.steps: dict[str, int] = {}     # updates so far, per parameter (torch SGD keeps none)
         self.set_anchors(anchors or {})
 
     def set_anchors(self, anchors: dict) -> None:
@@ -62,6 +63,11 @@ class Trainer:
                 reg = float(penalty.detach())
         total.backward()
         self.opt.step()
+        for group in self.opt.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    name = self.names[id(p)]
+                    self.steps[name] = self.steps.get(name, 0) + 1
         return float(loss.detach()), reg
 
     def step(self, x: np.ndarray, y: np.ndarray, lrs: list[float]):
@@ -83,7 +89,9 @@ class Trainer:
             self.net.train(False)
 
     def state_dict(self) -> dict[str, np.ndarray]:
-        """Optimizer state under canonical names: '<slot>/<param name>' (and 'step/<name>')."""
+        """Optimizer state under canonical names: '<slot>/<param name>' and 'step/<name>' (the
+        updates so far of every updated parameter, also for SGD, whose torch state has no step:
+        the Keras trainer needs it to continue a momentum buffer instead of restarting it)."""
         out = {}
         for p, st in self.opt.state.items():
             name = self.names[id(p)]
@@ -91,16 +99,23 @@ class Trainer:
                 if value is None:
                     continue
                 out[f"{slot}/{name}"] = np.asarray(value.detach().cpu().numpy() if torch.is_tensor(value) else value)
+        for name, t in self.steps.items():
+            out.setdefault(f"step/{name}", np.asarray(float(t), dtype=np.float32))
         return out
 
     def load_state(self, state: dict[str, np.ndarray]) -> None:
         params = dict(self.net.named_parameters())
         self.opt.state.clear()
+        self.steps = {}
         for key, value in state.items():
             slot, name = key.split("/", 1)
             p = params[name]
             if slot == "step":
-                t = torch.tensor(float(np.asarray(value).reshape(-1)[0]), dtype=torch.float32)
+                t = float(np.asarray(value).reshape(-1)[0])
+                self.steps[name] = int(round(t))
+                if isinstance(self.opt, torch.optim.SGD):
+                    continue                    # torch's SGD keeps no step; Adam(W) does
+                t = torch.tensor(t, dtype=torch.float32)
             else:
                 t = torch.as_tensor(np.array(value), dtype=p.dtype)
             self.opt.state[p][slot] = t
