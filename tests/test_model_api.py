@@ -1,7 +1,7 @@
 """The model API on each backend: shapes, heads, freezing, save/load, native catalogs."""
 import numpy as np
 import pytest
-from helpers import small_model
+from helpers import both_backends, small_model
 
 import tlbridge as tl
 from tlbridge.errors import NotPortableError
@@ -32,11 +32,24 @@ def test_replace_head_names_and_shapes(backend):
     assert p.shape == (4, 2) and np.all((p > 0) & (p < 1))
 
 
-def test_same_seed_same_head_on_any_backend(backend):
-    a = small_model(backend, num_outputs=2, seed=3)
-    b = small_model(backend, num_outputs=2, seed=3)
-    for k, v in tl.get_weights(a).items():
-        np.testing.assert_array_equal(v, tl.get_weights(b)[k])
+@both_backends
+@pytest.mark.parametrize("hidden", [(), (16,)])
+def test_same_seed_same_head_on_any_backend(hidden):
+    """One seed, torch and Keras: bit-identical head (and backbone) weights; another seed
+    gives another head."""
+    weights = {}
+    for b in ("torch", "keras"):
+        m = tl.load_backbone("seed_vgg", backend=b, input_shape=(32, 32, 3), seed=0, widths=(8, 8))
+        weights[b] = tl.get_weights(tl.replace_head(m, 2, hidden=hidden, seed=3))
+    wt, wk = weights["torch"], weights["keras"]
+    assert sorted(wt) == sorted(wk) and any(k.startswith("head.") for k in wt)
+    for k in wt:
+        assert wt[k].dtype == wk[k].dtype and np.array_equal(wt[k], wk[k]), k
+    other = tl.get_weights(tl.replace_head(
+        tl.load_backbone("seed_vgg", backend="keras", input_shape=(32, 32, 3), seed=0, widths=(8, 8)),
+        2, hidden=hidden, seed=4))
+    assert not any(np.array_equal(wk[k], other[k]) for k in wk
+                   if k.startswith("head.") and k.endswith("weight"))
 
 
 def test_freeze_backbone_leaves_only_head_gradients(backend):
@@ -119,8 +132,10 @@ def test_native_model_saves_and_loads_on_its_backend(backend, tmp_path):
     m = tl.replace_head(tl.load_backbone(name, backend=backend, input_shape=(64, 64, 3), seed=0), 1)
     tl.save(m, tmp_path / "n.safetensors")
     m2 = tl.load(tmp_path / "n.safetensors")
+    w, w2 = tl.get_weights(m), tl.get_weights(m2)
+    assert sorted(w) == sorted(w2) and all(np.array_equal(w[k], w2[k]) for k in w)
     x = _x(2, (64, 64, 3))
-    np.testing.assert_allclose(tl.predict(m, x), tl.predict(m2, x), rtol=1e-6)
+    assert np.array_equal(tl.predict(m, x), tl.predict(m2, x))     # same backend: bit-exact
 
 
 def test_every_torchvision_classifier_is_found():
