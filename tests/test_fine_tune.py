@@ -149,6 +149,14 @@ def test_learning_lowers_the_loss_and_evaluate_reports_metrics(backend):
     scores = tl.evaluate(m, (x, y))
     assert set(scores) == {"loss", "accuracy", "auc"} and scores["accuracy"] > 0.6
     assert scores["loss"] == pytest.approx(h["val_loss"][-1], rel=1e-9)
+    # against an independent computation from the model's probabilities (fp64 model)
+    p, t = tl.predict(m, x)[:, 0], y[:, 0]
+    assert 0.01 < p.min() and p.max() < 0.99               # log(1 - p) is accurate here
+    bce = -np.mean(t * np.log(p) + (1 - t) * np.log1p(-p))
+    assert scores["loss"] == pytest.approx(bce, rel=1e-12)
+    assert scores["accuracy"] == np.mean((p > 0.5) == (t == 1))
+    sklearn_metrics = pytest.importorskip("sklearn.metrics")
+    assert scores["auc"] == pytest.approx(sklearn_metrics.roc_auc_score(t, p), abs=1e-12)
 
 
 def test_progress_false_is_silent_and_true_shows_a_bar(backend, capsys):
