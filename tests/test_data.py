@@ -335,6 +335,30 @@ def test_folder_truncated_pixels_fail_at_batch_time(tmp_path):
 
 
 @needs_pil
+def test_indexed_batches_name_the_samples_of_every_row(tmp_path):
+    """The whole set one batch at a time, each row keyed by its sample index: an image that
+    fails to decode under on_error='skip' is left out of its batch and of the indices."""
+    rng = np.random.default_rng(3)
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        for i in range(4):
+            _write_image(tmp_path / c / f"{i}.png", rng)
+    good = (tmp_path / "a" / "1.png").read_bytes()
+    (tmp_path / "a" / "1.png").write_bytes(good[: len(good) // 2])   # header fine, pixels cut
+    ds = data.image_folder(tmp_path, (H, W), on_error="skip", batch_size=3, seed=0)
+    with pytest.warns(UserWarning, match="could not be decoded"):
+        batches = [(i.copy(), x.copy(), y.copy()) for i, x, y in ds.indexed_batches()]
+    assert [i.tolist() for i, _, _ in batches] == [[0, 2], [3, 4, 5], [6, 7]]
+    for idx, x, y in batches:
+        assert len(x) == len(y) == len(idx) <= ds.batch_size
+        np.testing.assert_array_equal(y, ds.labels[idx])
+        for i, row in zip(idx, x):
+            np.testing.assert_array_equal(row, data._decode(ds.files[i], (H, W)) / np.float32(255))
+    x, y = ds.as_arrays()
+    np.testing.assert_array_equal(x, np.concatenate([b[1] for b in batches]))
+
+
+@needs_pil
 def test_folder_layout_errors(tmp_path, folder):
     with pytest.raises(DataError, match="does not exist"):
         data.image_folder(tmp_path / "nope", 8)
