@@ -15,7 +15,6 @@ import os
 import sys
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import tlbridge as tl  # noqa: E402
 from _out import write_table  # noqa: E402

@@ -1,5 +1,5 @@
 """Optimizers, schedules and parameter groups: one written-down formula each, followed
-exactly by both backends (PARITY.md #6, #7).
+exactly by both backends (docs/parity.md #6, #7).
 
 The formulas are PyTorch's (torch.optim, single-tensor path), because they stay the same
 under a changing learning rate; the Keras backend implements them op for op.

@@ -1,4 +1,4 @@
-"""Canonical weights on Keras: translate layouts and names at the boundary (PARITY.md #9)."""
+"""Canonical weights on Keras: translate layouts and names at the boundary (docs/parity.md #9)."""
 from __future__ import annotations
 
 from dataclasses import dataclass

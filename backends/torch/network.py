@@ -11,7 +11,7 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 class TLNet(nn.Module):
-    """Frozen BatchNorm stays in eval mode across .train() calls (PARITY.md #4)."""
+    """Frozen BatchNorm stays in eval mode across .train() calls (docs/parity.md #4)."""
 
     def __init__(self, backbone: nn.Module, head: nn.Module | None = None, dropout: float = 0.0):
         super().__init__()
