@@ -230,7 +230,15 @@ def fine_tune(model: TransferModel, train, *, val=None, epochs: int = 1, batch_s
     """Fine-tune `model` in place on `train`; the same call gives the same result on both backends.
 
     feature_cache="auto": in epochs where the whole backbone is frozen and the data has no
-    augmentation, backbone features are computed once and only the head is trained on them.
+    augmentation, backbone features are computed once (batch by batch, stored by sample index)
+    and only the head is trained on them; True insists, and is refused up front when an epoch
+    would train the backbone or the data is augmented.
+    unfreeze: {epoch: spec}; keys may be ints or int-like strings (a plan read from JSON).
+    resume=True continues after the checkpoint's last complete epoch, on either backend, with
+    its optimizer state (step counts included) and early-stopping state; a call with another
+    optimizer, seed or early_stopping than the checkpoint's is refused (CheckpointError).
+    Everything that can be checked before training is: the data against the model (train and
+    val), the unfreeze plan, that every epoch trains something, the early-stopping monitor.
     callbacks: functions cb(event, info) for events "step" and "epoch".
     """
     m = api._check_model(model)
