@@ -1,9 +1,13 @@
+import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from helpers import BACKENDS
+
+from tlbridge import parity
 
 
 def _run(code: str) -> str:
@@ -35,12 +39,22 @@ def test_torch_and_tensorflow_import_into_one_process():
 @pytest.mark.skipif(len(BACKENDS) < 2, reason="needs both frameworks")
 @pytest.mark.parametrize("order", [("keras", "torch"), ("torch", "keras")])
 def test_both_backends_work_in_one_process_in_either_order(order):
-    code = ("import numpy as np, tlbridge as tl\n"
+    """Same seed, same weights: both backends, loaded one after the other in one process, give
+    the same logits (fp64 to the parity bar, fp32 to its own)."""
+    code = ("import json, numpy as np, tlbridge as tl\n"
+            "x = np.random.default_rng(0).normal(size=(4, 32, 32, 3))\n"
+            "out = {}\n"
             f"for b in {order!r}:\n"
-            "    m = tl.replace_head(tl.load_backbone('resnet18', backend=b, input_shape=(32, 32, 3), seed=0), 1, seed=0)\n"
-            "    print(b, round(float(tl.predict(m, np.zeros((1, 32, 32, 3), 'float32'))[0, 0]), 6))\n"
-            "print('done')")
-    assert _run(code) == "done"
+            "    for dt in ('float64', 'float32'):\n"
+            "        m = tl.load_backbone('resnet18', backend=b, input_shape=(32, 32, 3), seed=0, dtype=dt)\n"
+            "        m = tl.replace_head(m, 3, seed=0)\n"
+            "        out[b + '/' + dt] = tl.logits(m, x.astype(dt)).astype(float).tolist()\n"
+            "print(json.dumps(out))")
+    out = json.loads(_run(code))
+    for dt in ("float64", "float32"):
+        zt, zk = (np.array(out[f"{b}/{dt}"]) for b in ("torch", "keras"))
+        assert zt.shape == (4, 3) and np.abs(zt).max() > 1e-3          # not a degenerate output
+        assert parity.rel_diff(zt, zk) <= parity.TOL[dt], (dt, parity.rel_diff(zt, zk))
 
 
 @pytest.mark.skipif(len(BACKENDS) < 2, reason="needs both frameworks")
