@@ -241,6 +241,14 @@ def test_hidden_layer_without_units(backend, hidden):
     assert isinstance(e.value, ValueError)
 
 
+def test_hidden_as_a_bare_int(backend):
+    m = tl.load_backbone("seed_vgg", backend=backend, input_shape=(32, 32, 3), widths=(4,))
+    with pytest.raises(TypeError, match=r"Expected hidden as a tuple of layer widths; received int "
+                                        r"16\. Write hidden=\(16,\)") as e:
+        tl.replace_head(m, 1, hidden=16)
+    assert isinstance(e.value, errors.ArgumentTypeError)
+
+
 def test_freeze_spec_none(backend):
     m = small_model(backend)
     with pytest.raises(errors.FreezeSpecError, match=r"Expected a freeze spec.*received NoneType "
