@@ -207,15 +207,17 @@ def _interrupt_after_first_epoch(event, info):
 
 RESUME_CASES = {
     # momentum buffers must carry over: torch's SGD state had no step, so Keras restarted
-    # them. 1 epoch on torch + 1 resumed on Keras == 2 epochs on Keras.
-    "sgd-momentum": (0, dict(epochs=2, optimizer="sgd", lr=0.05, momentum=0.9, nesterov=True)),
+    # them. 1 epoch on torch + 1 resumed on Keras == 2 epochs on Keras, with train-mode
+    # BatchNorm (its running statistics travel in the checkpoint's weights).
+    "sgd-momentum": (0, True, dict(epochs=2, optimizer="sgd", lr=0.05, momentum=0.9,
+                                   nesterov=True)),
     # early stopping's best value, best epoch, best weights and patience count must carry over:
     # on Keras alone val_loss is best at epoch 1, worse at 2 and 3, so the run stops after
     # epoch 3 and restores epoch 1. Torch trains epochs 0-2 (the checkpoint holds best epoch 1
     # and one epoch without improvement), Keras resumes at 3 and must stop there too. No
     # momentum, so only the early-stopping state is under test.
-    "early-stopping": (2, dict(epochs=5, optimizer="sgd", lr=0.1, momentum=0.0,
-                               early_stopping=tl.EarlyStopping("val_loss", patience=2))),
+    "early-stopping": (2, False, dict(epochs=5, optimizer="sgd", lr=0.1, momentum=0.0,
+                                      early_stopping=tl.EarlyStopping("val_loss", patience=2))),
 }
 
 
@@ -223,18 +225,18 @@ RESUME_CASES = {
 @pytest.mark.parametrize("case", list(RESUME_CASES))
 def test_epochs_on_torch_then_resume_on_keras_equals_keras_throughout(case, tmp_path):
     x, y = _data()
-    last, settings = RESUME_CASES[case]
+    last, batch_norm, settings = RESUME_CASES[case]
     kw = dict(settings, batch_size=8, seed=3, progress=False, feature_cache=False)
     if "early_stopping" in kw:
         kw["val"] = (x, 1.0 - y)    # flipped: val_loss rises as the model learns
 
-    ref = _model("keras")
+    ref = _model("keras", batch_norm=batch_norm)
     h_ref = tl.fine_tune(ref, (x, y), **kw)
-    first = _model("torch")
+    first = _model("torch", batch_norm=batch_norm)
     with pytest.raises(_Interrupt):
         tl.fine_tune(first, (x, y), checkpoint_dir=tmp_path, callbacks=[_interrupt_after(last)], **kw)
     assert wio.load_file(tmp_path / "last.safetensors")[1]["epoch"] == str(last)
-    resumed = _model("keras")
+    resumed = _model("keras", batch_norm=batch_norm)
     steps = _Steps()
     h = tl.fine_tune(resumed, (x, y), checkpoint_dir=tmp_path, resume=True, callbacks=[steps], **kw)
 
@@ -245,7 +247,8 @@ def test_epochs_on_torch_then_resume_on_keras_equals_keras_throughout(case, tmp_
     wr, w = tl.get_weights(ref), tl.get_weights(resumed)
     diff, at = parity.worst(wr, w, floor_rel=1e-6)
     assert diff <= 1e-10, f"{case}: {at} differs by {diff:.3g} (relative)"
-    moved, _ = parity.worst(wr, tl.get_weights(_model("keras")), floor_rel=1e-6)
+    moved, _ = parity.worst(wr, tl.get_weights(_model("keras", batch_norm=batch_norm)),
+                            floor_rel=1e-6)
     assert moved > 1e-3                                    # the comparison is not vacuous
 
 
