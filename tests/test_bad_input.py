@@ -261,3 +261,34 @@ def test_uint8_images_point_to_preprocess(backend):
     m = small_model(backend)
     with pytest.raises(errors.DataError, match="tl.preprocess"):
         tl.predict(m, np.zeros((1, 32, 32, 3), np.uint8))
+
+
+def test_grouped_conv_has_no_keras_mirror_yet():
+    keras = pytest.importorskip("keras")
+    from tlbridge.backends.keras.network import Mirror
+    with pytest.raises(NotImplementedError, match="groups=2") as e:
+        Mirror("float32").conv(keras.Input((8, 8, 4)), "c", 4, 3, groups=2)
+    assert isinstance(e.value, errors.UnsupportedLayerError)
+    assert "Expected groups=1 or a depthwise conv" in str(e.value)
+
+
+def test_iterating_a_dataset_instead_of_an_epoch():
+    ds = tl.data.arrays(_x(4), np.zeros((4, 1), "float32"))
+    with pytest.raises(TypeError, match=r"Expected an iterable of batches; received a "
+                                        r"tl\.data\.Dataset.*ds\.epoch\(e\)") as e:
+        iter(ds)
+    assert isinstance(e.value, errors.ArgumentTypeError)
+
+
+@pytest.mark.parametrize("value", [np.array(["x"]), np.array([None], dtype=object)],
+                         ids=["str", "object"])
+def test_non_numeric_weight_names_key_and_dtypes(backend, value):
+    m = small_model(backend)
+    before = tl.get_weights(m)
+    w = dict(before, **{"head.bias": value})
+    with pytest.raises(errors.WeightsMismatchError,
+                       match=r"Expected weights of a real numeric dtype \(float32 or float64.*"
+                             rf"received \[head\.bias: {re.escape(str(value.dtype))}\]") as e:
+        tl.set_weights(m, w)
+    assert isinstance(e.value, ValueError) and "left unchanged" in str(e.value)
+    assert all(np.array_equal(before[k], tl.get_weights(m)[k]) for k in before)

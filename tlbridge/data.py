@@ -30,7 +30,7 @@ from itertools import islice
 
 import numpy as np
 
-from .errors import BackendNotInstalledError, DataError, ShapeError
+from .errors import ArgumentTypeError, BackendNotInstalledError, DataError, ShapeError
 
 __all__ = ["Augment", "Dataset", "arrays", "image_folder", "IMG_EXTENSIONS"]
 
@@ -323,8 +323,9 @@ class Dataset:
         return n // b if self.drop_last else -(-n // b)
 
     def __iter__(self):
-        raise TypeError("A tl.data.Dataset is iterated one epoch at a time: "
-                        "`for x, y in ds.epoch(e)` (e = 0, 1, ...).")
+        raise ArgumentTypeError("Expected an iterable of batches; received a tl.data.Dataset, "
+                                "which is iterated one epoch at a time: write "
+                                "`for x, y in ds.epoch(e)` (e = 0, 1, ...).")
 
     def __repr__(self) -> str:
         return (f"Dataset(num_samples={self.num_samples}, num_outputs={self.num_outputs}, "

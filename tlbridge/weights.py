@@ -41,6 +41,13 @@ def check_layout(expected: dict[str, tuple], received: dict, what: str = "weight
             + f". Expected {len(expected)} tensors in tlbridge's canonical layout "
               "(tl.get_weights(model) shows it); the model was left unchanged.",
             missing, unexpected, mismatched)
+    dtypes = {k: np.asarray(received[k]).dtype for k in expected}
+    non_numeric = [f"{k}: {dtypes[k]}" for k in expected if dtypes[k].kind not in "biuf"]
+    if non_numeric:
+        raise WeightsMismatchError(
+            f"Expected {what} of a real numeric dtype (float32 or float64; ints and bools are "
+            f"cast to the model's dtype); received [{_list(non_numeric, 4)}]. Pass numeric "
+            f"arrays, e.g. as tl.get_weights(model) returns them; the model was left unchanged.")
     bad = [k for k in expected if not np.all(np.isfinite(np.asarray(received[k], dtype=np.float64)))]
     if bad:
         raise WeightsMismatchError(
