@@ -292,3 +292,15 @@ def test_non_numeric_weight_names_key_and_dtypes(backend, value):
         tl.set_weights(m, w)
     assert isinstance(e.value, ValueError) and "left unchanged" in str(e.value)
     assert all(np.array_equal(before[k], tl.get_weights(m)[k]) for k in before)
+
+
+def test_pickled_whole_model_names_the_pickled_class(tmp_path):
+    torch = pytest.importorskip("torch")
+    torchvision = pytest.importorskip("torchvision")
+    torch.save({"model": torchvision.models.resnet18()}, tmp_path / "whole_model.pth")
+    with pytest.raises(errors.CheckpointError, match=r"holds other pickled objects \(such as "
+                                                     r"torchvision\.models\.resnet\.ResNet\).*"
+                                                     r"save model\.state_dict\(\)") as e:
+        tl.load_backbone("resnet18", backend="torch", weights=tmp_path / "whole_model.pth",
+                         input_shape=(32, 32, 3))
+    assert isinstance(e.value, ValueError)
