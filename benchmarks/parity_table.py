@@ -34,7 +34,7 @@ def rows(cases):
             r64 = parity.compare(s.models["torch", "float64"], s.models["keras", "float64"], x, y,
                                  training=training)
             s.reset(frozen=False)
-            x, y = parity.batch(cfg.shape, cfg.batch32, K, seed=parity.SEED_BATCH, dtype="float32")
+            x, y = parity.batch(cfg.shape, cfg.batch32, K, seed=cfg.seed32, dtype="float32")
             x = x.astype("float64")
             sens = parity.sensitivity(s.models["torch", "float64"], x, y, training=training)
             r32 = parity.fp32_vs_fp64(s, x, y, training=training)
