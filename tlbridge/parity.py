@@ -21,6 +21,11 @@ def rel_diff(a, b, floor: float = 0.0) -> float:
     return float(diff / scale) if scale > 0 else float(diff)
 
 
+def largest(d: dict) -> float:
+    """The largest magnitude of any entry of any tensor in a dict of arrays (0 if none)."""
+    return max((float(np.abs(np.asarray(v)).max()) for v in d.values() if np.size(v)), default=0.0)
+
+
 def worst(a: dict, b: dict, floor_rel: float = 0.0) -> tuple[float, str]:
     """Worst rel_diff over the keys of two dicts of arrays (keys must agree).
 
@@ -34,7 +39,7 @@ def worst(a: dict, b: dict, floor_rel: float = 0.0) -> tuple[float, str]:
         raise AssertionError(f"different keys: {sorted(set(a) ^ set(b))[:5]}")
     if not a:
         return 0.0, ""
-    floor = floor_rel * max(float(np.abs(np.asarray(v)).max()) if np.size(v) else 0.0 for v in a.values())
+    floor = floor_rel * largest(a)
     return max((rel_diff(a[k], b[k], floor), k) for k in a)
 
 
@@ -105,19 +110,19 @@ def config(name: str, **options) -> Config:
 
 def rel_errors(g: dict, truth: dict, skip=(), floor_rel: float = 0.0) -> dict:
     """Per tensor: max |g - truth| / max |truth| (floored at floor_rel x the largest magnitude)."""
-    floor = floor_rel * max((float(np.abs(v).max()) for v in truth.values() if np.size(v)), default=0.0)
+    floor = floor_rel * largest(truth)
     return {k: rel_diff(truth[k], g[k], floor) for k in truth if k not in skip}
 
 
 def zero_set(g64: dict, zero_rel: float = ZERO["float64"]) -> set:
     """The gradient tensors that are zero to float64 rounding (<= zero_rel x the largest)."""
-    top = max((float(np.abs(v).max()) for v in g64.values() if np.size(v)), default=0.0)
+    top = largest(g64)
     return {k for k, v in g64.items() if float(np.abs(v).max(initial=0.0)) <= zero_rel * top}
 
 
 def zero_level(g: dict, zeros) -> float:
     """Largest magnitude of g over `zeros`, relative to g's largest gradient anywhere."""
-    top = max((float(np.abs(v).max()) for v in g.values() if np.size(v)), default=0.0)
+    top = largest(g)
     level = max((float(np.abs(g[k]).max(initial=0.0)) for k in zeros), default=0.0)
     return level / top if top > 0 else level
 
@@ -171,6 +176,9 @@ def calibrate(m, x, y, passes: int = CALIBRATE) -> None:
             mod.momentum = mom
 
 
+_calibrate = calibrate   # pair() takes a `calibrate` argument of the same name
+
+
 def pair(backbone: str, *, dtype="float64", num_outputs=1, input_shape=(32, 32, 3), seed=0,
          hidden=(), calibrate: int = 0, **options):
     """The same seeded model on torch and Keras (identical canonical weights); calibrate=n
@@ -180,7 +188,7 @@ def pair(backbone: str, *, dtype="float64", num_outputs=1, input_shape=(32, 32, 
     mt = api.replace_head(mt, num_outputs, hidden=hidden, seed=seed + 1)
     if calibrate:
         x, y = batch(input_shape, 8, num_outputs, seed=seed + 100, dtype=dtype)
-        globals()["calibrate"](mt, x, y, calibrate)
+        _calibrate(mt, x, y, calibrate)
     mk = api.convert(mt, "keras")
     return mt, mk
 
