@@ -296,7 +296,7 @@ def fine_tune(model: TransferModel, train, *, val=None, epochs: int = 1, batch_s
         if frozen_at is not None:
             m.frozen = set(frozen_at[epoch])
             be.apply_freeze(m)
-        be.seed_everything(int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0]))
+        be.seed_epoch(m, int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0]))
         backbone_frozen = all(n in m.frozen for n in names if n.startswith("backbone."))
         use_cache = feature_cache is True or (feature_cache == "auto" and backbone_frozen
                                               and ds.augment is None)

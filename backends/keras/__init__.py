@@ -113,9 +113,9 @@ NAME = "keras"
 
 __all__ = ["NAME", "native_backbones", "build_backbone", "attach_head", "canonical_shapes",
            "param_names", "get_weights", "set_weights", "apply_freeze", "features", "logits",
-           "loss_and_grads", "make_trainer", "seed_everything"]
+           "loss_and_grads", "make_trainer", "seed_epoch"]
 
-seed_everything = training.seed_everything
+seed_epoch = training.seed_epoch
 
 
 def native_backbones() -> list[str]:
@@ -150,7 +150,7 @@ def build_backbone(spec: ModelSpec, portable: bool, pretrained: bool, seed: int 
 
 
 def attach_head(m: TransferModel, head: HeadSpec):
-    state = {k: v for k, v in m.state.items() if not k.startswith("_fwd")}
+    state = {k: v for k, v in m.state.items() if not k.startswith("_")}  # caches of the old head
     mirror = network.Mirror(m.dtype)
     logits = network.make_head(mirror, state["feats"], head)
     model = keras.Model(state["inputs"], logits, name=f"{m.backbone_name}_transfer")

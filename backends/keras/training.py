@@ -4,6 +4,12 @@
 Each step is one compiled tf.function (forward, BCE, gradients, updates) per set of trainable
 parameters. Per-parameter scalars (learning rate, bias corrections, "first step") are computed
 in Python floats exactly as torch.optim computes them, and passed in as a vector.
+
+Tracing a step costs seconds (a whole forward and backward graph), more than an epoch of a
+small model, so the traced steps, the optimizer-state variables they update and the L2-SP
+anchors live with the model (`m.state["_train"]`), not with one `fine_tune` call: a second
+call, the next unfreeze phase seen again, or a resumed run reuses them instead of tracing
+again. Every Trainer starts from zeroed state, so sharing the variables changes no number.
 """
 from __future__ import annotations
 
@@ -15,6 +21,36 @@ from keras import ops
 from tlbridge.optim import OptimizerConfig
 
 
+class _Compiled:
+    """What one model keeps across Trainers: optimizer-state and anchor variables by name,
+    and traced steps by (trainable names, head only, optimizer, regularizer)."""
+
+    def __init__(self, m):
+        self.dtype = m.dtype
+        self.state: dict[str, dict[str, tf.Variable]] = {}   # slot -> name -> Variable (Keras layout)
+        self.anchors: dict[str, tf.Variable] = {}
+        self.steps: dict[tuple, tf.types.experimental.PolymorphicFunction] = {}
+
+    def var(self, table: dict, s) -> tf.Variable:
+        if s.name not in table:
+            table[s.name] = tf.Variable(tf.zeros(s.variable.shape, dtype=self.dtype), trainable=False)
+        return table[s.name]
+
+
+def _compiled(m) -> _Compiled:
+    if "_train" not in m.state:
+        m.state["_train"] = _Compiled(m)
+    return m.state["_train"]
+
+
+def traced_steps(m) -> int:
+    """How many step graphs have been traced for this model (a retrace check for tests)."""
+    c = m.state.get("_train")
+    if c is None:
+        return 0
+    return sum(int(f.experimental_get_tracing_count()) for f in c.steps.values())
+
+
 class Trainer:
     def __init__(self, m, cfg: OptimizerConfig, groups: list[tuple[float, list[str]]],
                  regularizer=None, anchors: dict | None = None):
@@ -22,23 +58,28 @@ class Trainer:
         self.cfg = cfg
         self.slots = {s.name: s for s in m.state["slots"] if s.is_param}
         self.group_of = {name: i for i, (_, names) in enumerate(groups) for name in names}
-        self.state: dict[str, dict[str, tf.Variable]] = {}    # slot -> name -> Variable (Keras layout)
+        self.compiled = _compiled(m)
+        self.state = self.compiled.state                       # slot -> name -> Variable
         self.steps: dict[str, int] = {}                       # updates so far, per parameter
-        self.reg = regularizer
-        self._compiled: dict = {}
+        self.reg = None if regularizer is None else tuple(float(v) for v in regularizer)
+        self._anchors_checked: set = set()
+        self._zero_state()
         self.set_anchors(anchors or {})
 
+    def _zero_state(self) -> None:
+        for table in self.state.values():
+            for var in table.values():
+                var.assign(tf.zeros_like(var))
+
     def set_anchors(self, anchors: dict) -> None:
-        self.anchors = {n: tf.constant(np.ascontiguousarray(self.slots[n].from_canonical(np.asarray(a))),
-                                       dtype=self.m.dtype) for n, a in anchors.items()}
-        self._compiled.clear()
+        for n, a in anchors.items():
+            value = np.ascontiguousarray(self.slots[n].from_canonical(np.asarray(a)), dtype=self.m.dtype)
+            self.compiled.var(self.compiled.anchors, self.slots[n]).assign(value)
+        self.anchored = frozenset(anchors)
 
     # -- state ---------------------------------------------------------------------------
     def _var(self, slot, s):
-        table = self.state.setdefault(slot, {})
-        if s.name not in table:
-            table[s.name] = tf.Variable(tf.zeros(s.variable.shape, dtype=self.m.dtype), trainable=False)
-        return table[s.name]
+        return self.compiled.var(self.state.setdefault(slot, {}), s)
 
     def _scalars(self, names, lrs):
         """Per parameter (lr, a, b) as torch.optim computes them in Python floats:
@@ -57,19 +98,22 @@ class Trainer:
 
     # -- the compiled step ----------------------------------------------------------------
     def _build(self, names, head_only):
+        """The step as a tf.function that closes over variables and constants only (never over
+        this Trainer), so later Trainers of the same model can run it."""
         slots = [self.slots[n] for n in names]
-        cfg = self.cfg
+        cfg, reg = self.cfg, self.reg
         bufs = {}
         for s in slots:
             if cfg.name == "sgd" and cfg.momentum:
                 bufs[s.name] = (self._var("momentum_buffer", s),)
             elif cfg.name != "sgd":
                 bufs[s.name] = (self._var("exp_avg", s), self._var("exp_avg_sq", s))
+        anchors = {s.name: self.compiled.var(self.compiled.anchors, s) for s in slots
+                   if reg is not None and s.name.startswith("backbone.")}
         model = self.m.state["head_model"] if head_only else self.m.native
-        anchors = self.anchors
 
         def penalty():
-            alpha, beta = self.reg
+            alpha, beta = reg
             total = None
             for s in slots:
                 v = s.variable.value
@@ -103,29 +147,41 @@ class Trainer:
             denom = tf.sqrt(v_) / b + cfg.eps
             var.assign(p + (-a) * (m_ / denom))
 
-        @tf.function(reduce_retracing=True)
+        x_shape = (None, *model.inputs[0].shape[1:])     # any batch size: one trace, also for
+        signature = [tf.TensorSpec(x_shape, self.m.dtype),  # a ragged last batch
+                     tf.TensorSpec((None, *model.outputs[0].shape[1:]), self.m.dtype),
+                     tf.TensorSpec((len(slots), 4), self.m.dtype)]
+
+        @tf.function(input_signature=signature, autograph=False)
         def step(x, y, rows):
             with tf.GradientTape(watch_accessed_variables=False) as tape:
                 for s in slots:
                     tape.watch(s.variable.value)
                 z = model(x, training=True)
                 loss = ops.mean(ops.binary_crossentropy(y, z, from_logits=True))
-                reg = penalty() if self.reg is not None and slots else tf.constant(0.0, loss.dtype)
-                total = loss + reg
+                pen = penalty() if reg is not None and slots else tf.constant(0.0, loss.dtype)
+                total = loss + pen
             grads = tape.gradient(total, [s.variable.value for s in slots])
             for i, (s, g) in enumerate(zip(slots, grads)):
                 if g is not None:
                     update(s, g, rows[i])
-            return loss, reg
+            return loss, pen
         return step
 
     def _run(self, x, y, lrs, head_only):
         names = tuple(n for n in self.slots if n not in self.m.frozen)
-        key = (names, head_only)
-        if key not in self._compiled:
-            self._compiled[key] = self._build(names, head_only)
+        key = (names, head_only, self.cfg, self.reg)
+        steps = self.compiled.steps
+        if key not in steps:
+            steps[key] = self._build(names, head_only)
+        if self.reg is not None and key not in self._anchors_checked:
+            missing = [n for n in names if n.startswith("backbone.") and n not in self.anchored]
+            if missing:     # the shared anchor variables would hold another run's values
+                raise RuntimeError(f"L2-SP needs an anchor for every trainable backbone "
+                                   f"parameter; none was set for {missing[:3]}.")
+            self._anchors_checked.add(key)
         rows = self._scalars(names, lrs)
-        loss, reg = self._compiled[key](tf.constant(x), tf.constant(y), rows)
+        loss, reg = steps[key](tf.constant(x), tf.constant(y), rows)
         for n in names:
             self.steps[n] = self.steps.get(n, 0) + 1
         return float(loss), float(reg)
@@ -139,8 +195,8 @@ class Trainer:
     # -- checkpoints ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, np.ndarray]:
         out = {}
-        for slot, table in self.state.items():
-            for name, var in table.items():
+        for slot in self.cfg.slots:     # the tables are shared with earlier Trainers' optimizers
+            for name, var in self.state.get(slot, {}).items():
                 if self.steps.get(name, 0):
                     out[f"{slot}/{name}"] = np.asarray(self.slots[name].to_canonical(var.numpy()))
         for name, t in self.steps.items():
@@ -149,9 +205,7 @@ class Trainer:
 
     def load_state(self, state: dict[str, np.ndarray]) -> None:
         self.steps = {}
-        for table in self.state.values():
-            for var in table.values():
-                var.assign(tf.zeros_like(var))
+        self._zero_state()
         for key, value in state.items():
             slot, name = key.split("/", 1)
             if slot == "step":
@@ -166,5 +220,16 @@ class Trainer:
                 self.steps[name] = 1
 
 
-def seed_everything(seed: int) -> None:
-    keras.utils.set_random_seed(seed)
+def seed_epoch(m, seed: int) -> None:
+    """Reset the model's own random streams (dropout, stochastic depth) from `seed`, so an
+    epoch draws the same masks in every run of this backend (resumed runs included).
+
+    Only the layers' SeedGenerator states are set: keras.utils.set_random_seed would also
+    reseed TensorFlow globally, which clears TF's function caches and made the next step
+    re-instantiate the whole compiled step (2 s per epoch on MobileNetV2, measured)."""
+    k = 0
+    for layer in m.native._flatten_layers(include_self=False):
+        for sg in getattr(layer, "_seed_generators", ()):
+            value = np.random.SeedSequence([seed, k]).generate_state(1)[0] % (2 ** 31)
+            sg.state.assign(np.array([value, 0], dtype=sg.state.dtype))
+            k += 1

@@ -13,9 +13,9 @@ NAME = "torch"
 
 __all__ = ["NAME", "native_backbones", "build_backbone", "attach_head", "canonical_shapes",
            "param_names", "get_weights", "set_weights", "apply_freeze", "features", "logits",
-           "loss_and_grads", "make_trainer", "seed_everything"]
+           "loss_and_grads", "make_trainer", "seed_epoch"]
 
-seed_everything = training.seed_everything
+seed_epoch = training.seed_epoch
 
 
 def native_backbones() -> list[str]:

@@ -121,5 +121,6 @@ class Trainer:
             self.opt.state[p][slot] = t
 
 
-def seed_everything(seed: int) -> None:
+def seed_epoch(m, seed: int) -> None:
+    """torch's global generator, which dropout draws from."""
     torch.manual_seed(seed)
