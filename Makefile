@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo parity readme install clean
+.PHONY: test demo parity speed readme install clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ demo: $(STAMP)
 
 parity: $(STAMP)
 	$(PY) benchmarks/parity_table.py
+
+# tlbridge against keras.fit and a raw torch loop, same weights, same batches (about 12 min on 2 cores)
+speed: $(STAMP)
+	$(PY) benchmarks/speed.py resnet50 mobilenet_v2 efficientnet_b0
 
 # copy the tables the benchmarks and the demo wrote (benchmarks/out/*.md) into README.md
 readme: $(STAMP)

@@ -24,6 +24,7 @@ BLOCKS = {
     "data_throughput": ("benchmarks/data_throughput.py",
                         ".venv/bin/python benchmarks/data_throughput.py"),
     "parity": ("benchmarks/parity_table.py", "make parity"),
+    "speed": ("benchmarks/speed.py", "make speed"),
     "demo": ("tlbridge/demo.py", "make demo"),
 }
 

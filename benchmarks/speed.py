@@ -260,7 +260,8 @@ def run_backend(backend: str, name: str, args) -> dict:
     runs = {"raw": r.raw_epoch, "tl": r.tl_epoch}
     train = {k: {"times": [], "losses": []} for k in runs}
     for repeat in range(args.repeats + 1):                 # repeat 0 is the warm-up epoch
-        for key, fn in runs.items():
+        turns = list(runs.items())
+        for key, fn in (turns if repeat % 2 else turns[::-1]):    # ABBA: drift hits both
             seconds, loss = _timed(lambda: fn(repeat))
             rec = train[key]
             rec["losses"].append(loss)
@@ -275,7 +276,8 @@ def run_backend(backend: str, name: str, args) -> dict:
                  "tl logits": lambda: tl.logits(ours, x, batch_size=args.batch_size)}
     infer = {k: {"times": []} for k in infer_fns}
     for repeat in range(args.repeats + 1):
-        for key, fn in infer_fns.items():
+        turns = list(infer_fns.items())
+        for key, fn in (turns if repeat % 2 else turns[::-1]):
             seconds, _ = _timed(fn)
             if repeat == 0:
                 infer[key]["first"] = seconds
@@ -356,6 +358,14 @@ def _memory(rec) -> str:
     return text + (f" (GPU {mem['device'] / 2**20:.0f})" if "device" in mem else "")
 
 
+def _ratio(ours, raw) -> tuple[float, float, float]:
+    """tlbridge's time over the framework's, per measured epoch (the two ran back to back),
+    as median and IQR: steadier than a ratio of medians when the machine's speed drifts."""
+    r = np.asarray(ours["seconds"]) / np.asarray(raw["seconds"])
+    q1, med, q3 = np.percentile(r, [25, 50, 75])
+    return float(med), float(q1), float(q3)
+
+
 def _cell(rec) -> str:
     return f"{rec['img_s']:.1f} ({rec['iqr'][0]:.1f}–{rec['iqr'][1]:.1f})"
 
@@ -363,7 +373,8 @@ def _cell(rec) -> str:
 def table(results: list[dict], args, agreement: dict) -> list[str]:
     lines = [f"Training: img/s per epoch, median (IQR) over {args.repeats} epochs after a warm-up "
              f"epoch; {args.images} images {args.image_size}×{args.image_size}, batch "
-             f"{args.batch_size}, {args.dtype}, SGD lr {LR:g} momentum {MOMENTUM:g}. *ratio* = tlbridge's time ÷ the framework's "
+             f"{args.batch_size}, {args.dtype}, SGD lr {LR:g} momentum {MOMENTUM:g}. *ratio* = tlbridge's time ÷ the framework's, "
+             f"epoch by epoch (median, IQR; the two run back to back, in alternating order) "
              f"(the bar: ≤ 1.05 torch, ≤ 1.10 keras); *first* = the first call's seconds "
              f"(graph tracing included); *mem* = peak resident memory of the first two epochs above "
              f"the built model, MiB, each runner alone in a fresh process.",
@@ -372,10 +383,10 @@ def table(results: list[dict], args, agreement: dict) -> list[str]:
              "|---|---|---|---|---|---|---|"]
     for r in results:
         raw, ours = r["train"]["raw"], r["train"]["tl"]
-        ratio = raw["img_s"] / ours["img_s"]
+        ratio, q1, q3 = _ratio(ours, raw)
         mark = "" if ratio <= BOUND[r["backend"]] else " **over**"
         lines.append(f"| {r['backbone']} | {r['backend']} ({r['device']}) | {RAW[r['backend']]} "
-                     f"{_cell(raw)} | {_cell(ours)} | {ratio:.2f}{mark} | {raw['first']:.1f} s / "
+                     f"{_cell(raw)} | {_cell(ours)} | {ratio:.2f} ({q1:.2f}–{q3:.2f}){mark} | {raw['first']:.1f} s / "
                      f"{ours['first']:.1f} s | {_memory(raw)} / {_memory(ours)} |")
     lines += ["", "Same computation: before timing, every runner trains fresh float64 models for 2 "
               f"epochs of {CHECK_BATCHES} batches; their epoch losses agree to "
@@ -391,10 +402,10 @@ def table(results: list[dict], args, agreement: dict) -> list[str]:
               "|---|---|---|---|---|---|---|"]
     for r in results:
         i = r["infer"]
-        ratio = i["raw logits"]["img_s"] / i["tl logits"]["img_s"]
+        ratio, q1, q3 = _ratio(i["tl logits"], i["raw logits"])
         lines.append(f"| {r['backbone']} | {r['backend']} | {RAW_INFER[r['backend']]} "
                      f"{_cell(i['raw features'])} | {_cell(i['tl features'])} | "
-                     f"{_cell(i['raw logits'])} | {_cell(i['tl logits'])} | {ratio:.2f} |")
+                     f"{_cell(i['raw logits'])} | {_cell(i['tl logits'])} | {ratio:.2f} ({q1:.2f}–{q3:.2f}) |")
     versions = {}
     for r in results:
         versions.update(r["versions"])
@@ -408,7 +419,7 @@ def table(results: list[dict], args, agreement: dict) -> list[str]:
               + (f" --image-size {args.image_size}" if args.image_size != 64 else "")
               + (f" --batch-size {args.batch_size}" if args.batch_size != 32 else "")
               + (f" --images {args.images}" if args.images != 256 else "")
-              + (f" --repeats {args.repeats}" if args.repeats != 5 else "")
+              + (f" --repeats {args.repeats}" if args.repeats != 7 else "")
               + (f" --dtype {args.dtype}" if args.dtype != "float32" else "")
               + (f" --backends {args.backends}" if args.backends else "") + "`"]
     return lines
@@ -448,7 +459,7 @@ def main(argv=None) -> None:
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--images", type=int, default=256, help="images per epoch")
-    p.add_argument("--repeats", type=int, default=5, help="measured epochs (after one warm-up)")
+    p.add_argument("--repeats", type=int, default=7, help="measured epochs (after one warm-up)")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     p.add_argument("--backends", default=None, help="comma-separated; default: every installed one")
     p.add_argument("--out", default=None, help="folder for speed.md/.json/.png (default benchmarks/out)")

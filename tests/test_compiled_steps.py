@@ -106,3 +106,32 @@ def test_dropout_head_trains_the_same_twice_and_resumes_exactly(backend, tmp_pat
     resumed = tl.get_weights(m)
     diff, at = parity.worst(once, resumed)
     assert diff == 0.0, f"the resumed run differs from the uninterrupted one by {diff:.2e} at {at}"
+
+
+def test_inference_between_steps_changes_nothing_and_training_ends_in_eval_mode(backend):
+    """The torch trainer keeps train mode on across an epoch's steps (nn.Module.train walks
+    every module: 3% of a MobileNetV2 step when toggled per step); a callback's tl.predict
+    between steps must not disturb it, and the model must end in eval mode, also on error."""
+    x, y = _data()
+    run = dict(epochs=2, batch_size=8, progress=False, lr=1e-2)
+    plain = _model(backend)
+    tl.fine_tune(plain, (x, y), **run)
+    probed = _model(backend)
+    seen = []
+
+    def probe(event, info):
+        if event == "step":
+            seen.append(tl.predict(probed, x[:4]))
+    tl.fine_tune(probed, (x, y), callbacks=[probe], **run)
+    a, b = tl.get_weights(plain), tl.get_weights(probed)
+    assert all(np.array_equal(a[k], b[k]) for k in a), "inference between steps changed training"
+    assert len(seen) == 10
+    if backend == "torch":
+        assert not probed.native.training
+
+    def fail(event, info):
+        raise RuntimeError("stop")
+    with pytest.raises(RuntimeError, match="stop"):
+        tl.fine_tune(probed, (x, y), callbacks=[fail], **run)
+    if backend == "torch":
+        assert not probed.native.training

@@ -306,29 +306,32 @@ def fine_tune(model: TransferModel, train, *, val=None, epochs: int = 1, batch_s
             cache = _feature_cache(m, ds)
         bar = _Progress(progress, steps, f"epoch {epoch + 1}/{epochs}")
         losses = []
-        for step, (xb, yb) in enumerate(_batches(ds, epoch, cache if use_cache else None)):
-            global_step = epoch * steps + step
-            lrs = [base * factor(global_step, total_steps) for base, _ in groups]
-            fn = trainer.head_step if use_cache else trainer.step
-            loss, penalty = fn(xb.astype(m.dtype, copy=False), yb.astype(m.dtype, copy=False), lrs)
-            if not (math.isfinite(loss) and math.isfinite(penalty)):
-                bar.close()
-                api.set_weights(m, good[0])
-                m.frozen = good[1]
-                be.apply_freeze(m)
-                where = ("its weights from before training" if good_epoch < 0
-                         else f"the end of epoch {good_epoch}")
-                if ckpt_epoch is not None and ckpt_epoch == good_epoch:
-                    where += f", as saved in the checkpoint {ckpt}, which is left as it was"
-                raise TrainingDivergedError(
-                    f"Training diverged: the loss is {loss} at epoch {epoch}, step {step} "
-                    f"(lr {lrs[-1]:.3g}; epochs and steps count from 0, as in the history). "
-                    f"Expected a finite loss; the model was restored to {where}. "
-                    "Lower the learning rate, add warm-up, or check the data.", epoch, step)
-            losses.append(loss)
-            bar.update(loss)
-            for cb in callbacks:
-                cb("step", {"epoch": epoch, "step": step, "loss": loss, "lr": lrs})
+        try:                            # the backend may leave train mode on between steps
+            for step, (xb, yb) in enumerate(_batches(ds, epoch, cache if use_cache else None)):
+                global_step = epoch * steps + step
+                lrs = [base * factor(global_step, total_steps) for base, _ in groups]
+                fn = trainer.head_step if use_cache else trainer.step
+                loss, penalty = fn(xb.astype(m.dtype, copy=False), yb.astype(m.dtype, copy=False), lrs)
+                if not (math.isfinite(loss) and math.isfinite(penalty)):
+                    bar.close()
+                    api.set_weights(m, good[0])
+                    m.frozen = good[1]
+                    be.apply_freeze(m)
+                    where = ("its weights from before training" if good_epoch < 0
+                             else f"the end of epoch {good_epoch}")
+                    if ckpt_epoch is not None and ckpt_epoch == good_epoch:
+                        where += f", as saved in the checkpoint {ckpt}, which is left as it was"
+                    raise TrainingDivergedError(
+                        f"Training diverged: the loss is {loss} at epoch {epoch}, step {step} "
+                        f"(lr {lrs[-1]:.3g}; epochs and steps count from 0, as in the history). "
+                        f"Expected a finite loss; the model was restored to {where}. "
+                        "Lower the learning rate, add warm-up, or check the data.", epoch, step)
+                losses.append(loss)
+                bar.update(loss)
+                for cb in callbacks:
+                    cb("step", {"epoch": epoch, "step": step, "loss": loss, "lr": lrs})
+        finally:
+            trainer.end_epoch()
         record = {"epoch": epoch, "loss": float(np.mean(losses)), "lr": lrs[-1],
                   "trainable": len(names) - len(m.frozen), "cached": bool(use_cache)}
         if reg is not None:

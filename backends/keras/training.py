@@ -192,6 +192,9 @@ class Trainer:
     def head_step(self, f, y, lrs):
         return self._run(f, y, lrs, head_only=True)
 
+    def end_epoch(self) -> None:
+        """Nothing to undo: Keras takes training=True per call."""
+
     # -- checkpoints ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, np.ndarray]:
         out = {}

@@ -70,23 +70,28 @@ class Trainer:
                     self.steps[name] = self.steps.get(name, 0) + 1
         return float(loss.detach()), reg
 
+    def _train_mode(self) -> None:
+        """Train mode for the epoch's steps (frozen BN stays in eval: TLNet.train), set once:
+        nn.Module.train walks every module, 2 ms a call on MobileNetV2, 3% of a step when it
+        was set and unset around each one. end_epoch() puts the model back in eval mode;
+        inference between steps (a callback's tl.predict) saves and restores the mode."""
+        if not self.net.training:
+            self.net.train(True)
+
+    def end_epoch(self) -> None:
+        self.net.train(False)
+
     def step(self, x: np.ndarray, y: np.ndarray, lrs: list[float]):
         """One optimizer step on a batch, BatchNorm in train mode (frozen BN stays in eval)."""
-        self.net.train(True)
-        try:
-            xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
-            return self._step(lambda: self.net(xt), y, lrs)
-        finally:
-            self.net.train(False)
+        self._train_mode()
+        xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
+        return self._step(lambda: self.net(xt), y, lrs)
 
     def head_step(self, f: np.ndarray, y: np.ndarray, lrs: list[float]):
         """The same step from cached backbone features (backbone frozen, so identical)."""
-        self.net.train(True)
-        try:
-            ft = torch.from_numpy(f)
-            return self._step(lambda: self.net.head(self.net.head_dropout(ft)), y, lrs)
-        finally:
-            self.net.train(False)
+        self._train_mode()
+        ft = torch.from_numpy(f)
+        return self._step(lambda: self.net.head(self.net.head_dropout(ft)), y, lrs)
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """Optimizer state under canonical names: '<slot>/<param name>' and 'step/<name>' (the
