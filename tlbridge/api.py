@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from . import checkpoints, config, freezing, init, registry, validation, weights as wio, zoo
+from . import checkpoints, config, freezing, fusion, init, registry, validation, weights as wio, zoo
 from .errors import (ArgumentTypeError, CheckpointError, DataError, NoHeadError, NotPortableError,
                      ShapeError, WeightsMismatchError)
 from .model import TransferModel
@@ -194,6 +194,8 @@ def _need_head(m: TransferModel, what: str):
 
 
 def logits(m: TransferModel, x, *, batch_size: int = 64) -> np.ndarray:
+    if isinstance(m, fusion.FusedModel):
+        return fusion.fused_logits(m, x, batch_size)
     _check_model(m)
     _need_head(m, "logits")
     x = validation.check_images(x, m.input_shape, m.dtype)
@@ -254,7 +256,10 @@ def set_weights(m: TransferModel, weights: dict, *, strict: bool = True) -> Tran
 
 
 def convert(m: TransferModel, backend: str) -> TransferModel:
-    """The same model (weights, head, freeze state) on the other framework."""
+    """The same model (weights, head, freeze state) on the other framework (a FusedModel:
+    every member)."""
+    if isinstance(m, fusion.FusedModel):
+        return fusion.convert(m, backend)
     _check_model(m)
     target = config.validate(backend)
     if not m.portable:
@@ -280,7 +285,10 @@ def _rebuild(spec: ModelSpec, backend: str, tensors: dict, frozen: set) -> Trans
 
 
 def save(m: TransferModel, path) -> None:
-    """One safetensors file: canonical weights, plus the model spec as JSON in its metadata."""
+    """One safetensors file: canonical weights, plus the model spec as JSON in its metadata
+    (a FusedModel: every member and the fusion weights, see tlbridge/fusion.py)."""
+    if isinstance(m, fusion.FusedModel):
+        return fusion.save(m, path)
     _check_model(m)
     meta = {"format": FORMAT, "backend": m.backend, "spec": m.spec.to_json(),
             "frozen": json.dumps(sorted(m.frozen))}
@@ -290,6 +298,8 @@ def save(m: TransferModel, path) -> None:
 def load(path, backend: str | None = None) -> TransferModel:
     """Rebuild a saved model on `backend` (portable models load on either)."""
     tensors, meta = wio.load_file(path)
+    if meta.get("format") == fusion.FORMAT:
+        return fusion.load(path, tensors, meta, backend)
     if meta.get("format") != FORMAT:
         raise CheckpointError(
             f"Expected a tlbridge model file (metadata format {FORMAT!r}); received {path!r} "

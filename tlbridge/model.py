@@ -21,6 +21,7 @@ class TransferModel:
     portable: bool
     frozen: set = field(default_factory=set)
     state: dict = field(default_factory=dict)   # backend-private handles (layer maps, ...)
+    report: dict = field(default_factory=dict)  # what built it, e.g. a soup's ingredients and scores
 
     @property
     def backbone_name(self) -> str:

@@ -16,7 +16,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import api, data as tldata, freezing, metrics, optim, registry
+from . import api, data as tldata, freezing, fusion, metrics, optim, registry
 from . import weights as wio
 from .errors import CheckpointError, DataError, FreezeSpecError, TrainingDivergedError
 from .history import History
@@ -202,8 +202,9 @@ class _Progress:
 
 def evaluate(m: TransferModel, data, *, batch_size: int = 64) -> dict:
     """loss (mean BCE from logits), accuracy (0.5 threshold / argmax), ROC AUC for one output."""
-    m = api._check_model(m)
-    api._need_head(m, "evaluate")
+    if not isinstance(m, fusion.FusedModel):
+        m = api._check_model(m)
+        api._need_head(m, "evaluate")
     ds = _check_data(m, _as_dataset(data, batch_size, False, 0, m.dtype, "data"), "data")
     return _evaluate(m, ds, batch_size)
 

@@ -113,7 +113,7 @@ NAME = "keras"
 
 __all__ = ["NAME", "native_backbones", "build_backbone", "attach_head", "canonical_shapes",
            "param_names", "get_weights", "set_weights", "apply_freeze", "features", "logits",
-           "loss_and_grads", "make_trainer", "seed_epoch"]
+           "loss_and_grads", "make_trainer", "seed_epoch", "swap_batchnorm_momentum"]
 
 seed_epoch = training.seed_epoch
 
@@ -194,3 +194,16 @@ def loss_and_grads(m: TransferModel, x: np.ndarray, y: np.ndarray, training: boo
 
 def make_trainer(m: TransferModel, cfg, groups, regularizer, anchors):
     return training.Trainer(m, cfg, groups, regularizer, anchors)
+
+
+def swap_batchnorm_momentum(m: TransferModel, momenta):
+    """Set every BatchNorm's momentum, in torch's convention (keras.layers.BatchNormalization,
+    in native backbones, keeps Keras' 1 - m), to a float or a list a previous call returned;
+    returns the previous list. Read at call time by the eager train-mode pass."""
+    bns = [layer for layer in m.native._flatten_layers(include_self=False)
+           if isinstance(layer, (network.TorchBatchNorm, keras.layers.BatchNormalization))]
+    old = [layer.momentum if isinstance(layer, network.TorchBatchNorm) else 1.0 - layer.momentum
+           for layer in bns]
+    for layer, v in zip(bns, momenta if isinstance(momenta, list) else [momenta] * len(bns)):
+        layer.momentum = v if isinstance(layer, network.TorchBatchNorm) else 1.0 - v
+    return old

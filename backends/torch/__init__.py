@@ -13,7 +13,7 @@ NAME = "torch"
 
 __all__ = ["NAME", "native_backbones", "build_backbone", "attach_head", "canonical_shapes",
            "param_names", "get_weights", "set_weights", "apply_freeze", "features", "logits",
-           "loss_and_grads", "make_trainer", "seed_epoch"]
+           "loss_and_grads", "make_trainer", "seed_epoch", "swap_batchnorm_momentum"]
 
 seed_epoch = training.seed_epoch
 
@@ -79,3 +79,14 @@ def loss_and_grads(m: TransferModel, x: np.ndarray, y: np.ndarray, training: boo
 
 def make_trainer(m: TransferModel, cfg, groups, regularizer, anchors):
     return training.Trainer(m.native, cfg, groups, regularizer, anchors)
+
+
+def swap_batchnorm_momentum(m: TransferModel, momenta):
+    """Set every BatchNorm's momentum (torch's convention: new = (1-m)*old + m*batch) to a
+    float, or to a list a previous call returned; returns the previous list."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+    bns = [mod for mod in m.native.modules() if isinstance(mod, _BatchNorm)]
+    old = [mod.momentum for mod in bns]
+    for mod, v in zip(bns, momenta if isinstance(momenta, list) else [momenta] * len(bns)):
+        mod.momentum = v
+    return old

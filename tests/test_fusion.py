@@ -1,0 +1,247 @@
+"""Fusion (issue 9): output-space ensembles across backends (tl.fuse: mean, weighted) and
+weight-space soups (tl.soup: uniform, greedy; BatchNorm averaged or recomputed). Every fused
+number is checked against a numpy computation on the members' own outputs or weights."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+from helpers import BACKENDS, both_backends
+
+import tlbridge as tl
+from tlbridge import errors, fusion, metrics, parity
+
+SHAPE = (16, 16, 3)
+
+
+def _data(n=40, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, *SHAPE))
+    y = (x[:, :, :, 0].mean(axis=(1, 2)) > 0).astype(float)[:, None]
+    return x, y
+
+
+def _member(backend, seed, num_outputs=1, batch_norm=False, widths=(4, 8), shape=SHAPE):
+    m = tl.load_backbone("seed_vgg", backend=backend, input_shape=shape, dtype="float64",
+                         seed=seed, widths=widths, batch_norm=batch_norm)
+    return tl.replace_head(m, num_outputs, seed=seed + 1)
+
+
+def _members():
+    backends = BACKENDS if len(BACKENDS) > 1 else BACKENDS * 2
+    return [_member(backends[i % len(backends)], seed) for i, seed in enumerate((0, 10, 20))]
+
+
+def _sig(z):
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+# ------------------------------------------------------------------------------- tl.fuse
+def test_mean_fusion_is_the_numpy_mean_of_members_logits_or_probabilities():
+    members = _members()
+    x, _ = _data(12)
+    zs = np.stack([tl.logits(m, x) for m in members])
+    f = tl.fuse(members)
+    np.testing.assert_allclose(tl.logits(f, x), zs.mean(0), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(tl.predict(f, x), _sig(zs.mean(0)), rtol=0, atol=1e-12)
+    fp = tl.fuse(members, space="prob")
+    np.testing.assert_allclose(tl.predict(fp, x), _sig(zs).mean(0), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("space", ["logit", "prob"])
+def test_weighted_fusion_fits_simplex_weights_no_worse_than_the_best_member(space):
+    members = _members()
+    xv, yv = _data(40, seed=1)
+    f = tl.fuse(members, "weighted", val=(xv, yv), space=space)
+    assert f.weights.min() >= 0 and abs(f.weights.sum() - 1) < 1e-12
+    zs = np.stack([tl.logits(m, xv) for m in members])
+    member_losses = [tl.evaluate(m, (xv, yv))["loss"] for m in members]
+    fused = fusion.combine(zs, f.weights, space)
+    np.testing.assert_allclose(tl.logits(f, xv), fused, rtol=0, atol=1e-12)
+    loss = metrics.bce_from_logits(fused, yv)
+    assert loss <= min(member_losses) + 1e-12
+    assert f.report["val_loss"] == pytest.approx(loss, rel=1e-9)
+    assert f.report["val_loss_members"] == pytest.approx(member_losses, rel=1e-9)
+    assert tl.evaluate(f, (xv, yv)) == pytest.approx(metrics.scores(fused, yv), rel=1e-12)
+    # the optimum: no simplex vertex or the centre does better
+    for w in [*np.eye(len(members)), np.full(len(members), 1 / len(members))]:
+        assert loss <= metrics.bce_from_logits(fusion.combine(zs, w, space), yv) + 1e-12
+
+
+def test_given_weights_are_used_as_given():
+    members = _members()
+    x, _ = _data(8)
+    w = [0.5, 0.3, 0.2]
+    f = tl.fuse(members, "weighted", weights=w)
+    zs = np.stack([tl.logits(m, x) for m in members])
+    np.testing.assert_allclose(tl.logits(f, x), np.tensordot(w, zs, axes=1), rtol=0, atol=1e-12)
+
+
+def test_projection_onto_the_simplex():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        v = rng.normal(size=5) * 3
+        w = fusion.project_simplex(v)
+        assert w.min() >= 0 and abs(w.sum() - 1) < 1e-12
+        for _ in range(20):                          # no simplex point is closer to v
+            u = rng.dirichlet(np.ones(5))
+            assert np.sum((v - w) ** 2) <= np.sum((v - u) ** 2) + 1e-12
+
+
+def test_fused_model_saves_and_loads_exactly_each_member_on_its_backend(tmp_path):
+    members = _members()
+    xv, yv = _data(20, seed=2)
+    f = tl.fuse(members, "weighted", val=(xv, yv))
+    path = tmp_path / "fused.safetensors"
+    tl.save(f, path)
+    g = tl.load(path)
+    assert isinstance(g, tl.FusedModel) and g.backends == f.backends
+    np.testing.assert_array_equal(g.weights, f.weights)
+    np.testing.assert_array_equal(tl.logits(g, xv), tl.logits(f, xv))
+    assert g.report == f.report
+    for backend in BACKENDS:
+        h = tl.load(path, backend=backend)
+        assert h.backends == [backend] * 3
+        np.testing.assert_allclose(tl.logits(h, xv), tl.logits(f, xv), rtol=0, atol=1e-10)
+        c = tl.convert(f, backend)
+        np.testing.assert_allclose(tl.logits(c, xv), tl.logits(f, xv), rtol=0, atol=1e-10)
+
+
+def test_fusion_bad_input_is_refused_with_what_was_expected():
+    members = _members()
+    xv, yv = _data(8)
+    with pytest.raises(errors.DataError, match="empty list"):
+        tl.fuse([])
+    with pytest.raises(errors.ArgumentTypeError, match="list of tlbridge models"):
+        tl.fuse(members[0])
+    with pytest.raises(errors.ShapeError, match="3 output"):
+        tl.fuse([_member(BACKENDS[0], 0, num_outputs=3), _member(BACKENDS[0], 1)])
+    with pytest.raises(errors.ShapeError, match=r"shape \(16, 16, 3\)"):
+        tl.fuse([members[0], _member(BACKENDS[0], 1, shape=(32, 32, 3))])
+    with pytest.raises(errors.DataError, match="needs val="):
+        tl.fuse(members, "weighted")
+    with pytest.raises(errors.DataError, match="simplex"):
+        tl.fuse(members, "weighted", weights=[0.7, 0.7, -0.4])
+    with pytest.raises(errors.DataError, match="simplex"):
+        tl.fuse(members, "weighted", weights=[0.5, 0.3, 0.3])
+    with pytest.raises(errors.ShapeError, match="3 weights"):
+        tl.fuse(members, "weighted", weights=[0.5, 0.5])
+    with pytest.raises(errors.DataError, match="Unknown fusion method 'avg'"):
+        tl.fuse(members, "avg")
+    with pytest.raises(errors.DataError, match="not available yet"):
+        tl.fuse(members, "stack")
+    with pytest.raises(errors.DataError, match="Unknown fusion space"):
+        tl.fuse(members, space="probability")
+    broken = _member(BACKENDS[0], 5)
+    w = tl.get_weights(broken)
+    w["head.weight"] = np.full_like(w["head.weight"], np.finfo(np.float64).max)
+    tl.set_weights(broken, w)
+    f = tl.fuse([members[0], broken])
+    with pytest.raises(errors.DataError, match="member 1 .* NaN/inf"):
+        tl.logits(f, xv)
+
+
+# ------------------------------------------------------------------------------- tl.soup
+def _ingredients(batch_norm=False):
+    """Three models fine-tuned from one starting point with different data orders; on
+    alternating backends when both are installed (canonical weights average across them)."""
+    x, y = _data(32, seed=3)
+    start = _member(BACKENDS[0], 0, batch_norm=batch_norm)
+    out = []
+    for i in range(3):
+        m = tl.convert(start, BACKENDS[i % len(BACKENDS)]) if len(BACKENDS) > 1 else \
+            tl.convert(start, BACKENDS[0])
+        tl.fine_tune(m, (x, y), epochs=1, batch_size=8, lr=0.05, seed=i, progress=False)
+        out.append(m)
+    return out
+
+
+def test_uniform_soup_is_the_numpy_mean_of_canonical_weights():
+    models = _ingredients(batch_norm=True)
+    s = tl.soup(models)
+    ws = [tl.get_weights(m) for m in models]
+    got = tl.get_weights(s)
+    for k in got:
+        np.testing.assert_allclose(got[k], np.mean([w[k] for w in ws], axis=0), rtol=0,
+                                   atol=1e-15)
+    assert s.backend == models[0].backend and s.report["ingredients"] == [0, 1, 2]
+
+
+def test_greedy_soup_is_never_worse_on_val_than_its_first_ingredient():
+    models = _ingredients()
+    val = _data(24, seed=4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        s = tl.soup(models, "greedy", val=val)
+    assert not [w for w in caught if "worse than its best" in str(w.message)]
+    scores = [tl.evaluate(m, val)["loss"] for m in models]
+    first = int(np.argmin(scores))
+    assert s.report["ingredients"][0] == first
+    assert s.report["val_loss"] <= scores[first] + 1e-12
+    assert tl.evaluate(s, val)["loss"] == pytest.approx(s.report["val_loss"], rel=1e-12)
+    assert len(s.report["steps"]) == len(models)
+
+
+def test_recomputed_batchnorm_statistics_are_the_equal_weight_average_over_batches():
+    """torch's momentum=None, computed by hand on the torch model, is what recompute gives on
+    every backend."""
+    x, _ = _data(24, seed=5)
+    m = _member(BACKENDS[0], 0, batch_norm=True)
+    ref = tl.convert(m, BACKENDS[0])
+    from tlbridge.soup import recompute_batchnorm
+    recompute_batchnorm(m, x, batch_size=8)
+    stats = {k: v for k, v in tl.get_weights(m).items() if "running" in k}
+    if "torch" in BACKENDS:
+        t = tl.convert(ref, "torch")
+        bns = [mod for mod in t.native.modules() if hasattr(mod, "reset_running_stats")]
+        for mod in bns:
+            mod.reset_running_stats()
+            mod.momentum = None
+        for i in range(0, len(x), 8):
+            tl.bce_loss_and_grads(t, x[i:i + 8], np.zeros((8, 1)), training=True)
+        want = {k: v for k, v in tl.get_weights(t).items() if "running" in k}
+        diff, at = parity.worst(stats, want)
+        assert diff <= 1e-12, f"{diff:.2e} at {at}"
+    others = {k: v for k, v in tl.get_weights(m).items() if "running" not in k}
+    before = {k: v for k, v in tl.get_weights(ref).items() if "running" not in k}
+    assert all(np.array_equal(others[k], before[k]) for k in others), "weights changed"
+
+
+@both_backends
+def test_recompute_gives_the_same_statistics_on_both_backends():
+    x, _ = _data(24, seed=6)
+    mt = _member("torch", 0, batch_norm=True)
+    mk = tl.convert(mt, "keras")
+    from tlbridge.soup import recompute_batchnorm
+    for m in (mt, mk):
+        recompute_batchnorm(m, x, batch_size=8)
+    diff, at = parity.worst(tl.get_weights(mt), tl.get_weights(mk))
+    assert diff <= 1e-10, f"{diff:.2e} at {at}"
+
+
+def test_soup_bad_input_is_refused_before_any_work():
+    a = _member(BACKENDS[0], 0)
+    with pytest.raises(errors.DataError, match="empty list"):
+        tl.soup([])
+    with pytest.raises(errors.WeightsMismatchError, match="one architecture"):
+        tl.soup([a, _member(BACKENDS[0], 0, widths=(4, 16))])
+    with pytest.raises(errors.WeightsMismatchError, match="one head"):
+        tl.soup([a, _member(BACKENDS[0], 0, num_outputs=2)])
+    with pytest.raises(errors.DataError, match="needs val="):
+        tl.soup([a, a], "greedy")
+    with pytest.raises(errors.DataError, match="needs data="):
+        tl.soup([a, a], bn="recompute")
+    with pytest.raises(errors.DataError, match="Unknown soup method"):
+        tl.soup([a, a], "average")
+
+
+def test_a_soup_worse_than_its_best_ingredient_warns():
+    models = _ingredients()
+    val = _data(24, seed=4)
+    bad = tl.convert(models[0], models[0].backend)
+    w = tl.get_weights(bad)
+    w["head.bias"] = w["head.bias"] + 50.0                   # an ingredient that ruins the mean
+    tl.set_weights(bad, w)
+    with pytest.warns(UserWarning, match="worse than its best ingredient"):
+        tl.soup([models[0], bad], val=val)
