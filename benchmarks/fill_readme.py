@@ -25,6 +25,7 @@ BLOCKS = {
                         ".venv/bin/python benchmarks/data_throughput.py"),
     "parity": ("benchmarks/parity_table.py", "make parity"),
     "speed": ("benchmarks/speed.py", "make speed"),
+    "fusion": ("benchmarks/fusion.py", ".venv/bin/python benchmarks/fusion.py"),
     "demo": ("tlbridge/demo.py", "make demo"),
 }
 

@@ -168,12 +168,13 @@ def test_uniform_soup_is_the_numpy_mean_of_canonical_weights():
     assert s.backend == models[0].backend and s.report["ingredients"] == [0, 1, 2]
 
 
-def test_greedy_soup_is_never_worse_on_val_than_its_first_ingredient():
-    models = _ingredients()
+@pytest.mark.parametrize("bn", ["average", "recompute"])
+def test_greedy_soup_is_never_worse_on_val_than_its_first_ingredient(bn):
+    models = _ingredients(batch_norm=True)
     val = _data(24, seed=4)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        s = tl.soup(models, "greedy", val=val)
+        s = tl.soup(models, "greedy", val=val, bn=bn, data=_data(32, seed=3)[0])
     assert not [w for w in caught if "worse than its best" in str(w.message)]
     scores = [tl.evaluate(m, val)["loss"] for m in models]
     first = int(np.argmin(scores))

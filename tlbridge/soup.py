@@ -83,7 +83,7 @@ def soup(models, method: str = "uniform", *, val=None, bn: str = "average", data
     uniform: all of them. greedy: ingredients sorted by validation loss, each added only if
     the soup's validation loss goes down (so never worse than the best ingredient on val).
     bn="average" averages BatchNorm running statistics with the weights; "recompute"
-    re-estimates them on `data` after averaging. The result is on ingredient 0's backend;
+    re-estimates them on `data` after averaging (a soup of one ingredient keeps its own). The result is on ingredient 0's backend;
     `result.report` lists the ingredients chosen and every step's score.
     """
     from . import api
@@ -110,7 +110,7 @@ def soup(models, method: str = "uniform", *, val=None, bn: str = "average", data
         mean = {k: np.mean([np.asarray(ws[i][k], np.float64) for i in chosen], axis=0)
                 for k in ws[0]}
         api.set_weights(out, {k: v.astype(ws[0][k].dtype) for k, v in mean.items()})
-        if bn == "recompute":
+        if bn == "recompute" and len(chosen) > 1:   # one ingredient keeps its own statistics
             recompute_batchnorm(out, data, batch_size)
         return None if val is None else evaluate(out, val, batch_size=batch_size)["loss"]
 

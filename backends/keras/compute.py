@@ -11,7 +11,9 @@ def _forward_fn(m, which: str):
     key = f"_fwd_{which}"
     if key not in m.state:
         model = m.state["feature_model"] if which == "features" else m.native
-        m.state[key] = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+        spec = tf.TensorSpec((None, *model.inputs[0].shape[1:]), m.dtype)  # any batch: one trace
+        m.state[key] = tf.function(lambda x: model(x, training=False), input_signature=[spec],
+                                   autograph=False)
     return m.state[key]
 
 
