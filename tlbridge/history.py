@@ -8,6 +8,7 @@ import math
 class History:
     def __init__(self, epochs: list[dict] | None = None):
         self.epochs: list[dict] = list(epochs or [])
+        self.ema_weights: dict | None = None      # fine_tune(ema=...): the moving average
 
     def append(self, record: dict) -> None:
         self.epochs.append(dict(record))

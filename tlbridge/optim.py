@@ -19,6 +19,10 @@ from these, so they are not used.
 
 A parameter is updated only when it has a gradient (not frozen); its step count t starts
 at its first update, so gradual unfreezing behaves as in torch.
+
+EMA (decay d; fine_tune(ema=d)), after every optimizer step, for every canonical tensor
+(parameters and BatchNorm running statistics, as timm's ModelEmaV2), in numpy:
+    e <- d * e + (1 - d) * w          e starts as the weights when fine_tune starts
 """
 from __future__ import annotations
 
@@ -75,6 +79,13 @@ def param_groups(names: list[str], lr: float, group_lrs: dict | None) -> list[tu
     if rest:
         out.append((float(lr), rest))
     return out
+
+
+def ema_update(ema: dict, weights: dict, decay: float) -> None:
+    """e <- d * e + (1 - d) * w, in place, in each tensor's own dtype."""
+    for k, e in ema.items():
+        e *= decay
+        e += (1.0 - decay) * weights[k]
 
 
 # ---- schedules: factor(step, total_steps) multiplying every group's base lr ----------------
