@@ -9,7 +9,9 @@ by any fitting). Members:
   A, B, C: the pretrained seed_vgg with one new head (seed 2), fine-tuned with three data
            orders — A on torch, B and C on Keras (one starting point, so they can be souped);
   D:       resnet18 from random init on torch (another backbone, no pretraining).
-Methods: tl.fuse mean and weighted, in logit and probability space, over A-D; tl.soup uniform
+Methods: tl.fuse mean and weighted, in logit and probability space, and stack (a logistic
+regression on the members' logits, fitted on the held-out val set, or on out-of-fold outputs
+of 5-fold fine-tuning on train) over A-D; tl.soup uniform
 and greedy over A-C (canonical weights averaged across backends; BatchNorm recomputed on the
 training images). Writes benchmarks/out/fusion.md and fusion.png.
 """
@@ -60,19 +62,23 @@ def main(out_dir: str = "benchmarks/out") -> None:
     tgt = digits >= 5
     train, val, test = splits(tl, x_all[tgt], (digits[tgt] >= 7).astype(np.float32)[:, None])
 
-    members, seconds = {}, {}
+    members, seconds, starts, recipes = {}, {}, [], []
     for label, backend, seed in (("A", "torch", 0), ("B", "keras", 1), ("C", "keras", 2)):
         m = tl.load_backbone("seed_vgg", backend=backend, input_shape=SHAPE, weights=backbone,
                              batch_norm=True)
         m = tl.replace_head(m, 1, seed=2)
+        starts.append(tl.convert(m, backend))
+        recipes.append({**RECIPE, "seed": seed})
         t0 = time.perf_counter()
-        tl.fine_tune(m, train, seed=seed, **RECIPE)
+        tl.fine_tune(m, train, **recipes[-1])
         members[f"{label}: seed_vgg pretrained, {backend}, order {seed}"] = m
         seconds[label] = time.perf_counter() - t0
     d = tl.replace_head(tl.load_backbone("resnet18", backend="torch", input_shape=SHAPE, seed=3),
                         1, seed=4)
+    starts.append(tl.convert(d, "torch"))
+    recipes.append({**RECIPE, "unfreeze": None, "lr": 0.05, "seed": 3})
     t0 = time.perf_counter()
-    tl.fine_tune(d, train, seed=3, **{**RECIPE, "unfreeze": None, "lr": 0.05})
+    tl.fine_tune(d, train, **recipes[-1])
     members["D: resnet18 random init, torch"] = d
     seconds["D"] = time.perf_counter() - t0
 
@@ -84,7 +90,14 @@ def main(out_dir: str = "benchmarks/out") -> None:
         "mean (probabilities), A-D": tl.fuse(ms, space="prob"),
         "weighted (logits, fitted on val), A-D": tl.fuse(ms, "weighted", val=val),
         "weighted (probabilities, fitted on val), A-D": tl.fuse(ms, "weighted", val=val, space="prob"),
+        "stack (logistic regression on val logits), A-D": tl.fuse(ms, "stack", val=val),
     }
+    t0 = time.perf_counter()      # members re-trained from their starting points: 5 folds each
+    stacked = tl.fuse(starts, "stack", train=train, folds=5, fine_tune_kwargs=recipes)
+    seconds["stack folds"] = time.perf_counter() - t0
+    same = all(np.array_equal(tl.get_weights(a)[k], w) for a, b in zip(stacked.members, ms)
+               for k, w in tl.get_weights(b).items())
+    fused["stack (out-of-fold on train, 5 folds), A-D"] = stacked
     rows.update(fused)
     soups = {
         "uniform soup A-C (BN recomputed)": tl.soup(soupable, bn="recompute", data=train[0],
@@ -116,6 +129,10 @@ def main(out_dir: str = "benchmarks/out") -> None:
             f"{'+'.join('ABC'[i] for i in s['ingredients'])} val {s['val_loss']:.4f}"
             f" ({'kept' if s['kept'] else 'dropped'})"
             for s in soups["greedy soup A-C (val, BN recomputed)"].report["steps"]) + ".",
+        "Stack coefficients (A, B, C, D; bias): " + "; ".join(
+            f"{k.split(' (')[1].split(')')[0]}: {np.round(f.weights[:, 0], 2).tolist()}; "
+            f"{f.bias[0]:.2f}" for k, f in fused.items() if k.startswith("stack")) + ". "
+        f"The out-of-fold stack's final members are the members above, bit for bit: {same}.",
         "Fine-tune seconds per member: " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()) + ".",
         "", "Command: `.venv/bin/python benchmarks/fusion.py`"]
     print("\n".join(lines))

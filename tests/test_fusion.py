@@ -130,7 +130,7 @@ def test_fusion_bad_input_is_refused_with_what_was_expected():
     with pytest.raises(errors.DataError, match="Unknown fusion method 'avg'"):
         tl.fuse(members, "avg")
     with pytest.raises(errors.DataError, match="not available yet"):
-        tl.fuse(members, "stack")
+        tl.fuse(members, "gate")
     with pytest.raises(errors.DataError, match="Unknown fusion space"):
         tl.fuse(members, space="probability")
     broken = _member(BACKENDS[0], 5)
@@ -246,3 +246,89 @@ def test_a_soup_worse_than_its_best_ingredient_warns():
     tl.set_weights(bad, w)
     with pytest.warns(UserWarning, match="worse than its best ingredient"):
         tl.soup([models[0], bad], val=val)
+
+
+# ------------------------------------------------------------------------------- stacking
+def test_stacker_is_an_l2_logistic_regression_on_members_logits():
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(0)
+    n = 200
+    y = (rng.random((n, 1)) > 0.5).astype(float)
+    zs = np.stack([(2 * y - 1) * s + rng.normal(size=(n, 1)) for s in (1.0, 0.5, 0.0)])
+    coef, bias = fusion.fit_stacker(zs, y, l2=1e-2)
+    ref = LogisticRegression(C=1.0 / (1e-2 * n), tol=1e-12, max_iter=10000).fit(zs[:, :, 0].T, y[:, 0])
+    np.testing.assert_allclose(coef[:, 0], ref.coef_[0], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(bias, ref.intercept_, rtol=1e-5, atol=1e-7)
+    assert coef[0, 0] > coef[1, 0] > abs(coef[2, 0])          # trusts the informative member
+
+
+def test_stack_from_given_out_of_fold_outputs_predicts_with_its_coefficients(tmp_path):
+    members = _members()
+    x, y = _data(30, seed=7)
+    zs = np.stack([tl.logits(m, x) for m in members]) + 0.1   # stand-in out-of-fold outputs
+    f = tl.fuse(members, "stack", oof=(zs, y))
+    assert f.weights.shape == (3, 1) and f.bias.shape == (1,)
+    xt, _ = _data(10, seed=8)
+    zt = np.stack([tl.logits(m, xt) for m in members])
+    want = np.einsum("m,mn->n", f.weights[:, 0], zt[:, :, 0])[:, None] + f.bias
+    np.testing.assert_allclose(tl.logits(f, xt), want, rtol=0, atol=1e-12)
+    tl.save(f, tmp_path / "stack.safetensors")
+    g = tl.load(tmp_path / "stack.safetensors")
+    np.testing.assert_array_equal(tl.logits(g, xt), tl.logits(f, xt))
+    assert g.method == "stack" and np.array_equal(g.bias, f.bias)
+
+
+def test_stack_refuses_the_members_own_training_data_unless_forced():
+    x, y = _data(32, seed=3)
+    xv, yv = _data(24, seed=9)
+    members = [_member(BACKENDS[0], s) for s in (0, 10)]
+    for m in members:
+        tl.fine_tune(m, (x, y), epochs=1, batch_size=8, progress=False)
+    with pytest.raises(errors.DataError, match=r"member\(s\) \[0, 1\]'s own training data"):
+        tl.fuse(members, "stack", val=(x, y))
+    forced = tl.fuse(members, "stack", val=(x, y), force=True)
+    assert "forced" in forced.report["stack_source"]
+    held_out = tl.fuse(members, "stack", val=(xv, yv))           # data they never saw: fine
+    assert held_out.report["stack_source"] == "held-out val"
+
+
+def test_stack_with_folds_uses_copies_trained_without_each_sample():
+    x, y = _data(24, seed=3)
+    kw = dict(epochs=1, batch_size=8, lr=0.05)
+    starts = [_member(BACKENDS[0], s) for s in (0, 10)]
+    before = [tl.get_weights(m) for m in starts]
+    members = [tl.convert(m, m.backend) for m in starts]
+    f = tl.fuse(members, "stack", train=(x, y), folds=3, fine_tune_kwargs=kw, seed=4)
+    assert f.report["stack_source"] == "out-of-fold (3 folds of 24 samples)"
+    # fold 0 of member 1, recomputed by hand
+    held = np.array_split(np.random.default_rng(4).permutation(24), 3)[0]
+    keep = np.setdiff1d(np.arange(24), held)
+    c = tl.convert(starts[1], starts[1].backend)
+    tl.fine_tune(c, (x[keep], y[keep]), progress=False, **kw)
+    oof = fusion.out_of_fold([starts[1]], x, y, 3, kw, seed=4)
+    np.testing.assert_array_equal(oof[0, held], tl.logits(c, x[held]))
+    # the members themselves end fine-tuned on all of train, from where they started
+    full = tl.convert(starts[0], starts[0].backend)
+    tl.fine_tune(full, (x, y), progress=False, **kw)
+    a, b = tl.get_weights(full), tl.get_weights(members[0])
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert all(np.array_equal(before[0][k], tl.get_weights(starts[0])[k]) for k in a)
+
+
+def test_stack_bad_input():
+    members = _members()
+    x, y = _data(12)
+    with pytest.raises(errors.DataError, match="exactly one source"):
+        tl.fuse(members, "stack")
+    with pytest.raises(errors.DataError, match="exactly one source"):
+        tl.fuse(members, "stack", val=(x, y), oof=(np.zeros((3, 12, 1)), y))
+    with pytest.raises(errors.ShapeError, match=r"\(3, 12, 1\)"):
+        tl.fuse(members, "stack", oof=(np.zeros((2, 12, 1)), y))
+    with pytest.raises(errors.DataError, match="folds as an int"):
+        tl.fuse(members, "stack", train=(x, y), folds=1)
+    with pytest.raises(errors.DataError, match="combines logits"):
+        tl.fuse(members, "stack", oof=(np.zeros((3, 12, 1)), y), space="prob")
+    with pytest.raises(errors.DataError, match="member 1 .* NaN/inf"):
+        tl.fuse(members, "stack", oof=(np.stack([np.zeros((12, 1)), np.full((12, 1), np.nan),
+                                                  np.zeros((12, 1))]), y))

@@ -5,6 +5,9 @@ combination of its members' (space="logit") or whose probabilities are (space="p
 members run natively, each on its own backend; the combination is numpy, so a torch member
 and a Keras member fuse into one model. Weights for "weighted" are fitted on validation data
 by minimising the fused BCE over the simplex (convex in the weights, in both spaces).
+"stack" fits a logistic regression per output on the members' logits (Wolpert's stacked
+generalisation), from out-of-fold outputs only: computed here by k-fold fine-tuning of copies,
+given by the caller, or a held-out set the members were not trained on.
 """
 from __future__ import annotations
 
@@ -17,8 +20,8 @@ from .errors import (ArgumentTypeError, CheckpointError, DataError, NoHeadError,
                      ShapeError)
 from .model import TransferModel
 
-METHODS = ("mean", "weighted")
-PLANNED = ("stack", "gate")
+METHODS = ("mean", "weighted", "stack")
+PLANNED = ("gate",)
 SPACES = ("logit", "prob")
 FORMAT = "tlbridge.fused/1"
 _EPS = 1e-12
@@ -26,14 +29,16 @@ _EPS = 1e-12
 
 @dataclass
 class FusedModel:
-    """Members plus fusion parameters. `weights` sum to 1; `report` holds what fitting saw
-    (members' and the fused model's validation loss when `val` was given)."""
+    """Members plus fusion parameters. mean/weighted: `weights` (M,) sum to 1; stack:
+    `weights` (M, K) and `bias` (K,), the logistic regression per output. `report` holds what
+    fitting saw (members' and the fused model's loss on the data it was fitted on)."""
 
     members: list
     method: str
     space: str
     weights: np.ndarray
     report: dict = field(default_factory=dict)
+    bias: np.ndarray | None = None
 
     @property
     def num_outputs(self) -> int:
@@ -91,8 +96,10 @@ def _check_finite(z, i, m):
                         f"Check that member's weights (tl.get_weights) and the inputs.")
 
 
-def combine(zs: np.ndarray, weights: np.ndarray, space: str) -> np.ndarray:
+def combine(zs: np.ndarray, weights: np.ndarray, space: str, bias=None) -> np.ndarray:
     """The fused logits from members' logits (M, N, K)."""
+    if bias is not None:                                   # stack: b_k + sum_i a_ik z_ik
+        return np.einsum("mk,mnk->nk", np.asarray(weights, np.float64), zs) + bias
     w = np.asarray(weights, np.float64).reshape(-1, 1, 1)
     if space == "logit":
         return np.sum(w * zs, axis=0)
@@ -100,7 +107,70 @@ def combine(zs: np.ndarray, weights: np.ndarray, space: str) -> np.ndarray:
 
 
 def fused_logits(f: FusedModel, x, batch_size: int = 64) -> np.ndarray:
-    return combine(member_logits(f, x, batch_size), f.weights, f.space).astype(f.dtype)
+    return combine(member_logits(f, x, batch_size), f.weights, f.space, f.bias).astype(f.dtype)
+
+
+def fit_stacker(zs: np.ndarray, y: np.ndarray, l2: float = 1e-3, iters: int = 100):
+    """Per output k, L2-regularised logistic regression of y[:, k] on the members' logits
+    zs[:, :, k] (bias unpenalised), by Newton's method: (M, K) coefficients and (K,) biases.
+    The loss is the mean BCE + l2/2 ||a||^2, strictly convex, so Newton converges."""
+    m, n, k = zs.shape
+    coef, bias = np.zeros((m, k)), np.zeros(k)
+    for j in range(k):
+        X = np.concatenate([zs[:, :, j].T, np.ones((n, 1))], axis=1)      # (N, M + 1)
+        t = y[:, j]
+        theta = np.zeros(m + 1)
+        reg = np.full(m + 1, l2)
+        reg[-1] = 0.0
+        for _ in range(iters):
+            p = _sigmoid(X @ theta)
+            grad = X.T @ (p - t) / n + reg * theta
+            hess = (X * (p * (1 - p))[:, None]).T @ X / n + np.diag(reg) + 1e-12 * np.eye(m + 1)
+            delta = np.linalg.solve(hess, grad)
+            theta -= delta
+            if np.max(np.abs(delta)) < 1e-12:
+                break
+        coef[:, j], bias[j] = theta[:m], theta[m]
+    return coef, bias
+
+
+def _copy(m):
+    from . import api
+    return api._rebuild(m.spec, m.backend, api.get_weights(m), set(m.frozen))
+
+
+def _recipes(fine_tune_kwargs, n: int) -> list[dict]:
+    """One fine_tune recipe per member: a dict for all, or a list of n dicts."""
+    if fine_tune_kwargs is None or isinstance(fine_tune_kwargs, dict):
+        return [dict(fine_tune_kwargs or {})] * n
+    if isinstance(fine_tune_kwargs, (list, tuple)) and len(fine_tune_kwargs) == n \
+            and all(isinstance(k, dict) for k in fine_tune_kwargs):
+        return [dict(k) for k in fine_tune_kwargs]
+    raise DataError(f"Expected fine_tune_kwargs as a dict (one recipe for every member) or a "
+                    f"list of {n} dicts (one per member); received {fine_tune_kwargs!r}.")
+
+
+def out_of_fold(members, x, y, folds: int, fine_tune_kwargs, seed: int = 0,
+                batch_size: int = 64) -> np.ndarray:
+    """(M, N, K) logits of every sample from copies of each member fine-tuned without it:
+    k folds, a seeded permutation, each copy starting from the member's current weights."""
+    from . import api
+    from .training import fine_tune
+    n = len(x)
+    if not (isinstance(folds, (int, np.integer)) and not isinstance(folds, bool)
+            and 2 <= folds <= n):
+        raise DataError(f"Expected folds as an int in [2, {n}] (samples); received {folds!r}.")
+    parts = np.array_split(np.random.default_rng(seed).permutation(n), folds)
+    recipes = _recipes(fine_tune_kwargs, len(members))
+    out = np.zeros((len(members), n, y.shape[1]))
+    for i, (m, kw) in enumerate(zip(members, recipes)):
+        for held in parts:
+            keep = np.setdiff1d(np.arange(n), held)
+            c = _copy(m)
+            fine_tune(c, (x[keep], y[keep]), **{"progress": False, **kw})
+            out[i, held] = api.logits(c, x[held], batch_size=batch_size)
+        _check_finite(out[i], i, m)
+    return out
 
 
 # ------------------------------------------------------------------------------- fitting
@@ -197,6 +267,8 @@ def _check_weights(weights, m: int) -> np.ndarray:
 
 # ------------------------------------------------------------------------------- public
 def fuse(members, method: str = "mean", *, val=None, space: str = "logit", weights=None,
+         train=None, folds: int = 5, fine_tune_kwargs: dict | None = None, oof=None,
+         force: bool = False, l2: float = 1e-3, seed: int = 0,
          batch_size: int = 64) -> FusedModel:
     """An ensemble of `members` (tlbridge models on any backends, same outputs and input shape).
 
@@ -204,8 +276,23 @@ def fuse(members, method: str = "mean", *, val=None, space: str = "logit", weigh
     fitted on `val=(x, y)` to minimise the fused BCE. space="logit" averages logits,
     space="prob" probabilities. With `val`, `report` holds every member's validation loss and
     the fused one.
+
+    method="stack": a logistic regression per output on the members' logits, fitted on
+    out-of-fold outputs from exactly one source: train=(x, y) with folds=k (each member is
+    a starting point: a copy per fold is fine-tuned with fine_tune_kwargs (one dict, or one
+    per member) on the other folds
+    and predicts the held-out one; then the member itself is fine-tuned on all of train, in
+    place); oof=(outputs (M, N, K), y) computed by the caller; or val=(x, y), a held-out set,
+    refused when it is a member's own training data (as fine_tune recorded it) unless
+    force=True. l2 regularises the coefficients.
     """
     members = _check_members(members)
+    if method == "stack":
+        if space != "logit":
+            raise DataError(f"method='stack' combines logits; received space={space!r}.")
+        return _stack(members, val=val, train=train, folds=folds, oof=oof, force=force,
+                      fine_tune_kwargs=fine_tune_kwargs, l2=l2, seed=seed,
+                      batch_size=batch_size)
     if method in PLANNED:
         raise DataError(f"method={method!r} is not available yet; expected one of "
                         f"{list(METHODS)}.")
@@ -238,12 +325,68 @@ def fuse(members, method: str = "mean", *, val=None, space: str = "logit", weigh
     return f
 
 
-def _val_arrays(f: FusedModel, val):
+def _stack(members, *, val, train, folds, oof, force, fine_tune_kwargs, l2, seed, batch_size):
+    from . import validation
+    from .training import fingerprint, fine_tune
+    given = [k for k, v in (("train", train), ("oof", oof), ("val", val)) if v is not None]
+    if len(given) != 1:
+        raise DataError(f"Expected exactly one source of out-of-fold outputs for method='stack' "
+                        f"(train=(x, y) with folds=k, oof=(outputs, y), or a held-out "
+                        f"val=(x, y)); received {given or 'none'}.")
+    f = FusedModel(members, "stack", "logit", np.zeros((len(members), members[0].num_outputs)))
+    if train is not None:
+        x, y = _val_arrays(f, train, "train")
+        recipes = _recipes(fine_tune_kwargs, len(members))
+        zs = out_of_fold(members, x, y, folds, recipes, seed, batch_size)
+        for m, kw in zip(members, recipes):    # the final members: fine-tuned on all of train
+            fine_tune(m, (x, y), **{"progress": False, **kw})
+        source = f"out-of-fold ({folds} folds of {len(x)} samples)"
+    elif oof is not None:
+        if not (isinstance(oof, (tuple, list)) and len(oof) == 2):
+            raise DataError("Expected oof as (outputs, y): outputs (M, N, K) logits, one (N, K) "
+                            "block per member, and labels y (N, K).")
+        zs = np.asarray(oof[0], np.float64)
+        want = (len(members), len(zs[0]) if zs.ndim == 3 else -1, members[0].num_outputs)
+        if zs.shape != want:
+            raise ShapeError(f"Expected out-of-fold outputs of shape (members, N, outputs) = "
+                             f"{want}; received {zs.shape}.")
+        for i, m in enumerate(members):
+            _check_finite(zs[i], i, m)
+        y = np.asarray(validation.check_labels(oof[1], zs.shape[1], zs.shape[2], "float64"),
+                       np.float64)
+        source = "given out-of-fold outputs"
+    else:
+        x, y = _val_arrays(f, val)
+        mark = fingerprint(x)
+        own = [i for i, m in enumerate(members) if mark in m.report.get("trained_on", [])]
+        if own and not force:
+            raise DataError(
+                f"Refusing to fit the stacker on member(s) {own}'s own training data (val is "
+                f"the set fine_tune trained them on): their outputs there are overconfident, "
+                f"and the stacker would learn to trust them. Pass train=(x, y) with folds=k "
+                f"for out-of-fold outputs, oof=(outputs, y), or data the members never saw; "
+                f"force=True if you mean it.")
+        zs = member_logits(f, x, batch_size)
+        source = "held-out val" + (" (forced: members' own training data)" if own else "")
+    f.weights, f.bias = fit_stacker(zs, y, l2)
+    n = len(members)
+    f.report = {"stack_source": source,
+                "loss_members": [float(_loss_and_grad(zs, y, np.eye(n)[i], "logit")[0])
+                                 for i in range(n)],
+                "loss": float(np.mean(_bce(combine(zs, f.weights, "logit", f.bias), y)))}
+    return f
+
+
+def _bce(z, y):
+    return np.maximum(z, 0) - z * y + np.log1p(np.exp(-np.abs(z)))
+
+
+def _val_arrays(f: FusedModel, val, what: str = "val"):
     from . import validation
     if not (isinstance(val, (tuple, list)) and len(val) == 2):
-        raise DataError(f"Expected val as an (x, y) pair of numpy arrays; received "
+        raise DataError(f"Expected {what} as an (x, y) pair of numpy arrays; received "
                         f"{type(val).__name__}.")
-    x = validation.check_images(val[0], f.input_shape, f.dtype, "val x")
+    x = validation.check_images(val[0], f.input_shape, f.dtype, f"{what} x")
     y = validation.check_labels(val[1], len(x), f.num_outputs, "float64")
     return x, np.asarray(y, np.float64)
 
@@ -251,7 +394,8 @@ def _val_arrays(f: FusedModel, val):
 def convert(f: FusedModel, backend: str) -> FusedModel:
     from . import api
     return FusedModel([api.convert(m, backend) for m in f.members], f.method, f.space,
-                      f.weights.copy(), dict(f.report))
+                      f.weights.copy(), dict(f.report),
+                      None if f.bias is None else f.bias.copy())
 
 
 def save(f: FusedModel, path) -> None:
@@ -260,6 +404,8 @@ def save(f: FusedModel, path) -> None:
     from . import api
     from . import weights as wio
     tensors = {"fusion/weights": np.asarray(f.weights, np.float64)}
+    if f.bias is not None:
+        tensors["fusion/bias"] = np.asarray(f.bias, np.float64)
     members = []
     for i, m in enumerate(f.members):
         tensors.update({f"member{i}/{k}": v for k, v in api.get_weights(m).items()})
@@ -292,4 +438,6 @@ def load(path, tensors: dict, meta: dict, backend: str | None = None) -> FusedMo
         prefix = f"member{i}/"
         own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         built.append(api._rebuild(spec, target, own, set(info["frozen"])))
-    return FusedModel(built, method, space, weights, json.loads(meta.get("report", "{}")))
+    bias = tensors.get("fusion/bias")
+    return FusedModel(built, method, space, weights, json.loads(meta.get("report", "{}")),
+                      None if bias is None else np.asarray(bias, np.float64))

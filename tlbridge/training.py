@@ -383,7 +383,22 @@ def fine_tune(model: TransferModel, train, *, val=None, epochs: int = 1, batch_s
         history.best_epoch = best["epoch"]
     if ema_w is not None and ema_swap:
         api.set_weights(m, ema_w)
+    if isinstance(train, (tuple, list)) and len(train) == 2:
+        trained_on = set(m.report.get("trained_on", []))   # tl.fuse(..., "stack") refuses to
+        m.report["trained_on"] = sorted(trained_on | {fingerprint(train[0])})  # fit on these
     return history
+
+
+def fingerprint(x) -> str:
+    """A cheap identity for an image array: shape, dtype and up to 256 evenly spaced images
+    (hashing every byte of a large set would cost seconds)."""
+    import hashlib
+    x = np.asarray(x)
+    h = hashlib.sha1(f"{x.shape}{x.dtype}".encode())
+    idx = np.unique(np.linspace(0, len(x) - 1, num=min(len(x), 256)).astype(int)) if len(x) else []
+    for i in idx:
+        h.update(np.ascontiguousarray(x[i]).tobytes())
+    return h.hexdigest()
 
 
 def _check_ema(ema, ema_swap, stop):
