@@ -21,3 +21,12 @@ def small_model(backend, name="seed_vgg", num_outputs=1, dtype="float32", seed=0
     m = tl.load_backbone(name, backend=backend, input_shape=input_shape, dtype=dtype, seed=seed,
                          **options)
     return tl.replace_head(m, num_outputs, seed=seed + 1)
+
+
+def learnable(n, seed=0, shape=(16, 16, 3)):
+    """n float64 images and a label a small net can learn (is the red channel's mean > 0?)."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, *shape))
+    y = (x[:, :, :, 0].mean(axis=(1, 2)) > 0).astype(float)[:, None]
+    return x, y

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import both_backends
+from helpers import both_backends, learnable
 
 import tlbridge as tl
 from tlbridge import errors, parity
@@ -14,10 +14,7 @@ SHAPE = (16, 16, 3)
 
 
 def _data(n=40, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n, *SHAPE))
-    y = (x[:, :, :, 0].mean(axis=(1, 2)) > 0).astype(float)[:, None]
-    return x, y
+    return learnable(n, seed, SHAPE)
 
 
 def _model(backend):

@@ -7,7 +7,7 @@ import warnings
 
 import numpy as np
 import pytest
-from helpers import BACKENDS, both_backends
+from helpers import BACKENDS, both_backends, learnable
 
 import tlbridge as tl
 from tlbridge import errors, fusion, metrics, parity
@@ -16,10 +16,7 @@ SHAPE = (16, 16, 3)
 
 
 def _data(n=40, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n, *SHAPE))
-    y = (x[:, :, :, 0].mean(axis=(1, 2)) > 0).astype(float)[:, None]
-    return x, y
+    return learnable(n, seed, SHAPE)
 
 
 def _member(backend, seed, num_outputs=1, batch_norm=False, widths=(4, 8), shape=SHAPE):

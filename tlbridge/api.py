@@ -7,7 +7,8 @@ from dataclasses import replace
 
 import numpy as np
 
-from . import checkpoints, config, freezing, fusion, init, registry, validation, weights as wio, zoo
+from . import (checkpoints, config, freezing, fusion, init, metrics, registry, validation,
+               weights as wio, zoo)
 from .errors import (ArgumentTypeError, CheckpointError, DataError, NoHeadError, NotPortableError,
                      ShapeError, WeightsMismatchError)
 from .model import TransferModel
@@ -204,9 +205,7 @@ def logits(m: TransferModel, x, *, batch_size: int = 64) -> np.ndarray:
 
 def predict(m: TransferModel, x, *, batch_size: int = 64) -> np.ndarray:
     """Probabilities: the sigmoid of the logits, computed stably in numpy."""
-    z = logits(m, x, batch_size=batch_size)
-    e = np.exp(-np.abs(z))
-    return np.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+    return metrics.sigmoid(logits(m, x, batch_size=batch_size))
 
 
 def bce_loss_and_grads(m: TransferModel, x, y, training: bool = False):

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import metrics
 from .errors import (ArgumentTypeError, CheckpointError, DataError, NoHeadError, NotPortableError,
                      ShapeError)
 from .model import TransferModel
@@ -67,11 +68,6 @@ class FusedModel:
 
 
 # ------------------------------------------------------------------------------- combining
-def _sigmoid(z):
-    e = np.exp(-np.abs(z))
-    return np.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
-
-
 def _logit(p):
     p = np.clip(p, _EPS, 1.0 - _EPS)
     return np.log(p) - np.log1p(-p)
@@ -103,7 +99,7 @@ def combine(zs: np.ndarray, weights: np.ndarray, space: str, bias=None) -> np.nd
     w = np.asarray(weights, np.float64).reshape(-1, 1, 1)
     if space == "logit":
         return np.sum(w * zs, axis=0)
-    return _logit(np.sum(w * _sigmoid(zs), axis=0))
+    return _logit(np.sum(w * metrics.sigmoid(zs), axis=0))
 
 
 def fused_logits(f: FusedModel, x, batch_size: int = 64) -> np.ndarray:
@@ -123,7 +119,7 @@ def fit_stacker(zs: np.ndarray, y: np.ndarray, l2: float = 1e-3, iters: int = 10
         reg = np.full(m + 1, l2)
         reg[-1] = 0.0
         for _ in range(iters):
-            p = _sigmoid(X @ theta)
+            p = metrics.sigmoid(X @ theta)
             grad = X.T @ (p - t) / n + reg * theta
             hess = (X * (p * (1 - p))[:, None]).T @ X / n + np.diag(reg) + 1e-12 * np.eye(m + 1)
             delta = np.linalg.solve(hess, grad)
@@ -179,10 +175,10 @@ def _loss_and_grad(zs, y, w, space):
     n = y.size
     if space == "logit":
         z = np.tensordot(w, zs, axes=1)
-        loss = np.mean(np.maximum(z, 0) - z * y + np.log1p(np.exp(-np.abs(z))))
-        dz = (_sigmoid(z) - y) / n
+        loss = metrics.bce_from_logits(z, y)
+        dz = (metrics.sigmoid(z) - y) / n
         return loss, np.tensordot(zs, dz, axes=([1, 2], [0, 1]))
-    ps = _sigmoid(zs)
+    ps = metrics.sigmoid(zs)
     p = np.clip(np.tensordot(w, ps, axes=1), _EPS, 1.0 - _EPS)
     loss = -np.mean(y * np.log(p) + (1 - y) * np.log1p(-p))
     dp = (-(y / p) + (1 - y) / (1 - p)) / n
@@ -225,20 +221,26 @@ def fit_weights(zs: np.ndarray, y: np.ndarray, space: str, iters: int = 500,
 
 
 # ------------------------------------------------------------------------------- checks
-def _check_members(members) -> list:
-    if isinstance(members, TransferModel) or not isinstance(members, (list, tuple)):
-        raise ArgumentTypeError(f"Expected members as a list of tlbridge models; received "
-                                f"{type(members).__name__}.")
-    members = list(members)
-    if not members:
-        raise DataError("Expected at least one member to fuse; received an empty list.")
-    for i, m in enumerate(members):
+def check_model_list(models, arg: str, one: str, purpose: str) -> list:
+    """A non-empty list of tlbridge models with heads (fuse's members, soup's ingredients)."""
+    if isinstance(models, TransferModel) or not isinstance(models, (list, tuple)):
+        raise ArgumentTypeError(f"Expected {arg} as a list of tlbridge models; received "
+                                f"{type(models).__name__}.")
+    models = list(models)
+    if not models:
+        raise DataError(f"Expected at least one {one} {purpose}; received an empty list.")
+    for i, m in enumerate(models):
         if not isinstance(m, TransferModel):
-            raise ArgumentTypeError(f"Expected every member to be a tlbridge TransferModel; "
-                                    f"member {i} is {type(m).__name__}.")
+            raise ArgumentTypeError(f"Expected every {one} to be a tlbridge TransferModel; "
+                                    f"{one} {i} is {type(m).__name__}.")
         if m.spec.head is None:
-            raise NoHeadError(f"Expected members with a head; member {i} ({m.backbone_name}) "
+            raise NoHeadError(f"Expected {one}s with a head; {one} {i} ({m.backbone_name}) "
                               f"has none. Call tl.replace_head on it first.")
+    return models
+
+
+def _check_members(members) -> list:
+    members = check_model_list(members, "members", "member", "to fuse")
     first = members[0]
     for i, m in enumerate(members[1:], 1):
         if m.num_outputs != first.num_outputs:
@@ -373,12 +375,8 @@ def _stack(members, *, val, train, folds, oof, force, fine_tune_kwargs, l2, seed
     f.report = {"stack_source": source,
                 "loss_members": [float(_loss_and_grad(zs, y, np.eye(n)[i], "logit")[0])
                                  for i in range(n)],
-                "loss": float(np.mean(_bce(combine(zs, f.weights, "logit", f.bias), y)))}
+                "loss": metrics.bce_from_logits(combine(zs, f.weights, "logit", f.bias), y)}
     return f
-
-
-def _bce(z, y):
-    return np.maximum(z, 0) - z * y + np.log1p(np.exp(-np.abs(z)))
 
 
 def _val_arrays(f: FusedModel, val, what: str = "val"):

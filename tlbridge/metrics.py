@@ -6,6 +6,12 @@ import numpy as np
 from .errors import ShapeError
 
 
+def sigmoid(z: np.ndarray) -> np.ndarray:
+    """1 / (1 + e^-z) without overflow for large |z|."""
+    e = np.exp(-np.abs(z))
+    return np.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
 def bce_from_logits(z: np.ndarray, y: np.ndarray) -> float:
     """Mean over all entries of max(z, 0) - z*y + log(1 + exp(-|z|)) (stable)."""
     z = np.asarray(z, np.float64)

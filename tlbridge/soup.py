@@ -7,27 +7,15 @@ import warnings
 
 import numpy as np
 
-from .errors import ArgumentTypeError, DataError, NoHeadError, WeightsMismatchError
-from .model import TransferModel
+from .errors import DataError, WeightsMismatchError
+from .fusion import check_model_list
 
 METHODS = ("uniform", "greedy")
 BN_MODES = ("average", "recompute")
 
 
 def _check_ingredients(models) -> list:
-    if isinstance(models, TransferModel) or not isinstance(models, (list, tuple)):
-        raise ArgumentTypeError(f"Expected models as a list of tlbridge models; received "
-                                f"{type(models).__name__}.")
-    models = list(models)
-    if not models:
-        raise DataError("Expected at least one model to make a soup of; received an empty list.")
-    for i, m in enumerate(models):
-        if not isinstance(m, TransferModel):
-            raise ArgumentTypeError(f"Expected every ingredient to be a tlbridge TransferModel; "
-                                    f"ingredient {i} is {type(m).__name__}.")
-        if m.spec.head is None:
-            raise NoHeadError(f"Expected ingredients with a head; ingredient {i} "
-                              f"({m.backbone_name}) has none.")
+    models = check_model_list(models, "models", "ingredient", "to make a soup of")
     first = models[0]
     ref = (first.backbone_name, dict(first.spec.options), tuple(first.input_shape))
     for i, m in enumerate(models[1:], 1):
