@@ -11,7 +11,9 @@ by any fitting). Members:
   D:       resnet18 from random init on torch (another backbone, no pretraining).
 Methods: tl.fuse mean and weighted, in logit and probability space, and stack (a logistic
 regression on the members' logits, fitted on the held-out val set, or on out-of-fold outputs
-of 5-fold fine-tuning on train) over A-D; tl.soup uniform
+of 5-fold fine-tuning on train) and gate (a softmax gate per input over the members' logits or
+their backbone features, trained on val by tl.fine_tune with fusion.GATE_RECIPE; one native
+torch model holding copies of all four) over A-D; tl.soup uniform
 and greedy over A-C (canonical weights averaged across backends; BatchNorm recomputed on the
 training images). Writes benchmarks/out/fusion.md and fusion.png.
 """
@@ -98,6 +100,12 @@ def main(out_dir: str = "benchmarks/out") -> None:
     same = all(np.array_equal(tl.get_weights(a)[k], w) for a, b in zip(stacked.members, ms)
                for k, w in tl.get_weights(b).items())
     fused["stack (out-of-fold on train, 5 folds), A-D"] = stacked
+    t0 = time.perf_counter()
+    fused["gate on logits (trained on val), A-D"] = tl.fuse(ms, "gate", train=val, val=val,
+                                                              backend="torch")
+    fused["gate on features, hidden 16 (trained on val), A-D"] = tl.fuse(
+        ms, "gate", gate_on="features", hidden=(16,), train=val, val=val, backend="torch")
+    seconds["both gates"] = time.perf_counter() - t0
     rows.update(fused)
     soups = {
         "uniform soup A-C (BN recomputed)": tl.soup(soupable, bn="recompute", data=train[0],
@@ -133,6 +141,11 @@ def main(out_dir: str = "benchmarks/out") -> None:
             f"{k.split(' (')[1].split(')')[0]}: {np.round(f.weights[:, 0], 2).tolist()}; "
             f"{f.bias[0]:.2f}" for k, f in fused.items() if k.startswith("stack")) + ". "
         f"The out-of-fold stack's final members are the members above, bit for bit: {same}.",
+        "Gates, mean weight per member on test (A, B, C, D): " + "; ".join(
+            f"{k.split(' (')[0]}: "
+            f"{np.round(tl.gate_weights(f, test[0]).mean(axis=0), 3).tolist()}"
+            for k, f in fused.items() if k.startswith("gate")) + f" (recipe "
+        f"{tl.fusion.GATE_RECIPE}).",
         "Fine-tune seconds per member: " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()) + ".",
         "", "Command: `.venv/bin/python benchmarks/fusion.py`"]
     print("\n".join(lines))

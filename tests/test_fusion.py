@@ -126,8 +126,6 @@ def test_fusion_bad_input_is_refused_with_what_was_expected():
         tl.fuse(members, "weighted", weights=[0.5, 0.5])
     with pytest.raises(errors.DataError, match="Unknown fusion method 'avg'"):
         tl.fuse(members, "avg")
-    with pytest.raises(errors.DataError, match="not available yet"):
-        tl.fuse(members, "gate")
     with pytest.raises(errors.DataError, match="Unknown fusion space"):
         tl.fuse(members, space="probability")
     broken = _member(BACKENDS[0], 5)

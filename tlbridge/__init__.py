@@ -10,7 +10,7 @@ from .api import (bce_loss_and_grads, convert, features, freeze, get_weights, li
                   preprocessing_of,
                   load, load_backbone, logits, predict, preprocess, replace_head, save,
                   set_weights, trainable_names, unfreeze)
-from .fusion import FusedModel, fuse
+from .fusion import FusedModel, fuse, gate_weights
 from .soup import soup
 from .config import available_backends, get_backend, set_backend, use_backend
 from .history import History
@@ -25,6 +25,6 @@ __all__ = [
     "list_backbones", "load_backbone", "replace_head", "freeze", "unfreeze", "trainable_names",
     "features", "logits", "predict", "bce_loss_and_grads",
     "get_weights", "set_weights", "convert", "save", "load", "preprocess", "preprocessing_of",
-    "fine_tune", "evaluate", "fuse", "FusedModel", "soup", "History", "EarlyStopping", "L2SP", "OptimizerConfig",
+    "fine_tune", "evaluate", "fuse", "FusedModel", "gate_weights", "soup", "History", "EarlyStopping", "L2SP", "OptimizerConfig",
     "TransferModel", "data", "errors", "optim", "parity", "__version__",
 ]

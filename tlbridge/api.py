@@ -260,12 +260,22 @@ def convert(m: TransferModel, backend: str) -> TransferModel:
     if isinstance(m, fusion.FusedModel):
         return fusion.convert(m, backend)
     _check_model(m)
+    _not_a_gate(m, "convert")
     target = config.validate(backend)
     if not m.portable:
         raise NotPortableError(
             f"{m.backbone_name!r} is a {m.backend}-native backbone and cannot be converted to "
             f"{target!r}. Expected a portable backbone: one of {sorted(zoo.PORTABLE)}.")
     return _rebuild(m.spec, target, get_weights(m), set(m.frozen))
+
+
+def _not_a_gate(m: TransferModel, what: str) -> None:
+    from . import gate
+    if m.backbone_name == gate.NAME:
+        raise ArgumentTypeError(
+            f"Expected a model tl.{what} can rebuild; received the gated model inside a "
+            f"FusedModel (fused.gate), which needs its members. Call tl.{what} on the "
+            f"FusedModel itself.")
 
 
 def _rebuild(spec: ModelSpec, backend: str, tensors: dict, frozen: set) -> TransferModel:
@@ -289,6 +299,7 @@ def save(m: TransferModel, path) -> None:
     if isinstance(m, fusion.FusedModel):
         return fusion.save(m, path)
     _check_model(m)
+    _not_a_gate(m, "save")
     meta = {"format": FORMAT, "backend": m.backend, "spec": m.spec.to_json(),
             "frozen": json.dumps(sorted(m.frozen))}
     wio.save_file(path, get_weights(m), meta)

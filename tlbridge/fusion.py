@@ -8,6 +8,8 @@ by minimising the fused BCE over the simplex (convex in the weights, in both spa
 "stack" fits a logistic regression per output on the members' logits (Wolpert's stacked
 generalisation), from out-of-fold outputs only: computed here by k-fold fine-tuning of copies,
 given by the caller, or a held-out set the members were not trained on.
+"gate" weighs the members per input with a small network trained by tl.fine_tune: one native
+model on one backend holding frozen copies of the members (tlbridge/gate.py).
 """
 from __future__ import annotations
 
@@ -21,8 +23,8 @@ from .errors import (ArgumentTypeError, CheckpointError, DataError, NoHeadError,
                      ShapeError)
 from .model import TransferModel
 
-METHODS = ("mean", "weighted", "stack")
-PLANNED = ("gate",)
+METHODS = ("mean", "weighted", "stack", "gate")
+GATE_RECIPE = {"epochs": 20, "optimizer": "adam", "lr": 1e-2, "batch_size": 64}
 SPACES = ("logit", "prob")
 FORMAT = "tlbridge.fused/1"
 _EPS = 1e-12
@@ -31,15 +33,19 @@ _EPS = 1e-12
 @dataclass
 class FusedModel:
     """Members plus fusion parameters. mean/weighted: `weights` (M,) sum to 1; stack:
-    `weights` (M, K) and `bias` (K,), the logistic regression per output. `report` holds what
-    fitting saw (members' and the fused model's loss on the data it was fitted on)."""
+    `weights` (M, K) and `bias` (K,), the logistic regression per output; gate: `gate`, the
+    native gated model (its members are frozen copies, `members`), and `weights` None: they
+    differ per input (fusion.gate_weights). `report` holds what fitting saw (members' and the
+    fused model's loss on the data it was fitted on)."""
 
     members: list
     method: str
     space: str
-    weights: np.ndarray
+    weights: np.ndarray | None
     report: dict = field(default_factory=dict)
     bias: np.ndarray | None = None
+    gate: TransferModel | None = None
+    gate_backbone: TransferModel | None = None
 
     @property
     def num_outputs(self) -> int:
@@ -63,6 +69,10 @@ class FusedModel:
 
     def __repr__(self) -> str:
         names = ", ".join(f"{m.backbone_name}@{m.backend}" for m in self.members)
+        if self.gate is not None:
+            spec = self.gate.spec
+            return (f"FusedModel(gate on {dict(spec.options)['gate_on']}, hidden="
+                    f"{spec.head.hidden}, members=[{names}])")
         return (f"FusedModel({self.method}, space={self.space!r}, members=[{names}], "
                 f"weights={np.round(self.weights, 4).tolist()})")
 
@@ -103,6 +113,9 @@ def combine(zs: np.ndarray, weights: np.ndarray, space: str, bias=None) -> np.nd
 
 
 def fused_logits(f: FusedModel, x, batch_size: int = 64) -> np.ndarray:
+    if f.gate is not None:
+        from . import api
+        return api.logits(f.gate, x, batch_size=batch_size)
     return combine(member_logits(f, x, batch_size), f.weights, f.space, f.bias).astype(f.dtype)
 
 
@@ -270,8 +283,9 @@ def _check_weights(weights, m: int) -> np.ndarray:
 # ------------------------------------------------------------------------------- public
 def fuse(members, method: str = "mean", *, val=None, space: str = "logit", weights=None,
          train=None, folds: int = 5, fine_tune_kwargs: dict | None = None, oof=None,
-         force: bool = False, l2: float = 1e-3, seed: int = 0,
-         batch_size: int = 64) -> FusedModel:
+         force: bool = False, l2: float = 1e-3, seed: int = 0, batch_size: int = 64,
+         gate_on="logits", hidden=(), dropout: float = 0.0,
+         backend: str | None = None) -> FusedModel:
     """An ensemble of `members` (tlbridge models on any backends, same outputs and input shape).
 
     method="mean": equal weights. method="weighted": `weights` as given (on the simplex), or
@@ -287,6 +301,16 @@ def fuse(members, method: str = "mean", *, val=None, space: str = "logit", weigh
     place); oof=(outputs (M, N, K), y) computed by the caller; or val=(x, y), a held-out set,
     refused when it is a member's own training data (as fine_tune recorded it) unless
     force=True. l2 regularises the coefficients.
+
+    method="gate": softmax weights per input from a gate network (Linear layers, `hidden`
+    widths, `dropout`) over the members' logits (gate_on="logits"), their backbone features
+    ("features"), or the features of another model's backbone (gate_on=model). It runs as one
+    native model on `backend` (default: the members' common backend, else the current one)
+    holding frozen copies of the members (portable ones are converted); the gate starts as the
+    mean. With train=(x, y) it is trained at once by tl.fine_tune with GATE_RECIPE updated by
+    fine_tune_kwargs (val, early stopping, checkpoints: any fine_tune option); without, call
+    tl.fine_tune(fused, ...) yourself. The members' own training data is refused as train
+    unless force=True, as for "stack".
     """
     members = _check_members(members)
     if method == "stack":
@@ -295,9 +319,15 @@ def fuse(members, method: str = "mean", *, val=None, space: str = "logit", weigh
         return _stack(members, val=val, train=train, folds=folds, oof=oof, force=force,
                       fine_tune_kwargs=fine_tune_kwargs, l2=l2, seed=seed,
                       batch_size=batch_size)
-    if method in PLANNED:
-        raise DataError(f"method={method!r} is not available yet; expected one of "
-                        f"{list(METHODS)}.")
+    if method == "gate":
+        if space != "logit":
+            raise DataError(f"method='gate' sums logits; received space={space!r}.")
+        if weights is not None or oof is not None:
+            raise DataError("method='gate' learns its weights per input with fine_tune: pass "
+                            "train=(x, y) (and val=) instead of weights= or oof=.")
+        return _gate(members, train=train, val=val, gate_on=gate_on, hidden=hidden,
+                     dropout=dropout, backend=backend, fine_tune_kwargs=fine_tune_kwargs,
+                     force=force, seed=seed, batch_size=batch_size)
     if method not in METHODS:
         raise DataError(f"Unknown fusion method {method!r}. Expected one of {list(METHODS)}.")
     if space not in SPACES:
@@ -329,7 +359,7 @@ def fuse(members, method: str = "mean", *, val=None, space: str = "logit", weigh
 
 def _stack(members, *, val, train, folds, oof, force, fine_tune_kwargs, l2, seed, batch_size):
     from . import validation
-    from .training import fingerprint, fine_tune
+    from .training import fine_tune
     given = [k for k, v in (("train", train), ("oof", oof), ("val", val)) if v is not None]
     if len(given) != 1:
         raise DataError(f"Expected exactly one source of out-of-fold outputs for method='stack' "
@@ -359,15 +389,7 @@ def _stack(members, *, val, train, folds, oof, force, fine_tune_kwargs, l2, seed
         source = "given out-of-fold outputs"
     else:
         x, y = _val_arrays(f, val)
-        mark = fingerprint(x)
-        own = [i for i, m in enumerate(members) if mark in m.report.get("trained_on", [])]
-        if own and not force:
-            raise DataError(
-                f"Refusing to fit the stacker on member(s) {own}'s own training data (val is "
-                f"the set fine_tune trained them on): their outputs there are overconfident, "
-                f"and the stacker would learn to trust them. Pass train=(x, y) with folds=k "
-                f"for out-of-fold outputs, oof=(outputs, y), or data the members never saw; "
-                f"force=True if you mean it.")
+        own = _refuse_own_training_data(members, x, "val", "the stacker", force)
         zs = member_logits(f, x, batch_size)
         source = "held-out val" + (" (forced: members' own training data)" if own else "")
     f.weights, f.bias = fit_stacker(zs, y, l2)
@@ -377,6 +399,68 @@ def _stack(members, *, val, train, folds, oof, force, fine_tune_kwargs, l2, seed
                                  for i in range(n)],
                 "loss": metrics.bce_from_logits(combine(zs, f.weights, "logit", f.bias), y)}
     return f
+
+
+def _gate(members, *, train, val, gate_on, hidden, dropout, backend, fine_tune_kwargs, force,
+          seed, batch_size):
+    from . import config, gate
+    from .training import fine_tune
+    gate.check_type(gate_on)
+    if backend is None:     # the members' one backend, else the native-only members' one
+        backends = {m.backend for m in members} if len({m.backend for m in members}) == 1 \
+            else {m.backend for m in members if not m.portable}
+        backend = backends.pop() if len(backends) == 1 else config.get_backend()
+    backend = config.validate(backend)
+    if fine_tune_kwargs is not None and not isinstance(fine_tune_kwargs, dict):
+        raise DataError(f"Expected fine_tune_kwargs as one dict (the gate's recipe); received "
+                        f"{type(fine_tune_kwargs).__name__}.")
+    if fine_tune_kwargs and train is None:
+        raise DataError("fine_tune_kwargs trains the gate and needs train=(x, y); received no "
+                        "train. Pass train=, or call tl.fine_tune(fused, ...) later.")
+    plain = FusedModel(members, "gate", "logit", None)     # shapes for the checks below
+    if train is not None:
+        x, y = _val_arrays(plain, train, "train")
+        _refuse_own_training_data(members, x, "train", "the gate", force)
+    if val is not None:
+        _val_arrays(plain, val)
+    copies, gb, g = gate.build(members, backend=backend, gate_on=gate_on, hidden=hidden,
+                               dropout=dropout, seed=seed)
+    f = FusedModel(copies, "gate", "logit", None, gate=g, gate_backbone=gb)
+    if train is not None:
+        recipe = {"progress": False, **GATE_RECIPE, **(fine_tune_kwargs or {})}
+        recipe.setdefault("val", val)
+        history = fine_tune(f, (x, y), **recipe)
+        f.report["history"] = history.epochs
+    if val is not None:
+        x, y = _val_arrays(f, val)
+        zs = member_logits(f, x, batch_size)
+        f.report.update({
+            "val_loss_members": [metrics.bce_from_logits(z, y) for z in zs],
+            "val_loss": metrics.bce_from_logits(fused_logits(f, x, batch_size), y),
+            "val_gate_weights": gate_weights(f, x, batch_size).mean(axis=0).tolist()})
+    return f
+
+
+def gate_weights(f: FusedModel, x, batch_size: int = 64) -> np.ndarray:
+    """(N, M): the weight a gated fusion gives each member on each input (rows sum to 1)."""
+    from . import gate
+    if f.gate is None:
+        raise DataError(f"gate_weights needs a gated fusion (method='gate'); received "
+                        f"method={f.method!r}, whose weights are f.weights.")
+    return gate.weights_per_input(f.gate, x, batch_size)
+
+
+def _refuse_own_training_data(members, x, what: str, who: str, force: bool) -> bool:
+    from .training import fingerprint
+    mark = fingerprint(x)
+    own = [i for i, m in enumerate(members) if mark in m.report.get("trained_on", [])]
+    if own and not force:
+        raise DataError(
+            f"Refusing to fit {who} on member(s) {own}'s own training data ({what} is the set "
+            f"fine_tune trained them on): their outputs there are overconfident, and {who} "
+            f"would learn to trust them. Pass data the members never saw (for 'stack' also "
+            f"train=(x, y) with folds=k, or oof=(outputs, y)); force=True if you mean it.")
+    return bool(own)
 
 
 def _val_arrays(f: FusedModel, val, what: str = "val"):
@@ -389,8 +473,23 @@ def _val_arrays(f: FusedModel, val, what: str = "val"):
     return x, np.asarray(y, np.float64)
 
 
+def _with_gate(members, gate_backbone, spec, head_weights, backend: str, report: dict):
+    """A gated FusedModel around members (and gate backbone) already frozen on `backend`."""
+    from . import api, gate
+    _, _, g = gate.build(members, backend=backend, gate_on=dict(spec.options)["gate_on"],
+                         hidden=spec.head.hidden, dropout=spec.head.dropout, copy=False,
+                         gate_backbone=gate_backbone)
+    api.set_weights(g, head_weights, strict=False)
+    return FusedModel(members, "gate", "logit", None, report, gate=g, gate_backbone=gate_backbone)
+
+
 def convert(f: FusedModel, backend: str) -> FusedModel:
-    from . import api
+    from . import api, gate
+    if f.gate is not None:
+        members = [api.convert(m, backend) for m in f.members]
+        gb = None if f.gate_backbone is None else api.convert(f.gate_backbone, backend)
+        return _with_gate(members, gb, f.gate.spec, gate.head_weights(f.gate), backend,
+                          dict(f.report))
     return FusedModel([api.convert(m, backend) for m in f.members], f.method, f.space,
                       f.weights.copy(), dict(f.report),
                       None if f.bias is None else f.bias.copy())
@@ -401,7 +500,10 @@ def save(f: FusedModel, path) -> None:
     weights under `fusion/weights`, and each member's spec, backend and freeze state."""
     from . import api
     from . import weights as wio
-    tensors = {"fusion/weights": np.asarray(f.weights, np.float64)}
+    from . import gate
+    tensors = {}
+    if f.weights is not None:
+        tensors["fusion/weights"] = np.asarray(f.weights, np.float64)
     if f.bias is not None:
         tensors["fusion/bias"] = np.asarray(f.bias, np.float64)
     members = []
@@ -411,6 +513,14 @@ def save(f: FusedModel, path) -> None:
                         "frozen": sorted(m.frozen)})
     meta = {"format": FORMAT, "method": f.method, "space": f.space,
             "members": json.dumps(members), "report": json.dumps(f.report)}
+    if f.gate is not None:
+        tensors.update({f"gate/{k}": v for k, v in gate.head_weights(f.gate).items()})
+        meta["gate"] = f.gate.spec.to_json()
+        if f.gate_backbone is not None:
+            gb = f.gate_backbone
+            tensors.update({f"gate_backbone/{k}": v for k, v in api.get_weights(gb).items()})
+            meta["gate_backbone"] = json.dumps({"backend": gb.backend, "spec": gb.spec.to_json(),
+                                                "frozen": sorted(gb.frozen)})
     wio.save_file(path, tensors, meta)
 
 
@@ -420,22 +530,30 @@ def load(path, tensors: dict, meta: dict, backend: str | None = None) -> FusedMo
     from .specs import ModelSpec
     try:
         members = json.loads(meta["members"])
-        weights = np.asarray(tensors["fusion/weights"], np.float64)
         method, space = meta["method"], meta["space"]
+        weights = None if method == "gate" else np.asarray(tensors["fusion/weights"], np.float64)
+        gate_spec = ModelSpec.from_json(meta["gate"]) if method == "gate" else None
+        gb_info = json.loads(meta["gate_backbone"]) if "gate_backbone" in meta else None
     except (KeyError, ValueError, TypeError) as exc:
         raise CheckpointError(f"The fused model stored in {path!r} is damaged: {exc}") from exc
-    built = []
-    for i, info in enumerate(members):
+
+    def rebuild(info, prefix, what):
         spec = ModelSpec.from_json(info["spec"])
         target = config.resolve(backend if backend is not None else info["backend"])
         if spec.native_backend is not None and spec.native_backend != target:
             raise NotPortableError(
-                f"Member {i} of {path!r} is the {spec.native_backend}-native backbone "
+                f"{what} of {path!r} is the {spec.native_backend}-native backbone "
                 f"{spec.backbone!r}; it cannot be loaded on {target!r}. Load the fused model "
                 f"without backend= (each member on its own backend).")
-        prefix = f"member{i}/"
         own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        built.append(api._rebuild(spec, target, own, set(info["frozen"])))
+        return api._rebuild(spec, target, own, set(info["frozen"]))
+
+    built = [rebuild(info, f"member{i}/", f"Member {i}") for i, info in enumerate(members)]
+    report = json.loads(meta.get("report", "{}"))
+    if gate_spec is not None:
+        gb = None if gb_info is None else rebuild(gb_info, "gate_backbone/", "The gate's backbone")
+        head = {k[5:]: v for k, v in tensors.items() if k.startswith("gate/")}
+        return _with_gate(built, gb, gate_spec, head, built[0].backend, report)
     bias = tensors.get("fusion/bias")
-    return FusedModel(built, method, space, weights, json.loads(meta.get("report", "{}")),
+    return FusedModel(built, method, space, weights, report,
                       None if bias is None else np.asarray(bias, np.float64))

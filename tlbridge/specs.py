@@ -74,10 +74,10 @@ class HeadSpec:
     hidden: tuple = ()
     dropout: float = 0.0
 
-    def layer_names(self) -> list[str]:
+    def layer_names(self, prefix: str = "head") -> list[str]:
         if not self.hidden:
-            return ["head"]
-        return [f"head.{3 * i}" for i in range(len(self.hidden) + 1)]
+            return [prefix]
+        return [f"{prefix}.{3 * i}" for i in range(len(self.hidden) + 1)]
 
     def dims(self, in_features: int) -> list[int]:
         return [in_features, *self.hidden, self.num_outputs]

@@ -101,7 +101,7 @@ from tlbridge.errors import BackendNotInstalledError  # noqa: E402
 from tlbridge.model import TransferModel  # noqa: E402
 from tlbridge.specs import HeadSpec, ModelSpec  # noqa: E402
 
-from . import backbones, compute, network, training, weights  # noqa: E402
+from . import backbones, compute, gate, network, training, weights  # noqa: E402
 
 if keras.backend.backend() != "tensorflow":
     raise BackendNotInstalledError(
@@ -113,7 +113,7 @@ NAME = "keras"
 
 __all__ = ["NAME", "native_backbones", "build_backbone", "attach_head", "canonical_shapes",
            "param_names", "get_weights", "set_weights", "apply_freeze", "features", "logits",
-           "loss_and_grads", "make_trainer", "seed_epoch", "swap_batchnorm_momentum"]
+           "loss_and_grads", "make_trainer", "seed_epoch", "swap_batchnorm_momentum", "build_gate"]
 
 seed_epoch = training.seed_epoch
 
@@ -149,7 +149,14 @@ def build_backbone(spec: ModelSpec, portable: bool, pretrained: bool, seed: int 
     return feature_model, state
 
 
+def build_gate(members: list, gate_on: str, gate_backbone=None):
+    """Frozen members side by side (tlbridge/gate.py); attach_head then adds the gated head."""
+    return gate.build_gate(members, gate_on, gate_backbone)
+
+
 def attach_head(m: TransferModel, head: HeadSpec):
+    if "gate" in m.state:
+        return gate.attach_gate_head(m, head)
     state = {k: v for k, v in m.state.items() if not k.startswith("_")}  # caches of the old head
     mirror = network.Mirror(m.dtype)
     logits = network.make_head(mirror, state["feats"], head)

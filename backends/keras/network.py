@@ -311,10 +311,10 @@ class Mirror:
         return layers.Multiply(dtype=self.dtype)([a, b])
 
 
-def make_head(mirror: Mirror, feats, spec: HeadSpec):
+def make_head(mirror: Mirror, feats, spec: HeadSpec, prefix: str = "head"):
     """Dense layers named like the torch head; dropout off in eval, torch's 1/(1-p) scaling."""
     x = feats
-    names = spec.layer_names()
+    names = spec.layer_names(prefix)
     units = [*spec.hidden, spec.num_outputs]
     for i, (name, n) in enumerate(zip(names, units)):
         if spec.dropout > 0 and (i > 0 or not spec.hidden):

@@ -7,13 +7,13 @@ import torch
 from tlbridge.model import TransferModel
 from tlbridge.specs import HeadSpec, ModelSpec
 
-from . import backbones, compute, network, training, weights
+from . import backbones, compute, gate, network, training, weights
 
 NAME = "torch"
 
 __all__ = ["NAME", "native_backbones", "build_backbone", "attach_head", "canonical_shapes",
            "param_names", "get_weights", "set_weights", "apply_freeze", "features", "logits",
-           "loss_and_grads", "make_trainer", "seed_epoch", "swap_batchnorm_momentum"]
+           "loss_and_grads", "make_trainer", "seed_epoch", "swap_batchnorm_momentum", "build_gate"]
 
 seed_epoch = training.seed_epoch
 
@@ -38,7 +38,14 @@ def build_backbone(spec: ModelSpec, portable: bool, pretrained: bool, seed: int 
     return net, {"feature_dim": int(dim)}
 
 
+def build_gate(members: list, gate_on: str, gate_backbone=None):
+    """Frozen members side by side (tlbridge/gate.py); attach_head then adds the gated head."""
+    return gate.build_gate(members, gate_on, gate_backbone)
+
+
 def attach_head(m: TransferModel, head: HeadSpec):
+    if "gate" in m.state:
+        return gate.attach_gate_head(m, head), dict(m.state)
     module, dropout = network.make_head(m.state["feature_dim"], head)
     net = network.TLNet(m.native.backbone, module, dropout).to(network.DTYPES[m.dtype])
     net.train(False)
