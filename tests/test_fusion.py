@@ -327,3 +327,56 @@ def test_stack_bad_input():
     with pytest.raises(errors.DataError, match="member 1 .* NaN/inf"):
         tl.fuse(members, "stack", oof=(np.stack([np.zeros((12, 1)), np.full((12, 1), np.nan),
                                                   np.zeros((12, 1))]), y))
+
+
+# ------------------------------------------------------------------------------- per-member input
+def test_images_preprocess_lets_each_member_normalise_rgb_images_its_own_way(tmp_path):
+    from dataclasses import replace
+
+    from tlbridge.specs import CAFFE
+    a, b = _member(BACKENDS[0], 0), _member(BACKENDS[-1], 10)
+    b.spec = replace(b.spec, preprocessing=CAFFE)       # e.g. Keras VGG16 weights: BGR, caffe
+    images = np.random.default_rng(0).integers(0, 256, size=(10, *SHAPE), dtype=np.uint8)
+    y = (images.mean(axis=(1, 2, 3)) > 127).astype(np.float64)[:, None]
+    zs = np.stack([tl.logits(a, tl.preprocess(a, images)), tl.logits(b, tl.preprocess(b, images))])
+    assert not np.allclose(tl.preprocess(a, images), tl.preprocess(b, images))
+    f = tl.fuse([a, b], "weighted", val=(images, y), preprocess="images")
+    np.testing.assert_allclose(tl.logits(f, images), fusion.combine(zs, f.weights, "logit"),
+                               rtol=0, atol=1e-12)
+    assert tl.evaluate(f, (images, y)) == pytest.approx(
+        metrics.scores(fusion.combine(zs, f.weights, "logit"), y), rel=1e-12)
+    path = tmp_path / "images.safetensors"
+    tl.save(f, path)
+    g = tl.load(path)
+    assert g.preprocess == "images"
+    np.testing.assert_array_equal(tl.logits(g, images), tl.logits(f, images))
+    with pytest.raises(errors.DataError, match="uint8 0-255"):
+        tl.logits(f, images / 255.0)
+
+
+def test_per_member_callables_fuse_members_with_different_input_shapes():
+    small, large = _member(BACKENDS[0], 0), _member(BACKENDS[-1], 10, shape=(24, 24, 3))
+
+    def upsample(x):        # nearest 16 -> 24 (3/2), numpy only
+        idx = (np.arange(24) * 16) // 24
+        return x[:, idx][:, :, idx]
+
+    prep = [lambda x: x, upsample]
+    x, y = _data(30, seed=3)
+    zs = np.stack([tl.logits(small, x), tl.logits(large, upsample(x))])
+    f = tl.fuse([small, large], "weighted", val=(x, y), preprocess=prep)
+    assert f.input_shape is None
+    np.testing.assert_allclose(tl.logits(f, x), fusion.combine(zs, f.weights, "logit"),
+                               rtol=0, atol=1e-12)
+    assert tl.evaluate(f, (x, y))["loss"] == pytest.approx(f.report["val_loss"], rel=1e-12)
+    st = tl.fuse([small, large], "stack", train=(x, y), folds=2, preprocess=prep,
+                 fine_tune_kwargs={"epochs": 1})
+    assert np.all(np.isfinite(tl.logits(st, x)))
+    with pytest.raises(errors.DataError, match="callables, which a file cannot hold"):
+        tl.save(f, "never.safetensors")
+    with pytest.raises(errors.ShapeError, match="preprocess=\\[one callable per member\\]"):
+        tl.fuse([small, large])
+    with pytest.raises(errors.DataError, match="list of 2 callables"):
+        tl.fuse([small, large], preprocess=[upsample])
+    with pytest.raises(errors.DataError, match="per-member preprocess"):
+        tl.fuse([small, small], "gate", preprocess="images")

@@ -46,14 +46,16 @@ class FusedModel:
     bias: np.ndarray | None = None
     gate: TransferModel | None = None
     gate_backbone: TransferModel | None = None
+    preprocess: str | list | None = None   # None | "images" | one callable per member
 
     @property
     def num_outputs(self) -> int:
         return self.members[0].num_outputs
 
     @property
-    def input_shape(self) -> tuple:
-        return self.members[0].input_shape
+    def input_shape(self) -> tuple | None:
+        """None when each member maps the input itself (preprocess= callables)."""
+        return None if isinstance(self.preprocess, list) else self.members[0].input_shape
 
     @property
     def dtype(self) -> str:
@@ -73,8 +75,11 @@ class FusedModel:
             spec = self.gate.spec
             return (f"FusedModel(gate on {dict(spec.options)['gate_on']}, hidden="
                     f"{spec.head.hidden}, members=[{names}])")
+        pre = "" if self.preprocess is None else (
+            f", preprocess={self.preprocess!r}" if isinstance(self.preprocess, str)
+            else ", preprocess=<per-member callables>")
         return (f"FusedModel({self.method}, space={self.space!r}, members=[{names}], "
-                f"weights={np.round(self.weights, 4).tolist()})")
+                f"weights={np.round(self.weights, 4).tolist()}{pre})")
 
 
 # ------------------------------------------------------------------------------- combining
@@ -88,10 +93,49 @@ def member_logits(f: FusedModel, x, batch_size: int = 64) -> np.ndarray:
     from . import api
     outs = []
     for i, m in enumerate(f.members):
-        z = np.asarray(api.logits(m, x, batch_size=batch_size), np.float64)
+        z = np.asarray(api.logits(m, member_input(f.preprocess, i, m, x), batch_size=batch_size),
+                       np.float64)
         _check_finite(z, i, m)
         outs.append(z)
     return np.stack(outs)
+
+
+def member_input(preprocess, i: int, m, x):
+    """What member i is given for the fused model's input x: x itself (preprocess=None), its
+    own normalisation of RGB images (preprocess="images", tl.preprocess(member, images)), or
+    preprocess[i](x)."""
+    from . import api
+    if preprocess is None:
+        return x
+    if preprocess == "images":
+        return api.preprocess(m, _as_uint8(x))
+    return np.asarray(preprocess[i](x))
+
+
+def _as_uint8(x):
+    """RGB images as uint8; float arrays are accepted when they hold 0-255 integers (a
+    tl.data dataset hands batches over as floats)."""
+    x = np.asarray(x)
+    if x.dtype == np.uint8:
+        return x
+    if np.issubdtype(x.dtype, np.number) and x.size and np.all(np.isfinite(x)) \
+            and x.min() >= 0 and x.max() <= 255 and np.array_equal(x, np.round(x)):
+        return x.astype(np.uint8)
+    raise DataError(f"Expected RGB images as uint8 0-255 with preprocess='images' (each member "
+                    f"normalises them its own way); received dtype {x.dtype}"
+                    f"{'' if x.dtype.kind not in 'fc' else ' with values that are not 0-255 integers'}.")
+
+
+def _check_preprocess(preprocess, n: int):
+    if preprocess is None or preprocess == "images":
+        return preprocess
+    if isinstance(preprocess, (list, tuple)) and len(preprocess) == n \
+            and all(callable(p) for p in preprocess):
+        return list(preprocess)
+    raise DataError(f"Expected preprocess as None (members take the input as it is), 'images' "
+                    f"(uint8 RGB images, each member normalises them with tl.preprocess) or a "
+                    f"list of {n} callables (one per member: fused input -> that member's "
+                    f"input); received {preprocess!r}.")
 
 
 def _check_finite(z, i, m):
@@ -160,7 +204,7 @@ def _recipes(fine_tune_kwargs, n: int) -> list[dict]:
 
 
 def out_of_fold(members, x, y, folds: int, fine_tune_kwargs, seed: int = 0,
-                batch_size: int = 64) -> np.ndarray:
+                batch_size: int = 64, preprocess=None) -> np.ndarray:
     """(M, N, K) logits of every sample from copies of each member fine-tuned without it:
     k folds, a seeded permutation, each copy starting from the member's current weights."""
     from . import api
@@ -173,11 +217,12 @@ def out_of_fold(members, x, y, folds: int, fine_tune_kwargs, seed: int = 0,
     recipes = _recipes(fine_tune_kwargs, len(members))
     out = np.zeros((len(members), n, y.shape[1]))
     for i, (m, kw) in enumerate(zip(members, recipes)):
+        xi = member_input(preprocess, i, m, x)
         for held in parts:
             keep = np.setdiff1d(np.arange(n), held)
             c = _copy(m)
-            fine_tune(c, (x[keep], y[keep]), **{"progress": False, **kw})
-            out[i, held] = api.logits(c, x[held], batch_size=batch_size)
+            fine_tune(c, (xi[keep], y[keep]), **{"progress": False, **kw})
+            out[i, held] = api.logits(c, xi[held], batch_size=batch_size)
         _check_finite(out[i], i, m)
     return out
 
@@ -252,7 +297,7 @@ def check_model_list(models, arg: str, one: str, purpose: str) -> list:
     return models
 
 
-def _check_members(members) -> list:
+def _check_members(members, preprocess=None) -> list:
     members = check_model_list(members, "members", "member", "to fuse")
     first = members[0]
     for i, m in enumerate(members[1:], 1):
@@ -260,10 +305,14 @@ def _check_members(members) -> list:
             raise ShapeError(f"Expected every member to have {first.num_outputs} output(s) "
                              f"(member 0's); member {i} ({m.backbone_name} on {m.backend}) has "
                              f"{m.num_outputs}.")
+        if isinstance(preprocess, (list, tuple)):
+            continue                        # each member's callable makes its own input
         if tuple(m.input_shape) != tuple(first.input_shape):
             raise ShapeError(f"Expected every member to take images of shape "
                              f"{tuple(first.input_shape)} (member 0's); member {i} "
-                             f"({m.backbone_name} on {m.backend}) takes {tuple(m.input_shape)}.")
+                             f"({m.backbone_name} on {m.backend}) takes {tuple(m.input_shape)}. "
+                             f"Pass preprocess=[one callable per member] to map one input to "
+                             f"each member's.")
     return members
 
 
@@ -284,8 +333,8 @@ def _check_weights(weights, m: int) -> np.ndarray:
 def fuse(members, method: str = "mean", *, val=None, space: str = "logit", weights=None,
          train=None, folds: int = 5, fine_tune_kwargs: dict | None = None, oof=None,
          force: bool = False, l2: float = 1e-3, seed: int = 0, batch_size: int = 64,
-         gate_on="logits", hidden=(), dropout: float = 0.0,
-         backend: str | None = None) -> FusedModel:
+         gate_on="logits", hidden=(), dropout: float = 0.0, backend: str | None = None,
+         preprocess=None) -> FusedModel:
     """An ensemble of `members` (tlbridge models on any backends, same outputs and input shape).
 
     method="mean": equal weights. method="weighted": `weights` as given (on the simplex), or
@@ -311,15 +360,27 @@ def fuse(members, method: str = "mean", *, val=None, space: str = "logit", weigh
     fine_tune_kwargs (val, early stopping, checkpoints: any fine_tune option); without, call
     tl.fine_tune(fused, ...) yourself. The members' own training data is refused as train
     unless force=True, as for "stack".
+
+    preprocess: None (every member takes x as it is: same input shape), "images" (x are uint8
+    RGB images; each member normalises them with its own tl.preprocess recipe, e.g. a Keras
+    VGG16 checkpoint's caffe BGR beside torchvision's mean/std), or one callable per member
+    mapping x to that member's input (members may then differ in input shape; such a fused
+    model is not saved). Not with "gate", whose members share one native input.
     """
-    members = _check_members(members)
+    n_members = len(members) if isinstance(members, (list, tuple)) else 0
+    preprocess = _check_preprocess(preprocess, n_members)
+    members = _check_members(members, preprocess)
     if method == "stack":
         if space != "logit":
             raise DataError(f"method='stack' combines logits; received space={space!r}.")
         return _stack(members, val=val, train=train, folds=folds, oof=oof, force=force,
                       fine_tune_kwargs=fine_tune_kwargs, l2=l2, seed=seed,
-                      batch_size=batch_size)
+                      batch_size=batch_size, preprocess=preprocess)
     if method == "gate":
+        if preprocess is not None:
+            raise DataError("method='gate' runs its members as one native model on one input; "
+                            "per-member preprocess= is not available with it. Preprocess the "
+                            "inputs first, or use members that share one input.")
         if space != "logit":
             raise DataError(f"method='gate' sums logits; received space={space!r}.")
         if weights is not None or oof is not None:
@@ -345,7 +406,8 @@ def fuse(members, method: str = "mean", *, val=None, space: str = "logit", weigh
                         "weights=[...] on the simplex.")
     else:
         w = None
-    f = FusedModel(members, method, space, np.full(n, 1.0 / n) if w is None else w)
+    f = FusedModel(members, method, space, np.full(n, 1.0 / n) if w is None else w,
+                   preprocess=preprocess)
     if val is not None:
         x, y = _val_arrays(f, val)
         zs = member_logits(f, x, batch_size)
@@ -357,7 +419,8 @@ def fuse(members, method: str = "mean", *, val=None, space: str = "logit", weigh
     return f
 
 
-def _stack(members, *, val, train, folds, oof, force, fine_tune_kwargs, l2, seed, batch_size):
+def _stack(members, *, val, train, folds, oof, force, fine_tune_kwargs, l2, seed, batch_size,
+           preprocess=None):
     from . import validation
     from .training import fine_tune
     given = [k for k, v in (("train", train), ("oof", oof), ("val", val)) if v is not None]
@@ -365,13 +428,14 @@ def _stack(members, *, val, train, folds, oof, force, fine_tune_kwargs, l2, seed
         raise DataError(f"Expected exactly one source of out-of-fold outputs for method='stack' "
                         f"(train=(x, y) with folds=k, oof=(outputs, y), or a held-out "
                         f"val=(x, y)); received {given or 'none'}.")
-    f = FusedModel(members, "stack", "logit", np.zeros((len(members), members[0].num_outputs)))
+    f = FusedModel(members, "stack", "logit", np.zeros((len(members), members[0].num_outputs)),
+                   preprocess=preprocess)
     if train is not None:
         x, y = _val_arrays(f, train, "train")
         recipes = _recipes(fine_tune_kwargs, len(members))
-        zs = out_of_fold(members, x, y, folds, recipes, seed, batch_size)
-        for m, kw in zip(members, recipes):    # the final members: fine-tuned on all of train
-            fine_tune(m, (x, y), **{"progress": False, **kw})
+        zs = out_of_fold(members, x, y, folds, recipes, seed, batch_size, preprocess)
+        for i, (m, kw) in enumerate(zip(members, recipes)):   # the final members: all of train
+            fine_tune(m, (member_input(preprocess, i, m, x), y), **{"progress": False, **kw})
         source = f"out-of-fold ({folds} folds of {len(x)} samples)"
     elif oof is not None:
         if not (isinstance(oof, (tuple, list)) and len(oof) == 2):
@@ -389,7 +453,7 @@ def _stack(members, *, val, train, folds, oof, force, fine_tune_kwargs, l2, seed
         source = "given out-of-fold outputs"
     else:
         x, y = _val_arrays(f, val)
-        own = _refuse_own_training_data(members, x, "val", "the stacker", force)
+        own = _refuse_own_training_data(members, x, "val", "the stacker", force, preprocess)
         zs = member_logits(f, x, batch_size)
         source = "held-out val" + (" (forced: members' own training data)" if own else "")
     f.weights, f.bias = fit_stacker(zs, y, l2)
@@ -450,10 +514,11 @@ def gate_weights(f: FusedModel, x, batch_size: int = 64) -> np.ndarray:
     return gate.weights_per_input(f.gate, x, batch_size)
 
 
-def _refuse_own_training_data(members, x, what: str, who: str, force: bool) -> bool:
+def _refuse_own_training_data(members, x, what: str, who: str, force: bool,
+                              preprocess=None) -> bool:
     from .training import fingerprint
-    mark = fingerprint(x)
-    own = [i for i, m in enumerate(members) if mark in m.report.get("trained_on", [])]
+    own = [i for i, m in enumerate(members)
+           if fingerprint(member_input(preprocess, i, m, x)) in m.report.get("trained_on", [])]
     if own and not force:
         raise DataError(
             f"Refusing to fit {who} on member(s) {own}'s own training data ({what} is the set "
@@ -468,7 +533,18 @@ def _val_arrays(f: FusedModel, val, what: str = "val"):
     if not (isinstance(val, (tuple, list)) and len(val) == 2):
         raise DataError(f"Expected {what} as an (x, y) pair of numpy arrays; received "
                         f"{type(val).__name__}.")
-    x = validation.check_images(val[0], f.input_shape, f.dtype, f"{what} x")
+    if f.preprocess is None:
+        x = validation.check_images(val[0], f.input_shape, f.dtype, f"{what} x")
+    elif f.preprocess == "images":
+        x = _as_uint8(val[0])
+        if x.ndim != 4 or x.shape[1:] != tuple(f.input_shape) or not len(x):
+            raise ShapeError(f"Expected {what} x as RGB images of shape (N, "
+                             f"{', '.join(map(str, f.input_shape))}) (the members' input); "
+                             f"received {x.shape}.")
+    else:
+        x = np.asarray(val[0])
+        if x.ndim == 0 or not len(x):
+            raise ShapeError(f"Expected {what} x with N >= 1 samples; received shape {x.shape}.")
     y = validation.check_labels(val[1], len(x), f.num_outputs, "float64")
     return x, np.asarray(y, np.float64)
 
@@ -492,7 +568,7 @@ def convert(f: FusedModel, backend: str) -> FusedModel:
                           dict(f.report))
     return FusedModel([api.convert(m, backend) for m in f.members], f.method, f.space,
                       f.weights.copy(), dict(f.report),
-                      None if f.bias is None else f.bias.copy())
+                      None if f.bias is None else f.bias.copy(), preprocess=f.preprocess)
 
 
 def save(f: FusedModel, path) -> None:
@@ -501,6 +577,11 @@ def save(f: FusedModel, path) -> None:
     from . import api
     from . import weights as wio
     from . import gate
+    if isinstance(f.preprocess, list):
+        raise DataError("Expected a fused model whose inputs can be stored (preprocess=None or "
+                        "'images'); received one with per-member preprocess callables, which a "
+                        "file cannot hold. Save the members (tl.save each) and fuse again after "
+                        "loading them.")
     tensors = {}
     if f.weights is not None:
         tensors["fusion/weights"] = np.asarray(f.weights, np.float64)
@@ -513,6 +594,8 @@ def save(f: FusedModel, path) -> None:
                         "frozen": sorted(m.frozen)})
     meta = {"format": FORMAT, "method": f.method, "space": f.space,
             "members": json.dumps(members), "report": json.dumps(f.report)}
+    if f.preprocess is not None:
+        meta["preprocess"] = f.preprocess
     if f.gate is not None:
         tensors.update({f"gate/{k}": v for k, v in gate.head_weights(f.gate).items()})
         meta["gate"] = f.gate.spec.to_json()
@@ -556,4 +639,5 @@ def load(path, tensors: dict, meta: dict, backend: str | None = None) -> FusedMo
         return _with_gate(built, gb, gate_spec, head, built[0].backend, report)
     bias = tensors.get("fusion/bias")
     return FusedModel(built, method, space, weights, report,
-                      None if bias is None else np.asarray(bias, np.float64))
+                      None if bias is None else np.asarray(bias, np.float64),
+                      preprocess=meta.get("preprocess"))

@@ -88,7 +88,7 @@ def _check_data(m: TransferModel, ds: tldata.Dataset, what: str) -> tldata.Datas
             f"received {ds.num_outputs}. Pass labels of shape (N, {m.num_outputs})"
             f"{' or (N,)' if m.num_outputs == 1 else ''}, or give the model "
             f"{ds.num_outputs} outputs with tl.replace_head(m, {ds.num_outputs}).")
-    if ds.image_shape != tuple(m.input_shape):
+    if m.input_shape is not None and ds.image_shape != tuple(m.input_shape):
         raise DataError(
             f"Expected {what} images of shape {tuple(m.input_shape)} (the model's input_shape); "
             f"received {ds.image_shape}. Resize the images (image_folder's image_size), or load "
@@ -205,6 +205,8 @@ def evaluate(m: TransferModel, data, *, batch_size: int = 64) -> dict:
     if not isinstance(m, fusion.FusedModel):
         m = api._check_model(m)
         api._need_head(m, "evaluate")
+    elif m.preprocess == "images" and isinstance(data, (tuple, list)) and len(data) == 2:
+        data = (np.asarray(data[0]).astype(np.float32), data[1])   # 0-255 stay exact integers
     ds = _check_data(m, _as_dataset(data, batch_size, False, 0, m.dtype, "data"), "data")
     return _evaluate(m, ds, batch_size)
 
