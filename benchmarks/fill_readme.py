@@ -26,6 +26,7 @@ BLOCKS = {
     "parity": ("benchmarks/parity_table.py", "make parity"),
     "speed": ("benchmarks/speed.py", "make speed"),
     "fusion": ("benchmarks/fusion.py", ".venv/bin/python benchmarks/fusion.py"),
+    "few_shot": ("benchmarks/few_shot.py", ".venv/bin/python benchmarks/few_shot.py"),
     "demo": ("tlbridge/demo.py", "make demo"),
 }
 

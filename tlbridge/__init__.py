@@ -5,11 +5,13 @@ needs it, so both can live side by side in one process.
 """
 from __future__ import annotations
 
-from . import data, errors, optim, parity
+from . import data, errors, losses, optim, parity
 from .api import (bce_loss_and_grads, convert, features, freeze, get_weights, list_backbones,
+                  loss_and_grads,
                   preprocessing_of,
                   load, load_backbone, logits, predict, preprocess, replace_head, save,
                   set_weights, trainable_names, unfreeze)
+from .fewshot import few_shot_eval, linear_probe, prototype_head, transfer_labels
 from .fusion import FusedModel, fuse, gate_weights
 from .soup import soup
 from .config import available_backends, get_backend, set_backend, use_backend
@@ -23,8 +25,9 @@ __version__ = "0.1.0"
 __all__ = [
     "available_backends", "get_backend", "set_backend", "use_backend",
     "list_backbones", "load_backbone", "replace_head", "freeze", "unfreeze", "trainable_names",
-    "features", "logits", "predict", "bce_loss_and_grads",
+    "features", "logits", "predict", "bce_loss_and_grads", "loss_and_grads",
     "get_weights", "set_weights", "convert", "save", "load", "preprocess", "preprocessing_of",
-    "fine_tune", "evaluate", "fuse", "FusedModel", "gate_weights", "soup", "History", "EarlyStopping", "L2SP", "OptimizerConfig",
-    "TransferModel", "data", "errors", "optim", "parity", "__version__",
+    "fine_tune", "evaluate", "prototype_head", "linear_probe", "few_shot_eval", "transfer_labels",
+    "fuse", "FusedModel", "gate_weights", "soup", "History", "EarlyStopping", "L2SP", "OptimizerConfig",
+    "TransferModel", "data", "errors", "losses", "optim", "parity", "__version__",
 ]

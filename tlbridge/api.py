@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from . import (checkpoints, config, freezing, fusion, init, metrics, registry, validation,
+from . import (checkpoints, config, freezing, fusion, init, losses, metrics, registry, validation,
                weights as wio, zoo)
 from .errors import (ArgumentTypeError, CheckpointError, DataError, NoHeadError, NotPortableError,
                      ShapeError, WeightsMismatchError)
@@ -121,11 +121,14 @@ def _attach(m: TransferModel, head: HeadSpec, seed) -> TransferModel:
 
 
 def replace_head(m: TransferModel, num_outputs: int = 1, *, hidden=(), dropout: float = 0.0,
-                 seed: int | None = None) -> TransferModel:
+                 seed: int | None = None, loss: str = "bce",
+                 label_smoothing: float = 0.0) -> TransferModel:
     """A new model sharing `m`'s backbone with a fresh head emitting logits.
 
     The head starts from torch.nn.Linear's default init drawn from numpy with `seed`, so
-    the same seed gives the same head on both backends.
+    the same seed gives the same head on both backends. `loss` ("bce": independent sigmoids,
+    "ce": one softmax over the outputs, "mse": real values) is what fine_tune trains it with
+    unless told otherwise, and decides what tl.predict returns.
     """
     _check_model(m)
     if not _is_int(num_outputs) or num_outputs < 1:
@@ -134,6 +137,8 @@ def replace_head(m: TransferModel, num_outputs: int = 1, *, hidden=(), dropout: 
     if not 0.0 <= float(dropout) < 1.0:
         raise DataError(f"Expected 0 <= dropout < 1; received {dropout}.")
     head = HeadSpec(int(num_outputs), _check_hidden(hidden), float(dropout))
+    spec = losses.of(head, loss, label_smoothing)
+    head = replace(head, loss=spec.name, label_smoothing=spec.label_smoothing)
     return _attach(m, head, seed)
 
 
@@ -204,8 +209,12 @@ def logits(m: TransferModel, x, *, batch_size: int = 64) -> np.ndarray:
 
 
 def predict(m: TransferModel, x, *, batch_size: int = 64) -> np.ndarray:
-    """Probabilities: the sigmoid of the logits, computed stably in numpy."""
-    return metrics.sigmoid(logits(m, x, batch_size=batch_size))
+    """Probabilities, in numpy from the logits: sigmoid for a BCE head (and a fused model),
+    softmax over the outputs for a CE head; an MSE head's values as they are."""
+    z = logits(m, x, batch_size=batch_size)
+    if isinstance(m, fusion.FusedModel):
+        return metrics.sigmoid(z)
+    return losses.probabilities(z, m.spec.head.loss)
 
 
 def bce_loss_and_grads(m: TransferModel, x, y, training: bool = False):
@@ -215,11 +224,24 @@ def bce_loss_and_grads(m: TransferModel, x, y, training: bool = False):
     training=True runs BatchNorm on batch statistics and updates its running statistics
     (frozen BatchNorm excepted), as one training step would.
     """
+    return loss_and_grads(m, x, y, training=training, loss="bce")
+
+
+def loss_and_grads(m: TransferModel, x, y, training: bool = False, *, loss: str | None = None,
+                   label_smoothing: float | None = None):
+    """The head's loss (or `loss=`: "bce", "ce", "mse"; tlbridge/losses.py) from logits, and
+    its gradient with respect to every trainable parameter (canonical names and layout).
+
+    Labels as for fine_tune: bce {0, 1} (N, K); ce class indices (N,) or rows summing to 1;
+    mse real (N, K). training=True runs BatchNorm on batch statistics and updates its running
+    statistics (frozen BatchNorm excepted), as one training step would.
+    """
     _check_model(m)
-    _need_head(m, "bce_loss_and_grads")
+    _need_head(m, "loss_and_grads")
+    spec = losses.of(m.spec.head, loss, label_smoothing)
     x = validation.check_images(x, m.input_shape, m.dtype)
-    y = validation.check_labels(y, len(x), m.num_outputs, m.dtype)
-    return _be(m.backend).loss_and_grads(m, x, y, bool(training))
+    y = losses.prepare_labels(y, len(x), m.num_outputs, spec.name, m.dtype)
+    return _be(m.backend).loss_and_grads(m, x, y, bool(training), spec)
 
 
 def get_weights(m: TransferModel) -> dict[str, np.ndarray]:

@@ -451,9 +451,10 @@ def _seed(v) -> int:
 
 def arrays(x, y, *, batch_size=32, shuffle=True, seed=0, augment=None, drop_last=False,
            dtype="float32", prefetch=2, workers=2) -> Dataset:
-    """A Dataset over in-memory NHWC float images x (N, H, W, C) and labels y (N,) or (N, K)
-    in {0, 1}. x is not copied; batches are cast to `dtype`. Augmentation zero-fills in the
-    space x is in (after any normalisation)."""
+    """A Dataset over in-memory NHWC float images x (N, H, W, C) and labels y (N,) or (N, K):
+    {0, 1} for BCE, class indices or one-hot rows for CE, real values for MSE (checked against
+    the model's loss by fine_tune and evaluate). x is not copied; batches are cast to `dtype`.
+    Augmentation zero-fills in the space x is in (after any normalisation)."""
     if not isinstance(x, np.ndarray):
         x = np.asarray(x)
     if x.ndim != 4:
@@ -480,13 +481,10 @@ def arrays(x, y, *, batch_size=32, shuffle=True, seed=0, augment=None, drop_last
         raise ShapeError(f"Expected one label row per image; received {x.shape[0]} image(s) in x "
                          f"but {y.shape[0]} label row(s) in y. Pass x and y of the same length.")
     if not (np.issubdtype(y.dtype, np.number) or y.dtype == bool):
-        raise DataError(f"Expected numeric labels in {{0, 1}}; received dtype {y.dtype}.")
-    bad = ~((y == 0) | (y == 1))
-    if bad.any():
-        sample = np.unique(y[bad])[:5].tolist()
-        raise DataError(f"Expected labels in {{0, 1}} for binary cross-entropy; received "
-                        f"{int(bad.sum())} value(s) outside it, e.g. {sample}. One-hot encode "
-                        f"class indices first (np.eye(K)[y]).")
+        raise DataError(f"Expected numeric labels; received dtype {y.dtype}.")
+    if not np.all(np.isfinite(y.astype(np.float64))):
+        raise DataError(f"Expected finite labels; received "
+                        f"{int(np.sum(~np.isfinite(y.astype(np.float64))))} NaN/inf value(s).")
     return Dataset(_ArraySource(x), y.astype(np.float64), x.shape[1:], batch_size=batch_size,
                    shuffle=shuffle, seed=seed, augment=augment, drop_last=drop_last, dtype=dtype,
                    prefetch=prefetch, workers=workers)
@@ -494,7 +492,7 @@ def arrays(x, y, *, batch_size=32, shuffle=True, seed=0, augment=None, drop_last
 
 def image_folder(root, image_size, *, classes=None, on_error="raise", batch_size=32,
                  shuffle=True, seed=0, augment=None, preprocess=None, drop_last=False,
-                 dtype="float32", prefetch=2, workers=2) -> Dataset:
+                 dtype="float32", prefetch=2, workers=2, labels="auto") -> Dataset:
     """A Dataset over root/<class>/**/<image> (torchvision's ImageFolder layout).
 
     Classes are the sorted sub-folder names (hidden ones left out) unless `classes` lists them.
@@ -502,14 +500,17 @@ def image_folder(root, image_size, *, classes=None, on_error="raise", batch_size
     (in [0, 255] float) and scaled to [0, 1], or passed to `preprocess(batch)` instead (it gets
     uint8, or float in [0, 255] when augmented, shape (B, h, w, 3); it runs in worker threads).
     Augmentation acts on the resized image (not on the full-size file, as torchvision's
-    RandomResizedCrop would). Labels: 2 classes -> (N, 1), class index 1 positive;
-    K > 2 -> one-hot (N, K).
+    RandomResizedCrop would). Labels: "auto": 2 classes -> (N, 1), class index 1 positive
+    (BCE); K > 2 -> one-hot (N, K) (BCE one-vs-rest, or CE); "index": class indices (N, 1)
+    for a CE head with K outputs (the one-hot rows are made when training).
     on_error: "raise" (DataError naming the file) or "skip" (left out, listed in ds.skipped,
     with a warning). Headers are checked here; a file whose pixels fail later is dropped from
     its batch under "skip".
     """
     if on_error not in ("raise", "skip"):
         raise DataError(f"Expected on_error 'raise' or 'skip'; received {on_error!r}.")
+    if labels not in ("auto", "index"):
+        raise DataError(f"Expected labels 'auto' or 'index'; received {labels!r}.")
     if isinstance(image_size, (int, np.integer)) and not isinstance(image_size, bool):
         image_size = (image_size, image_size)
     try:
@@ -577,8 +578,107 @@ def image_folder(root, image_size, *, classes=None, on_error="raise", batch_size
             raise DataError(f"Expected readable images in every class folder; received none in "
                             f"{empty} after skipping {len(skipped)} unreadable file(s).")
     idx = np.asarray(idx)
-    labels = (idx == 1)[:, None].astype(np.float64) if len(classes) == 2 else np.eye(len(classes))[idx]
-    return Dataset(_FolderSource(files, hw, preprocess, on_error), labels, (*hw, 3),
+    if labels == "index":
+        y = idx[:, None].astype(np.float64)
+    else:
+        y = (idx == 1)[:, None].astype(np.float64) if len(classes) == 2 else np.eye(len(classes))[idx]
+    return Dataset(_FolderSource(files, hw, preprocess, on_error), y, (*hw, 3),
                    batch_size=batch_size, shuffle=shuffle, seed=seed, augment=augment,
                    drop_last=drop_last, dtype=dtype, prefetch=prefetch, workers=workers,
                    classes=list(classes), files=files, skipped=skipped)
+
+
+# ----------------------------------------------------------------------------- few-shot episodes
+
+@dataclass(frozen=True)
+class Episode:
+    """One N-way K-shot task: indices into the episodes' x, labels remapped to 0..n_way-1
+    (`classes[j]` is the original class of label j)."""
+
+    support: np.ndarray
+    support_y: np.ndarray
+    query: np.ndarray
+    query_y: np.ndarray
+    classes: tuple
+
+    @property
+    def n_way(self) -> int:
+        return len(self.classes)
+
+
+class Episodes:
+    """A fixed, seeded list of episodes over one array of images (indices, not copies)."""
+
+    def __init__(self, x, episodes: list, n_way: int, n_shot: int, n_query: int, seed: int):
+        self.x = x
+        self.episodes = episodes
+        self.n_way, self.n_shot, self.n_query, self.seed = n_way, n_shot, n_query, seed
+
+    def __len__(self) -> int:
+        return len(self.episodes)
+
+    def __iter__(self):
+        return iter(self.episodes)
+
+    def __getitem__(self, i) -> Episode:
+        return self.episodes[i]
+
+    def arrays(self, i: int):
+        """(support_x, support_y, query_x, query_y) of episode i."""
+        e = self.episodes[i]
+        return self.x[e.support], e.support_y, self.x[e.query], e.query_y
+
+    def __repr__(self) -> str:
+        return (f"Episodes({len(self)} x {self.n_way}-way {self.n_shot}-shot, "
+                f"{self.n_query} queries per class, seed={self.seed})")
+
+
+def episodes(data, n_way: int, n_shot: int, n_query: int, n_episodes: int = 100,
+             seed: int = 0) -> Episodes:
+    """Seeded few-shot episodes (Vinyals et al. 2016): each draws n_way classes, then n_shot
+    support and n_query query images per class, without overlap. `data` is (x, y) with class
+    indices or one-hot rows, or a tl.data dataset (read whole with as_arrays). Episode e
+    draws from np.random.default_rng([seed, e]): the same episodes on any machine."""
+    if isinstance(data, Dataset):
+        x, y = data.as_arrays()
+    elif isinstance(data, (tuple, list)) and len(data) == 2:
+        x, y = np.asarray(data[0]), np.asarray(data[1])
+    else:
+        raise DataError(f"Expected data as (x, y) or a tl.data dataset; received "
+                        f"{type(data).__name__}.")
+    for name, v, low in (("n_way", n_way, 2), ("n_shot", n_shot, 1), ("n_query", n_query, 1),
+                         ("n_episodes", n_episodes, 1)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
+            raise DataError(f"Expected {name} as an int >= {low}; received {v!r}.")
+    seed = _seed(seed)
+    if y.ndim == 2 and y.shape[1] > 1:
+        y = np.argmax(y, axis=1)
+    y = y.reshape(-1)
+    if len(y) != len(x):
+        raise ShapeError(f"Expected one label per image; received {len(x)} images and "
+                         f"{len(y)} labels.")
+    classes, counts = np.unique(y, return_counts=True)
+    if len(classes) < n_way:
+        raise DataError(f"Expected at least n_way={n_way} classes; received {len(classes)} "
+                        f"({classes.tolist()}).")
+    need = n_shot + n_query
+    small = [(c.item(), int(k)) for c, k in zip(classes, counts) if k < need]
+    if small:
+        raise DataError(f"Expected every class to have n_shot + n_query = {need} images; "
+                        f"received fewer for (class, count) {small[:5]}. Lower n_shot or "
+                        f"n_query, or drop those classes.")
+    by_class = {c.item(): np.nonzero(y == c)[0] for c in classes}
+    out = []
+    for e in range(int(n_episodes)):
+        rng = np.random.default_rng([seed, e])
+        chosen = rng.choice(len(classes), size=n_way, replace=False)
+        s, sy, q, qy = [], [], [], []
+        for j, ci in enumerate(chosen):
+            idx = rng.choice(by_class[classes[ci].item()], size=need, replace=False)
+            s.append(idx[:n_shot])
+            q.append(idx[n_shot:])
+            sy += [j] * n_shot
+            qy += [j] * n_query
+        out.append(Episode(np.concatenate(s), np.asarray(sy), np.concatenate(q), np.asarray(qy),
+                           tuple(classes[chosen].tolist())))
+    return Episodes(x, out, n_way, n_shot, n_query, seed)

@@ -246,9 +246,10 @@ class ParityResult:
     zero_level: float     # largest of both backends' magnitudes there / largest gradient
 
 
-def compare(mt, mk, x, y, *, training: bool) -> ParityResult:
-    lt, gt = api.bce_loss_and_grads(mt, x, y, training=training)
-    lk, gk = api.bce_loss_and_grads(mk, x, y, training=training)
+def compare(mt, mk, x, y, *, training: bool, loss: str | None = None) -> ParityResult:
+    """Loss (the head's, or `loss=`), every gradient and the weights after the pass."""
+    lt, gt = api.loss_and_grads(mt, x, y, training=training, loss=loss)
+    lk, gk = api.loss_and_grads(mk, x, y, training=training, loss=loss)
     zeros = zero_set(gt)
     g = rel_errors(gk, gt, skip=zeros)
     at = max(g, key=g.get) if g else ""

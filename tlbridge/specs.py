@@ -68,11 +68,15 @@ class HeadSpec:
 
     Canonical names follow the torch module: `head` when there is no hidden layer,
     else an nn.Sequential of Linear, ReLU, Dropout triples: `head.0`, `head.3`, ...
+    `loss` is what fine_tune trains it with by default (tlbridge/losses.py) and decides what
+    tl.predict returns (sigmoid, softmax, or the values).
     """
 
     num_outputs: int = 1
     hidden: tuple = ()
     dropout: float = 0.0
+    loss: str = "bce"
+    label_smoothing: float = 0.0
 
     def layer_names(self, prefix: str = "head") -> list[str]:
         if not self.hidden:
@@ -110,7 +114,9 @@ class ModelSpec:
             input_shape=tuple(data["input_shape"]),
             dtype=data["dtype"],
             head=None if head is None else HeadSpec(head["num_outputs"], tuple(head["hidden"]),
-                                                    float(head["dropout"])),
+                                                    float(head["dropout"]),
+                                                    head.get("loss", "bce"),
+                                                    float(head.get("label_smoothing", 0.0))),
             native_backend=data.get("native_backend"),
             preprocessing=(Preprocessing.from_dict(data["preprocessing"])
                            if data.get("preprocessing") else None),

@@ -16,7 +16,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import api, data as tldata, freezing, fusion, gate, metrics, optim, registry
+from . import api, data as tldata, freezing, fusion, gate, losses, optim, registry
 from . import weights as wio
 from .errors import CheckpointError, DataError, FreezeSpecError, TrainingDivergedError
 from .history import History
@@ -39,7 +39,7 @@ class L2SP:
 class EarlyStopping:
     monitor: str = "val_loss"
     patience: int = 3
-    mode: str = "auto"          # "min" | "max" | "auto" (max for accuracy/auc, else min)
+    mode: str = "auto"          # "min" | "max" | "auto" (max for accuracy/auc/top5, else min)
     min_delta: float = 0.0
     restore_best: bool = True
 
@@ -62,7 +62,7 @@ class EarlyStopping:
     def better(self, new: float, best: float) -> bool:
         mode = self.mode
         if mode == "auto":
-            mode = "max" if any(k in self.monitor for k in ("acc", "auc")) else "min"
+            mode = "max" if any(k in self.monitor for k in ("acc", "auc", "top")) else "min"
         if math.isnan(new):
             return False
         if math.isnan(best):
@@ -80,8 +80,24 @@ def _as_dataset(d, batch_size, shuffle, seed, dtype, what) -> tldata.Dataset:
                     f"received {type(d).__name__}.")
 
 
-def _check_data(m: TransferModel, ds: tldata.Dataset, what: str) -> tldata.Dataset:
-    """The data must fit the model before any work is done: label columns and image shape."""
+def _check_data(m: TransferModel, ds: tldata.Dataset, what: str,
+                loss: losses.Loss | None = None) -> tldata.Dataset:
+    """The data must fit the model before any work is done: label columns and image shape;
+    with a loss, labels in its form: (N, K) floats (class indices become one-hot rows, in a
+    shallow copy of the dataset: the caller's is left as it was)."""
+    indices = loss is not None and loss.name == "ce" and ds.num_outputs == 1
+    if ds.num_outputs != m.num_outputs and not indices:
+        raise DataError(
+            f"Expected {what} labels with {m.num_outputs} column(s) (the model's outputs); "
+            f"received {ds.num_outputs}. Pass labels of shape (N, {m.num_outputs})"
+            f"{' or (N,)' if m.num_outputs == 1 or indices else ''}, or give the model "
+            f"{ds.num_outputs} outputs with tl.replace_head(m, {ds.num_outputs}).")
+    if loss is not None:
+        import copy
+        y = losses.prepare_labels(ds.labels, ds.num_samples, m.num_outputs, loss.name,
+                                  "float64", f"{what} labels")
+        ds = copy.copy(ds)
+        ds.labels, ds.num_outputs = y, y.shape[1]
     if ds.num_outputs != m.num_outputs:
         raise DataError(
             f"Expected {what} labels with {m.num_outputs} column(s) (the model's outputs); "
@@ -200,18 +216,25 @@ class _Progress:
             self.text = None
 
 
-def evaluate(m: TransferModel, data, *, batch_size: int = 64) -> dict:
-    """loss (mean BCE from logits), accuracy (0.5 threshold / argmax), ROC AUC for one output."""
+def evaluate(m: TransferModel, data, *, batch_size: int = 64, loss: str | None = None,
+             label_smoothing: float | None = None) -> dict:
+    """The head's loss (or `loss=`) and its metrics (tlbridge/losses.py, `scores`): bce:
+    accuracy (0.5 threshold / argmax) and ROC AUC for one output; ce: accuracy and top-5
+    accuracy (K > 5); mse: mean absolute error. A FusedModel is scored with BCE."""
     if not isinstance(m, fusion.FusedModel):
         m = api._check_model(m)
         api._need_head(m, "evaluate")
-    elif m.preprocess == "images" and isinstance(data, (tuple, list)) and len(data) == 2:
-        data = (np.asarray(data[0]).astype(np.float32), data[1])   # 0-255 stay exact integers
-    ds = _check_data(m, _as_dataset(data, batch_size, False, 0, m.dtype, "data"), "data")
-    return _evaluate(m, ds, batch_size)
+        spec = losses.of(m.spec.head, loss, label_smoothing)
+    else:
+        spec = losses.Loss()
+        if m.preprocess == "images" and isinstance(data, (tuple, list)) and len(data) == 2:
+            data = (np.asarray(data[0]).astype(np.float32), data[1])  # 0-255 stay exact integers
+    ds = _check_data(m, _as_dataset(data, batch_size, False, 0, m.dtype, "data"), "data", spec)
+    return _evaluate(m, ds, batch_size, spec)
 
 
-def _evaluate(m: TransferModel, ds: tldata.Dataset, batch_size: int) -> dict:
+def _evaluate(m: TransferModel, ds: tldata.Dataset, batch_size: int,
+              loss: losses.Loss | None = None) -> dict:
     """Scores over the whole set, computed one batch at a time (no full decoded copy)."""
     zs, ys = [], []
     for _, xb, yb in ds.indexed_batches():
@@ -220,7 +243,7 @@ def _evaluate(m: TransferModel, ds: tldata.Dataset, batch_size: int) -> dict:
     if not zs:
         raise DataError(f"Expected at least one readable image; received none of "
                         f"{ds.num_samples} (see ds.skipped).")
-    return metrics.scores(np.concatenate(zs), np.concatenate(ys))
+    return losses.scores(np.concatenate(zs), np.concatenate(ys), loss or losses.Loss())
 
 
 def fine_tune(model: TransferModel, train, *, val=None, epochs: int = 1, batch_size: int = 32,
@@ -229,7 +252,8 @@ def fine_tune(model: TransferModel, train, *, val=None, epochs: int = 1, batch_s
               group_lrs: dict | None = None, unfreeze: dict | None = None, regularizer=None,
               early_stopping=None, seed: int = 0, progress: bool = True, checkpoint_dir=None,
               resume: bool = False, feature_cache="auto", ema: float | None = None,
-              ema_swap: bool = True, callbacks: list[Callable] | None = None) -> History:
+              ema_swap: bool = True, callbacks: list[Callable] | None = None,
+              loss: str | None = None, label_smoothing: float | None = None) -> History:
     """Fine-tune `model` in place on `train`; the same call gives the same result on both backends.
 
     feature_cache="auto": in epochs where the whole backbone is frozen and the data has no
@@ -248,6 +272,8 @@ def fine_tune(model: TransferModel, train, *, val=None, epochs: int = 1, batch_s
     backends); with val, the history also holds val_*_ema per epoch; the average is kept in
     checkpoints, is `history.ema_weights`, and replaces the model's weights at the end unless
     ema_swap=False. Each step copies the weights out once (about 4% of a ResNet-50 step).
+    loss: the head's own (replace_head(..., loss=)) unless given: "bce", "ce" (with
+    label_smoothing), "mse" (tlbridge/losses.py); labels in its form (class indices for "ce").
     A gated FusedModel (tl.fuse(..., method="gate")) trains its gate here; its members stay
     frozen.
     """
@@ -261,16 +287,18 @@ def fine_tune(model: TransferModel, train, *, val=None, epochs: int = 1, batch_s
     m = api._check_model(model)
     api._need_head(m, "fine_tune")
     be = registry.load(m.backend)
-    ds = _check_data(m, _as_dataset(train, batch_size, True, seed, m.dtype, "train"), "train")
+    loss_spec = losses.of(m.spec.head, loss, label_smoothing)
+    ds = _check_data(m, _as_dataset(train, batch_size, True, seed, m.dtype, "train"), "train",
+                     loss_spec)
     vds = None if val is None else _check_data(
-        m, _as_dataset(val, batch_size, False, seed, m.dtype, "val"), "val")
+        m, _as_dataset(val, batch_size, False, seed, m.dtype, "val"), "val", loss_spec)
     cfg = optimizer if isinstance(optimizer, optim.OptimizerConfig) else optim.OptimizerConfig(
         str(optimizer).lower(), momentum, nesterov, weight_decay, tuple(betas), eps)
     reg = _regularizer(regularizer)
     stop = _early(early_stopping)
     ema = _check_ema(ema, ema_swap, stop)
     if stop is not None:
-        _check_monitor(stop, m, reg, vds, ema)
+        _check_monitor(stop, m, reg, vds, ema, loss_spec)
     if not (feature_cache == "auto" or feature_cache is True or feature_cache is False):
         raise DataError(f"Expected feature_cache 'auto', True or False; received {feature_cache!r}.")
     names = api._param_names(m)
@@ -282,7 +310,7 @@ def fine_tune(model: TransferModel, train, *, val=None, epochs: int = 1, batch_s
     ckpt = None if checkpoint_dir is None else os.path.join(os.fspath(checkpoint_dir), CHECKPOINT_NAME)
     saved = None
     if resume and ckpt and os.path.exists(ckpt):
-        saved = _read_checkpoint(m, ckpt, cfg, seed, stop, ema)
+        saved = _read_checkpoint(m, ckpt, cfg, seed, stop, ema, loss_spec)
     start = 0 if saved is None else saved["epoch"] + 1
     _check_trainable(m, names, frozen_at, None if saved is None else saved["frozen"], start, epochs)
     if m.backbone_name == gate.NAME:
@@ -299,7 +327,8 @@ def fine_tune(model: TransferModel, train, *, val=None, epochs: int = 1, batch_s
         anchors = {n: w[n] for n in names if n.startswith("backbone.")}
 
     history = History()
-    trainer = be.make_trainer(m, cfg, groups, None if reg is None else (reg.alpha, reg.beta), anchors)
+    trainer = be.make_trainer(m, cfg, groups, None if reg is None else (reg.alpha, reg.beta),
+                              anchors, loss_spec)
     best = {"value": math.nan, "weights": None, "epoch": -1}
     stopped = False
     if saved is not None:
@@ -332,7 +361,7 @@ def fine_tune(model: TransferModel, train, *, val=None, epochs: int = 1, batch_s
         elif cache is None:
             cache = _feature_cache(m, ds)
         bar = _Progress(progress, steps, f"epoch {epoch + 1}/{epochs}")
-        losses = []
+        step_losses = []
         try:                            # the backend may leave train mode on between steps
             for step, (xb, yb) in enumerate(_batches(ds, epoch, cache if use_cache else None)):
                 global_step = epoch * steps + step
@@ -355,24 +384,25 @@ def fine_tune(model: TransferModel, train, *, val=None, epochs: int = 1, batch_s
                         "Lower the learning rate, add warm-up, or check the data.", epoch, step)
                 if ema_w is not None:
                     optim.ema_update(ema_w, api.get_weights(m), ema)
-                losses.append(loss)
+                step_losses.append(loss)
                 bar.update(loss)
                 for cb in callbacks:
                     cb("step", {"epoch": epoch, "step": step, "loss": loss, "lr": lrs})
         finally:
             trainer.end_epoch()
-        record = {"epoch": epoch, "loss": float(np.mean(losses)), "lr": lrs[-1],
+        record = {"epoch": epoch, "loss": float(np.mean(step_losses)), "lr": lrs[-1],
                   "trainable": len(names) - len(m.frozen), "cached": bool(use_cache)}
         if reg is not None:
             record["penalty"] = penalty
         if vds is not None:
-            record.update({f"val_{k}": v for k, v in _evaluate(m, vds, vds.batch_size).items()})
+            record.update({f"val_{k}": v for k, v in
+                           _evaluate(m, vds, vds.batch_size, loss_spec).items()})
             if ema_w is not None:
                 current = api.get_weights(m)
                 api.set_weights(m, ema_w)
                 try:
-                    record.update({f"val_{k}_ema": v
-                                   for k, v in _evaluate(m, vds, vds.batch_size).items()})
+                    record.update({f"val_{k}_ema": v for k, v in
+                                   _evaluate(m, vds, vds.batch_size, loss_spec).items()})
                 finally:
                     api.set_weights(m, current)
         record["seconds"] = time.perf_counter() - t0
@@ -388,7 +418,7 @@ def fine_tune(model: TransferModel, train, *, val=None, epochs: int = 1, batch_s
                 stopped = True
         if ckpt:
             _save(m, trainer, ckpt, epoch, history, anchors, cfg, seed, stop, best, stopped,
-                  ema, ema_w)
+                  ema, ema_w, loss_spec)
             ckpt_epoch = epoch
         for cb in callbacks:
             cb("epoch", record)
@@ -431,13 +461,15 @@ def _check_ema(ema, ema_swap, stop):
     return float(ema)
 
 
-def _check_monitor(stop: EarlyStopping, m: TransferModel, reg, vds, ema=None) -> None:
+def _check_monitor(stop: EarlyStopping, m: TransferModel, reg, vds, ema=None,
+                   loss: losses.Loss | None = None) -> None:
     """The monitored metric must be one the history will have: checked before training."""
     available = ["loss"] + (["penalty"] if reg is not None else [])
+    names = losses.score_names(m.num_outputs, (loss or losses.Loss()).name)
     if vds is not None:
-        available += [f"val_{k}" for k in metrics.score_names(m.num_outputs)]
+        available += [f"val_{k}" for k in names]
         if ema is not None:
-            available += [f"val_{k}_ema" for k in metrics.score_names(m.num_outputs)]
+            available += [f"val_{k}_ema" for k in names]
     if stop.monitor in available:
         return
     hint = ""
@@ -528,7 +560,7 @@ def _stop_config(stop) -> dict | None:
 
 
 def _save(m, trainer, path, epoch, history, anchors, cfg, seed, stop=None, best=None,
-          stopped=False, ema=None, ema_w=None):
+          stopped=False, ema=None, ema_w=None, loss=None):
     tensors = {f"model/{k}": v for k, v in api.get_weights(m).items()}
     tensors.update({f"optim/{k}": v for k, v in trainer.state_dict().items()})
     if anchors:
@@ -537,7 +569,7 @@ def _save(m, trainer, path, epoch, history, anchors, cfg, seed, stop=None, best=
             "frozen": json.dumps(sorted(m.frozen)), "epoch": str(epoch),
             "history": history.to_json(), "optimizer": json.dumps(asdict(cfg)),
             "seed": str(seed), "early_stopping": json.dumps(_stop_config(stop)),
-            "ema": json.dumps(ema)}
+            "ema": json.dumps(ema), "loss": json.dumps(asdict(loss or losses.Loss()))}
     if ema_w is not None:
         tensors.update({f"ema/{k}": v for k, v in ema_w.items()})
     if stop is not None:
@@ -549,7 +581,7 @@ def _save(m, trainer, path, epoch, history, anchors, cfg, seed, stop=None, best=
     wio.save_file(path, tensors, meta)
 
 
-def _read_checkpoint(m, path, cfg, seed, stop, ema=None) -> dict:
+def _read_checkpoint(m, path, cfg, seed, stop, ema=None, loss=None) -> dict:
     """Read and check a checkpoint before anything is changed: the same backbone, optimizer,
     seed and early stopping as this call (else the resumed run could not be the run it
     continues). The backend may differ: checkpoints are portable."""
@@ -588,6 +620,12 @@ def _read_checkpoint(m, path, cfg, seed, stop, ema=None) -> dict:
             f"Expected the ema the checkpoint {path!r} was trained with ({stored_ema}); received "
             f"{ema}. The moving average continues that run's: resume with ema={stored_ema}, "
             f"{fresh}.")
+    stored_loss = json.loads(meta.get("loss", json.dumps(asdict(losses.Loss()))))
+    asked_loss = asdict(loss or losses.Loss())
+    if stored_loss != asked_loss:
+        raise CheckpointError(
+            f"Expected the loss the checkpoint {path!r} was trained with ({stored_loss}); "
+            f"received {asked_loss}. Resume with the same loss, {fresh}.")
     out = {"tensors": tensors, "meta": meta, "epoch": int(meta["epoch"]),
            "ema": {k[4:]: v for k, v in tensors.items() if k.startswith("ema/")} or None,
            "frozen": set(json.loads(meta["frozen"])),

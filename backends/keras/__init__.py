@@ -195,12 +195,12 @@ def logits(m: TransferModel, x: np.ndarray, batch_size: int) -> np.ndarray:
     return compute.logits(m, x, batch_size)
 
 
-def loss_and_grads(m: TransferModel, x: np.ndarray, y: np.ndarray, training: bool):
-    return compute.loss_and_grads(m, x, y, training)
+def loss_and_grads(m: TransferModel, x: np.ndarray, y: np.ndarray, training: bool, loss):
+    return compute.loss_and_grads(m, x, y, training, loss)
 
 
-def make_trainer(m: TransferModel, cfg, groups, regularizer, anchors):
-    return training.Trainer(m, cfg, groups, regularizer, anchors)
+def make_trainer(m: TransferModel, cfg, groups, regularizer, anchors, loss):
+    return training.Trainer(m, cfg, groups, regularizer, anchors, loss)
 
 
 def swap_batchnorm_momentum(m: TransferModel, momenta):

@@ -1,4 +1,5 @@
-"""Forward passes and BCE gradients on Keras (TensorFlow). Inputs arrive as validated NHWC numpy."""
+"""Forward passes, losses and gradients on Keras (TensorFlow). Inputs arrive as validated NHWC
+numpy."""
 from __future__ import annotations
 
 import numpy as np
@@ -31,16 +32,28 @@ def logits(m, x, batch_size):
     return _batched(m, "logits", x, batch_size)
 
 
-def loss_and_grads(m, x: np.ndarray, y: np.ndarray, training: bool):
-    """Mean BCE over all N*K entries from logits, and d loss / d every trainable parameter,
-    returned in the canonical (torch) layout."""
+def loss_fn(z, y, loss):
+    """tlbridge/losses.py's formulas with Keras' own functions (y: (N, K) float labels)."""
+    if loss.name == "bce":
+        return ops.mean(ops.binary_crossentropy(y, z, from_logits=True))
+    if loss.name == "ce":
+        eps = loss.label_smoothing
+        if eps:
+            y = y * (1.0 - eps) + eps / int(z.shape[-1])
+        return ops.mean(ops.categorical_crossentropy(y, z, from_logits=True))
+    return ops.mean(ops.square(z - y))
+
+
+def loss_and_grads(m, x: np.ndarray, y: np.ndarray, training: bool, loss):
+    """The loss from logits, and d loss / d every trainable parameter, returned in the
+    canonical (torch) layout."""
     slots = [s for s in m.state["slots"] if s.is_param and s.name not in m.frozen]
     xt, yt = tf.constant(x), tf.constant(y)
     with tf.GradientTape(watch_accessed_variables=False) as tape:
         for s in slots:
             tape.watch(s.variable.value)
         z = m.native(xt, training=training)
-        loss = ops.mean(ops.binary_crossentropy(yt, z, from_logits=True))
+        loss = loss_fn(z, yt, loss)
     grads = tape.gradient(loss, [s.variable.value for s in slots]) if slots else []
     return float(loss), {s.name: np.asarray(s.to_canonical(np.asarray(g)))
                          for s, g in zip(slots, grads)}

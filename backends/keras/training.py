@@ -1,8 +1,8 @@
 """Training steps on Keras (TensorFlow), following tlbridge's optimizer formulas op for op
 (see tlbridge/optim.py; Keras' own SGD and Adam use other formulas).
 
-Each step is one compiled tf.function (forward, BCE, gradients, updates) per set of trainable
-parameters. Per-parameter scalars (learning rate, bias corrections, "first step") are computed
+Each step is one compiled tf.function (forward, loss, gradients, updates) per set of trainable
+parameters and loss. Per-parameter scalars (learning rate, bias corrections, "first step") are computed
 in Python floats exactly as torch.optim computes them, and passed in as a vector.
 
 Tracing a step costs seconds (a whole forward and backward graph), more than an epoch of a
@@ -16,9 +16,11 @@ from __future__ import annotations
 import keras
 import numpy as np
 import tensorflow as tf
-from keras import ops
 
+from tlbridge.losses import Loss
 from tlbridge.optim import OptimizerConfig
+
+from .compute import loss_fn
 
 
 class _Compiled:
@@ -53,9 +55,10 @@ def traced_steps(m) -> int:
 
 class Trainer:
     def __init__(self, m, cfg: OptimizerConfig, groups: list[tuple[float, list[str]]],
-                 regularizer=None, anchors: dict | None = None):
+                 regularizer=None, anchors: dict | None = None, loss=None):
         self.m = m
         self.cfg = cfg
+        self.loss = Loss() if loss is None else loss
         self.slots = {s.name: s for s in m.state["slots"] if s.is_param}
         self.group_of = {name: i for i, (_, names) in enumerate(groups) for name in names}
         self.compiled = _compiled(m)
@@ -101,7 +104,7 @@ class Trainer:
         """The step as a tf.function that closes over variables and constants only (never over
         this Trainer), so later Trainers of the same model can run it."""
         slots = [self.slots[n] for n in names]
-        cfg, reg = self.cfg, self.reg
+        cfg, reg, loss_spec = self.cfg, self.reg, self.loss
         bufs = {}
         for s in slots:
             if cfg.name == "sgd" and cfg.momentum:
@@ -158,7 +161,7 @@ class Trainer:
                 for s in slots:
                     tape.watch(s.variable.value)
                 z = model(x, training=True)
-                loss = ops.mean(ops.binary_crossentropy(y, z, from_logits=True))
+                loss = loss_fn(z, y, loss_spec)
                 pen = penalty() if reg is not None and slots else tf.constant(0.0, loss.dtype)
                 total = loss + pen
             grads = tape.gradient(total, [s.variable.value for s in slots])
@@ -170,7 +173,7 @@ class Trainer:
 
     def _run(self, x, y, lrs, head_only):
         names = tuple(n for n in self.slots if n not in self.m.frozen)
-        key = (names, head_only, self.cfg, self.reg)
+        key = (names, head_only, self.cfg, self.reg, self.loss)
         steps = self.compiled.steps
         if key not in steps:
             steps[key] = self._build(names, head_only)

@@ -1,4 +1,4 @@
-"""Forward passes and BCE gradients on PyTorch. Inputs arrive as validated NHWC numpy."""
+"""Forward passes, losses and gradients on PyTorch. Inputs arrive as validated NHWC numpy."""
 from __future__ import annotations
 
 import numpy as np
@@ -37,14 +37,23 @@ def logits(net, x, batch_size):
     return _batched(net, net, x, batch_size)
 
 
-def loss_and_grads(net: nn.Module, x: np.ndarray, y: np.ndarray, training: bool):
-    """Mean BCE over all N*K entries from logits, and d loss / d every trainable parameter."""
+def loss_fn(z: torch.Tensor, y: torch.Tensor, loss) -> torch.Tensor:
+    """tlbridge/losses.py's formulas with torch's own functions (y: (N, K) float labels)."""
+    if loss.name == "bce":
+        return F.binary_cross_entropy_with_logits(z, y)
+    if loss.name == "ce":       # probability targets: (1 - eps) * y + eps / K, mean over N
+        return F.cross_entropy(z, y, label_smoothing=loss.label_smoothing)
+    return F.mse_loss(z, y)
+
+
+def loss_and_grads(net: nn.Module, x: np.ndarray, y: np.ndarray, training: bool, loss):
+    """The loss from logits, and d loss / d every trainable parameter."""
     named = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
     was_training = net.training
     net.train(training)
     try:
         z = net(to_nchw(net, x))
-        loss = F.binary_cross_entropy_with_logits(z, torch.from_numpy(y).to(z.device))
+        loss = loss_fn(z, torch.from_numpy(y).to(z.device), loss)
         grads = torch.autograd.grad(loss, [p for _, p in named]) if named else []
     finally:
         net.train(was_training)

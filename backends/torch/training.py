@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from tlbridge.losses import Loss
 from tlbridge.optim import OptimizerConfig
+
+from .compute import loss_fn
 
 
 class Trainer:
@@ -13,8 +15,9 @@ class Trainer:
     and torch.optim skips them (no update, no state, no weight decay)."""
 
     def __init__(self, net, cfg: OptimizerConfig, groups: list[tuple[float, list[str]]],
-                 regularizer=None, anchors: dict | None = None):
+                 regularizer=None, anchors: dict | None = None, loss=None):
         self.net = net
+        self.loss = Loss() if loss is None else loss
         params = dict(net.named_parameters())
         self.names = {id(p): n for n, p in params.items()}
         param_groups = [{"params": [params[n] for n in names], "lr": lr} for lr, names in groups]
@@ -53,7 +56,7 @@ class Trainer:
             group["lr"] = lr
         self.opt.zero_grad(set_to_none=True)
         z = forward()
-        loss = F.binary_cross_entropy_with_logits(z, torch.from_numpy(y))
+        loss = loss_fn(z, torch.from_numpy(y), self.loss)
         total = loss
         reg = 0.0
         if self.reg is not None:

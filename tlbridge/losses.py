@@ -1,0 +1,184 @@
+"""The losses a head trains with, written once in numpy: both backends follow these formulas
+(torch.nn.functional and keras.ops compute the same), and tests hold them to them.
+
+    bce: mean over all N*K entries of  max(z,0) - z*y + log(1 + e^-|z|)      (y in {0, 1})
+    ce:  mean over N of  -sum_k q_k log softmax(z)_k,  q = (1 - eps) * y + eps / K
+         (y one-hot or class probabilities, rows summing to 1; eps = label_smoothing, as
+         torch's F.cross_entropy(label_smoothing=eps) and Keras' categorical_crossentropy)
+    mse: mean over all N*K entries of (z - y)^2                             (y real)
+
+Labels cross the boundary as one float array (N, K) for every loss; class indices become
+one-hot rows here (`prepare_labels`), so data pipelines carry one layout.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import DataError, ShapeError
+
+LOSSES = ("bce", "ce", "mse")
+
+
+@dataclass(frozen=True)
+class Loss:
+    """Which loss, and its one option (label smoothing, CE only). Hashable: the Keras
+    trainer keys its traced steps by it."""
+
+    name: str = "bce"
+    label_smoothing: float = 0.0
+
+    def __post_init__(self):
+        if self.name not in LOSSES:
+            raise DataError(f"Unknown loss {self.name!r}. Expected one of {list(LOSSES)}.")
+        eps = self.label_smoothing
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0.0 <= eps < 1.0:
+            raise DataError(f"Expected label_smoothing as a number in [0, 1); received {eps!r}.")
+        if eps and self.name != "ce":
+            raise DataError(f"label_smoothing applies to loss='ce' (softmax cross-entropy); "
+                            f"received label_smoothing={eps} with loss={self.name!r}.")
+        object.__setattr__(self, "label_smoothing", float(eps))
+
+
+def of(head, loss=None, label_smoothing=None) -> Loss:
+    """The loss a call uses: its own `loss=` / `label_smoothing=`, else the head's."""
+    name = head.loss if loss is None else loss
+    if isinstance(name, Loss):
+        return name
+    if not isinstance(name, str):
+        raise DataError(f"Expected loss as one of {list(LOSSES)}; received {name!r}.")
+    eps = (head.label_smoothing if loss is None else 0.0) if label_smoothing is None \
+        else label_smoothing
+    out = Loss(name.lower(), eps)
+    if out.name == "ce" and head.num_outputs < 2:
+        raise DataError(f"Expected a head with at least 2 outputs for loss='ce' (a softmax over "
+                        f"classes); received {head.num_outputs}. Use loss='bce' for one "
+                        f"output, or tl.replace_head(m, num_classes, loss='ce').")
+    return out
+
+
+# ------------------------------------------------------------------------------- formulas
+def _log_softmax(z):
+    z = z - z.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
+def value(z, y, loss: Loss) -> float:
+    z, y = np.asarray(z, np.float64), np.asarray(y, np.float64)
+    if loss.name == "bce":
+        return float(np.mean(np.maximum(z, 0) - z * y + np.log1p(np.exp(-np.abs(z)))))
+    if loss.name == "ce":
+        q = (1.0 - loss.label_smoothing) * y + loss.label_smoothing / z.shape[1]
+        return float(np.mean(-np.sum(q * _log_softmax(z), axis=1)))
+    return float(np.mean((z - y) ** 2))
+
+
+def grad_logits(z, y, loss: Loss) -> np.ndarray:
+    """d loss / d z: (sigmoid(z) - y)/(N K), (softmax(z) - q)/N, 2 (z - y)/(N K)."""
+    z, y = np.asarray(z, np.float64), np.asarray(y, np.float64)
+    if loss.name == "bce":
+        from .metrics import sigmoid
+        return (sigmoid(z) - y) / z.size
+    if loss.name == "ce":
+        q = (1.0 - loss.label_smoothing) * y + loss.label_smoothing / z.shape[1]
+        return (np.exp(_log_softmax(z)) - q) / len(z)
+    return 2.0 * (z - y) / z.size
+
+
+def probabilities(z, loss_name: str) -> np.ndarray:
+    """What tl.predict returns: sigmoid (bce), softmax over outputs (ce), the values (mse)."""
+    z = np.asarray(z)
+    if loss_name == "bce":
+        from .metrics import sigmoid
+        return sigmoid(z)
+    if loss_name == "ce":
+        return np.exp(_log_softmax(np.asarray(z, np.float64))).astype(z.dtype)
+    return z
+
+
+# ------------------------------------------------------------------------------- labels
+def prepare_labels(y, n: int, k: int, loss_name: str, dtype: str = "float64",
+                   what: str = "labels y") -> np.ndarray:
+    """(N, K) float labels for `loss_name`, checked: bce {0, 1}; ce class indices in [0, K)
+    (shape (N,) or (N, 1), made one-hot) or rows of K non-negative numbers summing to 1; mse
+    finite numbers."""
+    y = np.asarray(y)
+    if not (np.issubdtype(y.dtype, np.number) or y.dtype == bool):
+        raise DataError(f"Expected numeric {what}; received dtype {y.dtype}.")
+    if loss_name == "ce" and (y.ndim == 1 or (y.ndim == 2 and y.shape[1] == 1 and k > 1)):
+        idx = y.reshape(-1)
+        if len(idx) != n:
+            raise ShapeError(f"Expected {what} with one class index per sample ({n}); received "
+                             f"{len(idx)}.")
+        bad = ~np.isfinite(idx.astype(np.float64)) | (idx != np.round(idx)) | (idx < 0) | (idx >= k)
+        if bad.any():
+            raise DataError(f"Expected class indices in [0, {k}) for loss='ce' ({k} outputs); "
+                            f"received {int(bad.sum())} outside it, e.g. "
+                            f"{np.unique(idx[bad])[:5].tolist()}.")
+        return np.ascontiguousarray(np.eye(k, dtype=dtype)[idx.astype(np.int64)])
+    if y.ndim == 1 and k == 1:
+        y = y[:, None]
+    if y.shape != (n, k):
+        raise ShapeError(
+            f"Expected {what} of shape ({n}, {k}) (one column per model output"
+            f"{', or (N,) for one output' if k == 1 else ''}"
+            f"{', or (N,) class indices' if loss_name == 'ce' else ''}); received {y.shape}.")
+    y64 = y.astype(np.float64)
+    if not np.all(np.isfinite(y64)):
+        raise DataError(f"Expected finite {what}; received {int(np.sum(~np.isfinite(y64)))} "
+                        f"NaN/inf value(s).")
+    if loss_name == "bce":
+        bad = ~((y64 == 0) | (y64 == 1))
+        if bad.any():
+            raise DataError(
+                f"Expected labels in {{0, 1}} for binary cross-entropy"
+                f"{'' if what == 'labels y' else f' ({what})'}; received "
+                f"{int(bad.sum())} value(s) outside it, e.g. {np.unique(y64[bad])[:5].tolist()}. "
+                f"One-hot encode class indices first (np.eye(K)[y]), or use loss='ce' for "
+                f"classes or loss='mse' for real values.")
+    elif loss_name == "ce":
+        rows = y64.sum(axis=1)
+        bad = (y64 < 0).any(axis=1) | (np.abs(rows - 1.0) > 1e-6)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise DataError(f"Expected {what} rows of {k} non-negative numbers summing to 1 "
+                            f"(one-hot or class probabilities) for loss='ce'; received "
+                            f"{int(bad.sum())} row(s) that do not, e.g. row {i} sums to "
+                            f"{rows[i]:.6g}. Pass class indices (N,) instead, or normalise.")
+    return np.ascontiguousarray(y.astype(dtype))
+
+
+# ------------------------------------------------------------------------------- metrics
+def score_names(k: int, loss_name: str = "bce") -> list[str]:
+    """The keys of `scores` for a head with k outputs trained with `loss_name`."""
+    if loss_name == "mse":
+        return ["loss", "mae"]
+    if loss_name == "ce":
+        return ["loss", "accuracy"] + (["top5"] if k > 5 else [])
+    return ["loss", "accuracy"] + (["auc"] if k == 1 else [])
+
+
+def scores(z, y, loss: Loss) -> dict:
+    """loss; bce: accuracy (logit 0 / argmax), ROC AUC for one output; ce: accuracy (argmax of
+    z against argmax of y) and top-5 accuracy when K > 5; mse: mean absolute error."""
+    from . import metrics
+    z, y = np.asarray(z), np.asarray(y)
+    if z.ndim != 2 or z.shape != y.shape:
+        raise ShapeError(f"Expected logits and labels of the same shape (N, K); received logits "
+                         f"{z.shape} and labels {y.shape}. Labels need one column per model output.")
+    out = {"loss": value(z, y, loss)}
+    if loss.name == "mse":
+        out["mae"] = float(np.mean(np.abs(np.asarray(z, np.float64) - y)))
+        return out
+    if loss.name == "ce":
+        target = np.argmax(y, axis=1)
+        out["accuracy"] = float(np.mean(np.argmax(z, axis=1) == target))
+        if z.shape[1] > 5:
+            top = np.argsort(-np.asarray(z, np.float64), axis=1, kind="stable")[:, :5]
+            out["top5"] = float(np.mean(np.any(top == target[:, None], axis=1)))
+        return out
+    out["accuracy"] = metrics.accuracy(z, y)
+    if z.shape[1] == 1:
+        out["auc"] = metrics.roc_auc(z[:, 0], y[:, 0])
+    return out
