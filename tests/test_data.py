@@ -135,7 +135,7 @@ def test_start_batch_skips_exactly():
 @pytest.mark.parametrize("x, y, err, words", [
     (np.zeros((4, H, W, 3), "float32"), np.zeros(3), ShapeError, "4 image"),
     (np.full((2, H, W, 3), np.nan, "float32"), np.zeros(2), DataError, "NaN"),
-    (np.zeros((2, H, W, 3), "float32"), np.array([0, np.nan]), DataError, "finite labels"),
+    (np.zeros((2, H, W, 3), "float32"), np.array([0, np.inf]), DataError, "finite labels"),
     (np.zeros((2, H, W, 3), "float32"), np.array(["a", "b"]), DataError, "numeric labels"),
     (np.zeros((2, H, W, 3), "uint8"), np.zeros(2), DataError, "tl.preprocess"),
     (np.zeros((H, W, 3), "float32"), np.zeros(1), ShapeError, "NHWC"),

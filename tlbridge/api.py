@@ -7,8 +7,8 @@ from dataclasses import replace
 
 import numpy as np
 
-from . import (checkpoints, config, freezing, fusion, init, losses, metrics, registry, validation,
-               weights as wio, zoo)
+from . import (checkpoints, config, freezing, fusion, init, losses, metrics, multitask, registry,
+               validation, weights as wio, zoo)
 from .errors import (ArgumentTypeError, CheckpointError, DataError, NoHeadError, NotPortableError,
                      ShapeError, WeightsMismatchError)
 from .model import TransferModel
@@ -112,10 +112,20 @@ def _attach(m: TransferModel, head: HeadSpec, seed) -> TransferModel:
     base = replace(m, spec=replace(m.spec, head=None))
     native, state = be.attach_head(base, head)
     new = TransferModel(m.backend, native, replace(m.spec, head=head), m.portable, set(m.frozen), state)
-    dims = head.dims(state["feature_dim"])
-    be.set_weights(new, _cast(init.linear_head(dims, np.random.default_rng(seed), head.layer_names()),
-                              m.dtype))
-    new.frozen = {n for n in m.frozen if not n.startswith("head.")}
+    rng = np.random.default_rng(seed)
+    if head.tasks:          # one head per task, drawn in task order; log-variances start at 0
+        w = {}
+        for name, _, k, _ in head.tasks:
+            w.update(init.linear_head([state["feature_dim"], *head.hidden, k], rng,
+                                      head.layer_names(f"heads.{name}")))
+        w[multitask.LOG_VARS] = np.zeros(len(head.tasks))
+    else:
+        w = init.linear_head(head.dims(state["feature_dim"]), rng, head.layer_names())
+    be.set_weights(new, _cast(w, m.dtype))
+    new.frozen = {n for n in m.frozen if not n.startswith(("head.", "heads."))
+                  and n != multitask.LOG_VARS}
+    if head.tasks:          # trained only by an uncertainty-weighted loss (loss_spec)
+        new.frozen.add(multitask.LOG_VARS)
     be.apply_freeze(new)
     return new
 
@@ -140,6 +150,64 @@ def replace_head(m: TransferModel, num_outputs: int = 1, *, hidden=(), dropout: 
     spec = losses.of(head, loss, label_smoothing)
     head = replace(head, loss=spec.name, label_smoothing=spec.label_smoothing)
     return _attach(m, head, seed)
+
+
+def replace_heads(m: TransferModel, tasks: dict, *, hidden=(), dropout: float = 0.0,
+                  seed: int | None = None) -> TransferModel:
+    """A new model sharing `m`'s backbone with one head per task: tasks = {name: (loss, K)}
+    or (loss, K, label_smoothing), loss "bce", "ce" or "mse" (tlbridge/losses.py). Canonical
+    names heads.<task>.weight / .bias (hidden layers heads.<task>.0, .3, ...) and the tasks'
+    log-variances `task_log_vars` (T,) for fine_tune(task_weights="uncertainty"). Logits are
+    the tasks' side by side in task order; labels a dict {task: labels}, NaN (or -1 for a CE
+    class index) where missing (tlbridge/multitask.py)."""
+    _check_model(m)
+    checked = multitask.check_tasks(tasks)
+    if not 0.0 <= float(dropout) < 1.0:
+        raise DataError(f"Expected 0 <= dropout < 1; received {dropout}.")
+    head = HeadSpec(sum(t[2] for t in checked), _check_hidden(hidden), float(dropout), "multi",
+                    0.0, checked)
+    return _attach(m, head, seed)
+
+
+def loss_spec(m: TransferModel, loss=None, label_smoothing=None, task_weights=None):
+    """The loss a call trains or scores `m` with: its head's, or the call's overrides."""
+    head = m.spec.head
+    if head.tasks:
+        if loss is not None or label_smoothing is not None:
+            raise DataError(f"A multi-task head's losses are set per task by tl.replace_heads "
+                            f"({', '.join(f'{n}: {lo}' for n, lo, _, _ in head.tasks)}); received "
+                            f"loss={loss!r}, label_smoothing={label_smoothing!r}. Weigh the tasks "
+                            f"with task_weights= instead.")
+        return multitask.of(head, task_weights)
+    if task_weights is not None:
+        raise DataError(f"task_weights weighs the tasks of a multi-task head (tl.replace_heads); "
+                        f"this model has one head ({head.num_outputs} output(s), loss "
+                        f"{head.loss!r}). Drop task_weights=.")
+    return losses.of(head, loss, label_smoothing)
+
+
+def sync_log_vars(m: TransferModel, spec) -> None:
+    """task_log_vars trains exactly when the loss is uncertainty-weighted."""
+    if not m.spec.head.tasks:
+        return
+    want_frozen = not spec.uncertainty
+    if (multitask.LOG_VARS in m.frozen) != want_frozen:
+        (m.frozen.add if want_frozen else m.frozen.discard)(multitask.LOG_VARS)
+        _be(m.backend).apply_freeze(m)
+
+
+def labels_for(m: TransferModel, y, n: int, spec, what: str = "labels y") -> np.ndarray:
+    """Labels in the form the loss takes: (N, K) floats (multi-task: packed, NaN missing)."""
+    if isinstance(spec, multitask.MultiLoss):
+        if not isinstance(y, dict):
+            raise DataError(f"Expected {what} as a dict {{task: labels}} for a multi-task head "
+                            f"(tasks {[t[0] for t in spec.tasks]}); received "
+                            f"{type(y).__name__}.")
+        return multitask.pack_labels(y, n, spec.tasks, m.dtype, what)
+    if isinstance(y, dict):
+        raise DataError(f"Expected {what} as an array; received a dict of task labels, which "
+                        f"needs a multi-task head (tl.replace_heads).")
+    return losses.prepare_labels(y, n, m.num_outputs, spec.name, m.dtype, what)
 
 
 def _is_int(v) -> bool:
@@ -214,6 +282,9 @@ def predict(m: TransferModel, x, *, batch_size: int = 64) -> np.ndarray:
     z = logits(m, x, batch_size=batch_size)
     if isinstance(m, fusion.FusedModel):
         return metrics.sigmoid(z)
+    if m.spec.head.tasks:       # {task: its probabilities (or values)}
+        return {name: losses.probabilities(block, loss) for (name, loss, _, _), block in
+                zip(m.spec.head.tasks, multitask.split(z, m.spec.head.tasks).values())}
     return losses.probabilities(z, m.spec.head.loss)
 
 
@@ -228,19 +299,21 @@ def bce_loss_and_grads(m: TransferModel, x, y, training: bool = False):
 
 
 def loss_and_grads(m: TransferModel, x, y, training: bool = False, *, loss: str | None = None,
-                   label_smoothing: float | None = None):
+                   label_smoothing: float | None = None, task_weights=None):
     """The head's loss (or `loss=`: "bce", "ce", "mse"; tlbridge/losses.py) from logits, and
     its gradient with respect to every trainable parameter (canonical names and layout).
 
     Labels as for fine_tune: bce {0, 1} (N, K); ce class indices (N,) or rows summing to 1;
     mse real (N, K). training=True runs BatchNorm on batch statistics and updates its running
-    statistics (frozen BatchNorm excepted), as one training step would.
+    statistics (frozen BatchNorm excepted), as one training step would. A multi-task head
+    takes y as {task: labels} and task_weights (a dict, or "uncertainty"; tlbridge/multitask.py).
     """
     _check_model(m)
     _need_head(m, "loss_and_grads")
-    spec = losses.of(m.spec.head, loss, label_smoothing)
+    spec = loss_spec(m, loss, label_smoothing, task_weights)
     x = validation.check_images(x, m.input_shape, m.dtype)
-    y = losses.prepare_labels(y, len(x), m.num_outputs, spec.name, m.dtype)
+    y = labels_for(m, y, len(x), spec)
+    sync_log_vars(m, spec)
     return _be(m.backend).loss_and_grads(m, x, y, bool(training), spec)
 
 

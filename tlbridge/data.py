@@ -482,9 +482,9 @@ def arrays(x, y, *, batch_size=32, shuffle=True, seed=0, augment=None, drop_last
                          f"but {y.shape[0]} label row(s) in y. Pass x and y of the same length.")
     if not (np.issubdtype(y.dtype, np.number) or y.dtype == bool):
         raise DataError(f"Expected numeric labels; received dtype {y.dtype}.")
-    if not np.all(np.isfinite(y.astype(np.float64))):
-        raise DataError(f"Expected finite labels; received "
-                        f"{int(np.sum(~np.isfinite(y.astype(np.float64))))} NaN/inf value(s).")
+    if np.isinf(y.astype(np.float64)).any():     # NaN marks a missing label (multi-task heads)
+        raise DataError(f"Expected finite labels (NaN for a missing one); received "
+                        f"{int(np.sum(np.isinf(y.astype(np.float64))))} inf value(s).")
     return Dataset(_ArraySource(x), y.astype(np.float64), x.shape[1:], batch_size=batch_size,
                    shuffle=shuffle, seed=seed, augment=augment, drop_last=drop_last, dtype=dtype,
                    prefetch=prefetch, workers=workers)

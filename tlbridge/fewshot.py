@@ -226,6 +226,10 @@ def transfer_labels(m: TransferModel, source_classes, target_classes, mapping: d
     from . import api
     api._check_model(m)
     api._need_head(m, "transfer_labels")
+    if m.spec.head.tasks:
+        raise DataError("Expected a model with one head for transfer_labels; received a "
+                        "multi-task model. Transfer a task's classes by building its head "
+                        "with tl.replace_head first.")
     source, target = [list(map(str, c)) for c in (source_classes, target_classes)]
     head = m.spec.head
     if len(source) != head.num_outputs:

@@ -11,8 +11,10 @@ _GLOB = set("*?[")
 def _match_one(spec: str, names: list[str]) -> list[str]:
     if spec == "all":
         return list(names)
-    if spec in ("backbone", "head"):
-        return [n for n in names if n.startswith(spec + ".")]
+    if spec == "backbone":
+        return [n for n in names if n.startswith("backbone.")]
+    if spec == "head":      # a head, or a multi-task model's heads and task_log_vars
+        return [n for n in names if n.startswith(("head.", "heads.")) or n == "task_log_vars"]
     if any(ch in spec for ch in _GLOB):
         return [n for n in names if fnmatch.fnmatchcase(n, spec)]
     # an exact name or a module prefix like "backbone.layer4"

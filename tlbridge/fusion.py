@@ -294,6 +294,10 @@ def check_model_list(models, arg: str, one: str, purpose: str) -> list:
         if m.spec.head is None:
             raise NoHeadError(f"Expected {one}s with a head; {one} {i} ({m.backbone_name}) "
                               f"has none. Call tl.replace_head on it first.")
+        if m.spec.head.loss != "bce" and purpose == "to fuse":
+            raise DataError(f"Expected members with bce heads (fusion combines sigmoid "
+                            f"outputs); member {i} ({m.backbone_name}) has a "
+                            f"{m.spec.head.loss!r} head.")
     return models
 
 

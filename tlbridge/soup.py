@@ -7,6 +7,7 @@ import warnings
 
 import numpy as np
 
+from . import losses
 from .errors import DataError, WeightsMismatchError
 from .fusion import check_model_list
 
@@ -53,8 +54,8 @@ def recompute_batchnorm(m: TransferModel, data, batch_size: int = 64) -> None:
         for k, i in enumerate(range(0, len(x), batch_size), 1):
             be.swap_batchnorm_momentum(m, 1.0 / k)
             xb = x[i:i + batch_size]        # labels do not matter: only the forward pass counts
-            api.bce_loss_and_grads(m, xb, np.zeros((len(xb), m.num_outputs), m.dtype),
-                                   training=True)
+            be.loss_and_grads(m, api.validation.check_images(xb, m.input_shape, m.dtype),
+                              np.zeros((len(xb), m.num_outputs), m.dtype), True, losses.Loss())
     finally:
         be.swap_batchnorm_momentum(m, saved)
         stats = {k: v for k, v in api.get_weights(m).items()

@@ -77,6 +77,7 @@ class HeadSpec:
     dropout: float = 0.0
     loss: str = "bce"
     label_smoothing: float = 0.0
+    tasks: tuple = ()             # multi-task: ((name, loss, K, label_smoothing), ...), loss "multi"
 
     def layer_names(self, prefix: str = "head") -> list[str]:
         if not self.hidden:
@@ -116,7 +117,9 @@ class ModelSpec:
             head=None if head is None else HeadSpec(head["num_outputs"], tuple(head["hidden"]),
                                                     float(head["dropout"]),
                                                     head.get("loss", "bce"),
-                                                    float(head.get("label_smoothing", 0.0))),
+                                                    float(head.get("label_smoothing", 0.0)),
+                                                    tuple((str(n), str(lo), int(k), float(e))
+                                                          for n, lo, k, e in head.get("tasks", ()))),
             native_backend=data.get("native_backend"),
             preprocessing=(Preprocessing.from_dict(data["preprocessing"])
                            if data.get("preprocessing") else None),

@@ -16,7 +16,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import api, data as tldata, freezing, fusion, gate, losses, optim, registry
+from . import api, data as tldata, freezing, fusion, gate, losses, multitask, optim, registry
 from . import weights as wio
 from .errors import CheckpointError, DataError, FreezeSpecError, TrainingDivergedError
 from .history import History
@@ -70,10 +70,13 @@ class EarlyStopping:
         return new > best + self.min_delta if mode == "max" else new < best - self.min_delta
 
 
-def _as_dataset(d, batch_size, shuffle, seed, dtype, what) -> tldata.Dataset:
+def _as_dataset(d, batch_size, shuffle, seed, dtype, what, m=None, spec=None) -> tldata.Dataset:
     if isinstance(d, tldata.Dataset):
         d.dtype = dtype
         return d
+    if isinstance(d, (tuple, list)) and len(d) == 2 and m is not None and (
+            isinstance(d[1], dict) or isinstance(spec, multitask.MultiLoss)):
+        d = (d[0], api.labels_for(m, d[1], len(d[0]), spec, f"{what} labels"))
     if isinstance(d, (tuple, list)) and len(d) == 2:
         return tldata.arrays(d[0], d[1], batch_size=batch_size, shuffle=shuffle, seed=seed, dtype=dtype)
     raise DataError(f"Expected {what} as an (x, y) pair of numpy arrays or a tl.data dataset; "
@@ -85,6 +88,16 @@ def _check_data(m: TransferModel, ds: tldata.Dataset, what: str,
     """The data must fit the model before any work is done: label columns and image shape;
     with a loss, labels in its form: (N, K) floats (class indices become one-hot rows, in a
     shallow copy of the dataset: the caller's is left as it was)."""
+    if isinstance(loss, multitask.MultiLoss):
+        if ds.num_outputs != m.num_outputs:
+            raise DataError(f"Expected {what} labels with {m.num_outputs} columns (the tasks' "
+                            f"outputs side by side); received {ds.num_outputs}. Pass labels as "
+                            f"a dict {{task: labels}}.")
+        multitask.check_packed(ds.labels, loss, f"{what} labels")
+        if ds.image_shape != tuple(m.input_shape):
+            raise DataError(f"Expected {what} images of shape {tuple(m.input_shape)} (the "
+                            f"model's input_shape); received {ds.image_shape}.")
+        return ds
     indices = loss is not None and loss.name == "ce" and ds.num_outputs == 1
     if ds.num_outputs != m.num_outputs and not indices:
         raise DataError(
@@ -217,19 +230,21 @@ class _Progress:
 
 
 def evaluate(m: TransferModel, data, *, batch_size: int = 64, loss: str | None = None,
-             label_smoothing: float | None = None) -> dict:
+             label_smoothing: float | None = None, task_weights=None) -> dict:
     """The head's loss (or `loss=`) and its metrics (tlbridge/losses.py, `scores`): bce:
     accuracy (0.5 threshold / argmax) and ROC AUC for one output; ce: accuracy and top-5
-    accuracy (K > 5); mse: mean absolute error. A FusedModel is scored with BCE."""
+    accuracy (K > 5); mse: mean absolute error. A FusedModel is scored with BCE. A multi-task
+    head: the weighted total and every task's loss and metrics ("<task>_<metric>")."""
     if not isinstance(m, fusion.FusedModel):
         m = api._check_model(m)
         api._need_head(m, "evaluate")
-        spec = losses.of(m.spec.head, loss, label_smoothing)
+        spec = api.loss_spec(m, loss, label_smoothing, task_weights)
     else:
         spec = losses.Loss()
         if m.preprocess == "images" and isinstance(data, (tuple, list)) and len(data) == 2:
             data = (np.asarray(data[0]).astype(np.float32), data[1])  # 0-255 stay exact integers
-    ds = _check_data(m, _as_dataset(data, batch_size, False, 0, m.dtype, "data"), "data", spec)
+    ds = _check_data(m, _as_dataset(data, batch_size, False, 0, m.dtype, "data", m, spec),
+                     "data", spec)
     return _evaluate(m, ds, batch_size, spec)
 
 
@@ -243,7 +258,11 @@ def _evaluate(m: TransferModel, ds: tldata.Dataset, batch_size: int,
     if not zs:
         raise DataError(f"Expected at least one readable image; received none of "
                         f"{ds.num_samples} (see ds.skipped).")
-    return losses.scores(np.concatenate(zs), np.concatenate(ys), loss or losses.Loss())
+    z, y = np.concatenate(zs), np.concatenate(ys)
+    if isinstance(loss, multitask.MultiLoss):
+        log_vars = api.get_weights(m)[multitask.LOG_VARS] if loss.uncertainty else None
+        return multitask.scores(z, y, loss, log_vars)
+    return losses.scores(z, y, loss or losses.Loss())
 
 
 def fine_tune(model: TransferModel, train, *, val=None, epochs: int = 1, batch_size: int = 32,
@@ -253,7 +272,8 @@ def fine_tune(model: TransferModel, train, *, val=None, epochs: int = 1, batch_s
               early_stopping=None, seed: int = 0, progress: bool = True, checkpoint_dir=None,
               resume: bool = False, feature_cache="auto", ema: float | None = None,
               ema_swap: bool = True, callbacks: list[Callable] | None = None,
-              loss: str | None = None, label_smoothing: float | None = None) -> History:
+              loss: str | None = None, label_smoothing: float | None = None,
+              task_weights=None) -> History:
     """Fine-tune `model` in place on `train`; the same call gives the same result on both backends.
 
     feature_cache="auto": in epochs where the whole backbone is frozen and the data has no
@@ -274,6 +294,9 @@ def fine_tune(model: TransferModel, train, *, val=None, epochs: int = 1, batch_s
     ema_swap=False. Each step copies the weights out once (about 4% of a ResNet-50 step).
     loss: the head's own (replace_head(..., loss=)) unless given: "bce", "ce" (with
     label_smoothing), "mse" (tlbridge/losses.py); labels in its form (class indices for "ce").
+    A multi-task head (tl.replace_heads) takes labels {task: labels} and task_weights (a dict,
+    or "uncertainty": task_log_vars trains too); the history holds loss_<task> per epoch,
+    val_<task>_<metric>, and log_var_<task> under uncertainty.
     A gated FusedModel (tl.fuse(..., method="gate")) trains its gate here; its members stay
     frozen.
     """
@@ -287,11 +310,12 @@ def fine_tune(model: TransferModel, train, *, val=None, epochs: int = 1, batch_s
     m = api._check_model(model)
     api._need_head(m, "fine_tune")
     be = registry.load(m.backend)
-    loss_spec = losses.of(m.spec.head, loss, label_smoothing)
-    ds = _check_data(m, _as_dataset(train, batch_size, True, seed, m.dtype, "train"), "train",
-                     loss_spec)
+    loss_spec = api.loss_spec(m, loss, label_smoothing, task_weights)
+    ds = _check_data(m, _as_dataset(train, batch_size, True, seed, m.dtype, "train", m,
+                                    loss_spec), "train", loss_spec)
     vds = None if val is None else _check_data(
-        m, _as_dataset(val, batch_size, False, seed, m.dtype, "val"), "val", loss_spec)
+        m, _as_dataset(val, batch_size, False, seed, m.dtype, "val", m, loss_spec), "val",
+        loss_spec)
     cfg = optimizer if isinstance(optimizer, optim.OptimizerConfig) else optim.OptimizerConfig(
         str(optimizer).lower(), momentum, nesterov, weight_decay, tuple(betas), eps)
     reg = _regularizer(regularizer)
@@ -306,7 +330,11 @@ def fine_tune(model: TransferModel, train, *, val=None, epochs: int = 1, batch_s
     steps = len(ds)
     total_steps = epochs * steps
     factor = optim.make_schedule(schedule, steps)
+    api.sync_log_vars(m, loss_spec)
     frozen_at = _unfreeze_plan(m, unfreeze, epochs)
+    if frozen_at is not None and m.spec.head.tasks:   # task_log_vars follows the loss, not the plan
+        for fr in frozen_at:
+            (fr.discard if loss_spec.uncertainty else fr.add)(multitask.LOG_VARS)
     ckpt = None if checkpoint_dir is None else os.path.join(os.fspath(checkpoint_dir), CHECKPOINT_NAME)
     saved = None
     if resume and ckpt and os.path.exists(ckpt):
@@ -361,7 +389,7 @@ def fine_tune(model: TransferModel, train, *, val=None, epochs: int = 1, batch_s
         elif cache is None:
             cache = _feature_cache(m, ds)
         bar = _Progress(progress, steps, f"epoch {epoch + 1}/{epochs}")
-        step_losses = []
+        step_losses, step_parts = [], []
         try:                            # the backend may leave train mode on between steps
             for step, (xb, yb) in enumerate(_batches(ds, epoch, cache if use_cache else None)):
                 global_step = epoch * steps + step
@@ -385,6 +413,8 @@ def fine_tune(model: TransferModel, train, *, val=None, epochs: int = 1, batch_s
                 if ema_w is not None:
                     optim.ema_update(ema_w, api.get_weights(m), ema)
                 step_losses.append(loss)
+                if trainer.last_parts is not None:
+                    step_parts.append(trainer.last_parts)
                 bar.update(loss)
                 for cb in callbacks:
                     cb("step", {"epoch": epoch, "step": step, "loss": loss, "lr": lrs})
@@ -394,6 +424,12 @@ def fine_tune(model: TransferModel, train, *, val=None, epochs: int = 1, batch_s
                   "trainable": len(names) - len(m.frozen), "cached": bool(use_cache)}
         if reg is not None:
             record["penalty"] = penalty
+        if step_parts:
+            means = np.mean(step_parts, axis=0)
+            record.update({f"loss_{t[0]}": float(v) for t, v in zip(loss_spec.tasks, means)})
+            if loss_spec.uncertainty:
+                s = api.get_weights(m)[multitask.LOG_VARS]
+                record.update({f"log_var_{t[0]}": float(v) for t, v in zip(loss_spec.tasks, s)})
         if vds is not None:
             record.update({f"val_{k}": v for k, v in
                            _evaluate(m, vds, vds.batch_size, loss_spec).items()})
@@ -465,7 +501,8 @@ def _check_monitor(stop: EarlyStopping, m: TransferModel, reg, vds, ema=None,
                    loss: losses.Loss | None = None) -> None:
     """The monitored metric must be one the history will have: checked before training."""
     available = ["loss"] + (["penalty"] if reg is not None else [])
-    names = losses.score_names(m.num_outputs, (loss or losses.Loss()).name)
+    names = (multitask.score_names(loss) if isinstance(loss, multitask.MultiLoss)
+             else losses.score_names(m.num_outputs, (loss or losses.Loss()).name))
     if vds is not None:
         available += [f"val_{k}" for k in names]
         if ema is not None:
@@ -621,7 +658,7 @@ def _read_checkpoint(m, path, cfg, seed, stop, ema=None, loss=None) -> dict:
             f"{ema}. The moving average continues that run's: resume with ema={stored_ema}, "
             f"{fresh}.")
     stored_loss = json.loads(meta.get("loss", json.dumps(asdict(losses.Loss()))))
-    asked_loss = asdict(loss or losses.Loss())
+    asked_loss = json.loads(json.dumps(asdict(loss or losses.Loss())))
     if stored_loss != asked_loss:
         raise CheckpointError(
             f"Expected the loss the checkpoint {path!r} was trained with ({stored_loss}); "

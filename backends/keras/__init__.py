@@ -158,12 +158,25 @@ def attach_head(m: TransferModel, head: HeadSpec):
     if "gate" in m.state:
         return gate.attach_gate_head(m, head)
     state = {k: v for k, v in m.state.items() if not k.startswith("_")}  # caches of the old head
+    state.pop("log_vars", None)
     mirror = network.Mirror(m.dtype)
-    logits = network.make_head(mirror, state["feats"], head)
+    extra_slots, extra_layers = [], []
+    if head.tasks:      # multi-task: heads.<task>.* side by side, in task order
+        outs = [network.make_head(mirror, state["feats"], HeadSpec(k, head.hidden, head.dropout),
+                                  prefix=f"heads.{name}") for name, _, k, _ in head.tasks]
+        logits = outs[0] if len(outs) == 1 else keras.layers.Concatenate(dtype=m.dtype)(outs)
+        holder = network.TaskLogVars(len(head.tasks), name="task_log_vars", dtype=m.dtype)
+        holder.build()
+        state["log_vars"] = holder.log_vars
+        extra_slots = [weights.Slot("task_log_vars", holder.log_vars, weights._same,
+                                    weights._same, True)]
+        extra_layers = [holder]
+    else:
+        logits = network.make_head(mirror, state["feats"], head)
     model = keras.Model(state["inputs"], logits, name=f"{m.backbone_name}_transfer")
     state["head_model"] = keras.Model(state["feats"], logits, name="head")  # for cached features
-    state["slots"] = state["backbone_slots"] + weights.slots_for(mirror.entries)
-    state["layers"] = state["layers"] + [layer for _, _, layer in mirror.entries]
+    state["slots"] = state["backbone_slots"] + weights.slots_for(mirror.entries) + extra_slots
+    state["layers"] = state["layers"] + [layer for _, _, layer in mirror.entries] + extra_layers
     return model, state
 
 

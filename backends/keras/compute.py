@@ -32,8 +32,42 @@ def logits(m, x, batch_size):
     return _batched(m, "logits", x, batch_size)
 
 
-def loss_fn(z, y, loss):
+def _masked(per, present):
+    """Mean of `per` over the present labels; 0 (still in the graph) when there are none."""
+    return ops.sum(per * present) / ops.maximum(ops.sum(present), 1.0)
+
+
+def multi_loss(z, y, ml, log_vars):
+    """tlbridge/multitask.py: (total, per-task losses (T,)); NaN labels are missing."""
+    parts = []
+    for t, (a, b) in enumerate(ml.slices().values()):
+        zt, yt, loss = z[:, a:b], y[:, a:b], ml.task_loss(t)
+        missing = ops.isnan(yt)
+        target = ops.where(missing, ops.zeros_like(yt), yt)
+        if loss.name == "ce":
+            rows = ops.cast(ops.logical_not(ops.any(missing, axis=1)), z.dtype)
+            eps = loss.label_smoothing
+            if eps:
+                target = target * (1.0 - eps) + eps / int(zt.shape[-1])
+            per = ops.categorical_crossentropy(target, zt, from_logits=True)
+            parts.append(_masked(per, rows))
+            continue
+        present = ops.cast(ops.logical_not(missing), z.dtype)
+        if loss.name == "bce":
+            per = ops.binary_crossentropy(target, zt, from_logits=True)
+        else:
+            per = ops.square(zt - target)
+        parts.append(_masked(per, present))
+    parts = ops.stack(parts)
+    if ml.uncertainty:
+        return ops.sum(ops.exp(-log_vars) * parts + log_vars), parts
+    return ops.sum(parts * ops.convert_to_tensor(np.array(ml.weights), dtype=z.dtype)), parts
+
+
+def loss_fn(z, y, loss, log_vars=None):
     """tlbridge/losses.py's formulas with Keras' own functions (y: (N, K) float labels)."""
+    if loss.name == "multi":
+        return multi_loss(z, y, loss, log_vars)[0]
     if loss.name == "bce":
         return ops.mean(ops.binary_crossentropy(y, z, from_logits=True))
     if loss.name == "ce":
@@ -53,7 +87,9 @@ def loss_and_grads(m, x: np.ndarray, y: np.ndarray, training: bool, loss):
         for s in slots:
             tape.watch(s.variable.value)
         z = m.native(xt, training=training)
-        loss = loss_fn(z, yt, loss)
+        log_vars = m.state.get("log_vars")
+        loss = loss_fn(z, yt, loss, None if log_vars is None else log_vars.value)
     grads = tape.gradient(loss, [s.variable.value for s in slots]) if slots else []
-    return float(loss), {s.name: np.asarray(s.to_canonical(np.asarray(g)))
-                         for s, g in zip(slots, grads)}
+    return float(loss), {s.name: np.asarray(s.to_canonical(
+        np.zeros(tuple(s.variable.shape), m.dtype) if g is None else np.asarray(g)))
+        for s, g in zip(slots, grads)}

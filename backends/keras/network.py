@@ -311,6 +311,23 @@ class Mirror:
         return layers.Multiply(dtype=self.dtype)([a, b])
 
 
+@keras.saving.register_keras_serializable("tlbridge")
+class TaskLogVars(layers.Layer):
+    """Holds a multi-task head's log-variances s_t (canonical `task_log_vars`, zeros at the
+    start); the loss reads them, no forward pass does."""
+
+    def __init__(self, tasks, **kwargs):
+        super().__init__(**kwargs)
+        self.tasks = int(tasks)
+
+    def build(self, input_shape=None):
+        self.log_vars = self.add_weight(shape=(self.tasks,), initializer="zeros",
+                                        name="task_log_vars")
+
+    def get_config(self):
+        return {**super().get_config(), "tasks": self.tasks}
+
+
 def make_head(mirror: Mirror, feats, spec: HeadSpec, prefix: str = "head"):
     """Dense layers named like the torch head; dropout off in eval, torch's 1/(1-p) scaling."""
     x = feats

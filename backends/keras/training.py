@@ -20,7 +20,7 @@ import tensorflow as tf
 from tlbridge.losses import Loss
 from tlbridge.optim import OptimizerConfig
 
-from .compute import loss_fn
+from .compute import loss_fn, multi_loss
 
 
 class _Compiled:
@@ -59,6 +59,7 @@ class Trainer:
         self.m = m
         self.cfg = cfg
         self.loss = Loss() if loss is None else loss
+        self.last_parts = None          # multi-task: the last step's per-task losses
         self.slots = {s.name: s for s in m.state["slots"] if s.is_param}
         self.group_of = {name: i for i, (_, names) in enumerate(groups) for name in names}
         self.compiled = _compiled(m)
@@ -114,6 +115,7 @@ class Trainer:
         anchors = {s.name: self.compiled.var(self.compiled.anchors, s) for s in slots
                    if reg is not None and s.name.startswith("backbone.")}
         model = self.m.state["head_model"] if head_only else self.m.native
+        log_vars = self.m.state.get("log_vars")
 
         def penalty():
             alpha, beta = reg
@@ -161,14 +163,17 @@ class Trainer:
                 for s in slots:
                     tape.watch(s.variable.value)
                 z = model(x, training=True)
-                loss = loss_fn(z, y, loss_spec)
+                if loss_spec.name == "multi":
+                    loss, parts = multi_loss(z, y, loss_spec, log_vars.value)
+                else:
+                    loss, parts = loss_fn(z, y, loss_spec), tf.zeros((0,), z.dtype)
                 pen = penalty() if reg is not None and slots else tf.constant(0.0, loss.dtype)
                 total = loss + pen
             grads = tape.gradient(total, [s.variable.value for s in slots])
             for i, (s, g) in enumerate(zip(slots, grads)):
                 if g is not None:
                     update(s, g, rows[i])
-            return loss, pen
+            return loss, pen, parts
         return step
 
     def _run(self, x, y, lrs, head_only):
@@ -184,7 +189,9 @@ class Trainer:
                                    f"parameter; none was set for {missing[:3]}.")
             self._anchors_checked.add(key)
         rows = self._scalars(names, lrs)
-        loss, reg = steps[key](tf.constant(x), tf.constant(y), rows)
+        loss, reg, parts = steps[key](tf.constant(x), tf.constant(y), rows)
+        if self.loss.name == "multi":
+            self.last_parts = np.asarray(parts, np.float64)
         for n in names:
             self.steps[n] = self.steps.get(n, 0) + 1
         return float(loss), float(reg)

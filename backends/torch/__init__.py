@@ -46,6 +46,13 @@ def build_gate(members: list, gate_on: str, gate_backbone=None):
 def attach_head(m: TransferModel, head: HeadSpec):
     if "gate" in m.state:
         return gate.attach_gate_head(m, head), dict(m.state)
+    if head.tasks:
+        heads, dropout = {}, 0.0
+        for name, _, k, _ in head.tasks:
+            heads[name], dropout = network.make_head(
+                m.state["feature_dim"], HeadSpec(k, head.hidden, head.dropout))
+        net = network.TLNet(m.native.backbone, None, dropout, heads=heads)
+        return net.to(network.DTYPES[m.dtype]).train(False), dict(m.state)
     module, dropout = network.make_head(m.state["feature_dim"], head)
     net = network.TLNet(m.native.backbone, module, dropout).to(network.DTYPES[m.dtype])
     net.train(False)

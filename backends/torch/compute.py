@@ -37,8 +37,40 @@ def logits(net, x, batch_size):
     return _batched(net, net, x, batch_size)
 
 
-def loss_fn(z: torch.Tensor, y: torch.Tensor, loss) -> torch.Tensor:
+def _masked(per: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """Mean of `per` over the present labels; 0 (still in the graph) when there are none."""
+    return (per * present).sum() / present.sum().clamp(min=1)
+
+
+def multi_loss(z, y, ml, log_vars):
+    """tlbridge/multitask.py: (total, per-task losses (T,)); NaN labels are missing."""
+    parts = []
+    for t, (a, b) in enumerate(ml.slices().values()):
+        zt, yt, loss = z[:, a:b], y[:, a:b], ml.task_loss(t)
+        if loss.name == "ce":
+            rows = ~torch.isnan(yt).any(dim=1)
+            target = torch.where(rows[:, None], yt, torch.zeros_like(yt))
+            per = F.cross_entropy(zt, target, label_smoothing=loss.label_smoothing,
+                                  reduction="none")
+            parts.append(_masked(per, rows.to(z.dtype)))
+            continue
+        present = ~torch.isnan(yt)
+        target = torch.where(present, yt, torch.zeros_like(yt))
+        if loss.name == "bce":
+            per = F.binary_cross_entropy_with_logits(zt, target, reduction="none")
+        else:
+            per = (zt - target) ** 2
+        parts.append(_masked(per, present.to(z.dtype)))
+    parts = torch.stack(parts)
+    if ml.uncertainty:
+        return (torch.exp(-log_vars) * parts + log_vars).sum(), parts
+    return (parts * torch.tensor(ml.weights, dtype=z.dtype)).sum(), parts
+
+
+def loss_fn(z: torch.Tensor, y: torch.Tensor, loss, log_vars=None) -> torch.Tensor:
     """tlbridge/losses.py's formulas with torch's own functions (y: (N, K) float labels)."""
+    if loss.name == "multi":
+        return multi_loss(z, y, loss, log_vars)[0]
     if loss.name == "bce":
         return F.binary_cross_entropy_with_logits(z, y)
     if loss.name == "ce":       # probability targets: (1 - eps) * y + eps / K, mean over N
@@ -53,8 +85,10 @@ def loss_and_grads(net: nn.Module, x: np.ndarray, y: np.ndarray, training: bool,
     net.train(training)
     try:
         z = net(to_nchw(net, x))
-        loss = loss_fn(z, torch.from_numpy(y).to(z.device), loss)
-        grads = torch.autograd.grad(loss, [p for _, p in named]) if named else []
+        loss = loss_fn(z, torch.from_numpy(y).to(z.device), loss,
+                       getattr(net, "task_log_vars", None))
+        grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True) if named else []
     finally:
         net.train(was_training)
-    return float(loss.detach()), {n: g.detach().cpu().numpy() for (n, _), g in zip(named, grads)}
+    return float(loss.detach()), {n: (torch.zeros_like(p) if g is None else g).detach().cpu().numpy()
+                                  for (n, p), g in zip(named, grads)}

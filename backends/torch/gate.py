@@ -33,7 +33,7 @@ class MemberStack(nn.Module):
 
     def forward(self, x):
         feats = [net.backbone(x) for net in self.members]
-        zs = [net.head(net.head_dropout(f)) for net, f in zip(self.members, feats)]
+        zs = [net.apply_head(f) for net, f in zip(self.members, feats)]
         if self.gate_on == "logits":
             g = zs
         elif self.gate_on == "features":

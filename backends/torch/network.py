@@ -13,15 +13,27 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 class TLNet(nn.Module):
     """Frozen BatchNorm stays in eval mode across .train() calls (docs/parity.md #4)."""
 
-    def __init__(self, backbone: nn.Module, head: nn.Module | None = None, dropout: float = 0.0):
+    def __init__(self, backbone: nn.Module, head: nn.Module | None = None, dropout: float = 0.0,
+                 heads: dict | None = None):
         super().__init__()
         self.backbone = backbone
-        self.head = head if head is not None else nn.Identity()
+        if heads is None:
+            self.head = head if head is not None else nn.Identity()
+        else:               # multi-task: heads.<task>.*, and the tasks' log-variances
+            self.heads = nn.ModuleDict(heads)
+            self.task_log_vars = nn.Parameter(torch.zeros(len(heads)))
         # dropout before a head without hidden layers (keeps its weights named head.weight)
         self.head_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
+    def apply_head(self, f):
+        """The head on backbone features; several heads' logits side by side, in task order."""
+        f = self.head_dropout(f)
+        if "heads" in self._modules:
+            return torch.cat([h(f) for h in self.heads.values()], dim=1)
+        return self.head(f)
+
     def forward(self, x):
-        return self.head(self.head_dropout(self.backbone(x)))
+        return self.apply_head(self.backbone(x))
 
     def train(self, mode: bool = True):
         super().train(mode)

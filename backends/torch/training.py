@@ -7,7 +7,7 @@ import torch
 from tlbridge.losses import Loss
 from tlbridge.optim import OptimizerConfig
 
-from .compute import loss_fn
+from .compute import loss_fn, multi_loss
 
 
 class Trainer:
@@ -18,6 +18,7 @@ class Trainer:
                  regularizer=None, anchors: dict | None = None, loss=None):
         self.net = net
         self.loss = Loss() if loss is None else loss
+        self.last_parts = None          # multi-task: the last step's per-task losses
         params = dict(net.named_parameters())
         self.names = {id(p): n for n, p in params.items()}
         param_groups = [{"params": [params[n] for n in names], "lr": lr} for lr, names in groups]
@@ -56,7 +57,12 @@ class Trainer:
             group["lr"] = lr
         self.opt.zero_grad(set_to_none=True)
         z = forward()
-        loss = loss_fn(z, torch.from_numpy(y), self.loss)
+        yt = torch.from_numpy(y)
+        if self.loss.name == "multi":
+            loss, parts = multi_loss(z, yt, self.loss, getattr(self.net, "task_log_vars", None))
+            self.last_parts = parts.detach().numpy().astype(np.float64)
+        else:
+            loss = loss_fn(z, yt, self.loss)
         total = loss
         reg = 0.0
         if self.reg is not None:
@@ -94,7 +100,7 @@ class Trainer:
         """The same step from cached backbone features (backbone frozen, so identical)."""
         self._train_mode()
         ft = torch.from_numpy(f)
-        return self._step(lambda: self.net.head(self.net.head_dropout(ft)), y, lrs)
+        return self._step(lambda: self.net.apply_head(ft), y, lrs)
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """Optimizer state under canonical names: '<slot>/<param name>' and 'step/<name>' (the
