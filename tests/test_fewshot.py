@@ -128,7 +128,7 @@ def test_few_shot_eval_reports_mean_accuracy_and_its_interval(backend):
     small = tl.data.episodes((x, y), n_way=3, n_shot=3, n_query=5, n_episodes=3, seed=0)
     before = tl.get_weights(m)
     ft = tl.few_shot_eval(m, small, "finetune", fine_tune_kwargs={"epochs": 3})
-    assert ft["episodes"] == 3 and 0 <= ft["accuracy"] <= 1
+    assert ft["episodes"] == 3 and ft["accuracy"] > 0.5     # from the prototype start
     after = tl.get_weights(m)                       # each episode fine-tunes a copy
     assert all(np.array_equal(after[k], v) for k, v in before.items())
 

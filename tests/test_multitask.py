@@ -70,8 +70,15 @@ def test_each_backend_computes_the_numpy_multitask_loss(backend, weights):
     assert value == pytest.approx(multitask.total(parts, ml, s), rel=1e-12)
     if weights == "uncertainty":    # d/ds_t [exp(-s_t) L_t + s_t] = 1 - exp(-s_t) L_t
         np.testing.assert_allclose(grads[multitask.LOG_VARS], 1 - np.exp(-s) * parts, rtol=1e-10)
-    else:
-        assert multitask.LOG_VARS not in grads
+        # a batch without any label of a task leaves its s_t alone (no bare +s_t to descend)
+        none = {**y, "size": np.full((8, 2), np.nan)}
+        v2, g2 = tl.loss_and_grads(m, x, none, task_weights=weights)
+        p2, h2 = multitask.task_losses_and_presence(z, multitask.pack_labels(none, 8, ml.tasks), ml)
+        assert h2.tolist() == [1.0, 1.0, 0.0]
+        assert v2 == pytest.approx(multitask.total(p2, ml, s, h2), rel=1e-12)
+        assert g2[multitask.LOG_VARS][2] == 0.0
+    else:                           # unused by the loss: a zero gradient, and it never moves
+        assert np.all(grads[multitask.LOG_VARS] == 0.0)
     # every head's bias gradient: the numpy loss differentiated (finite differences) in its logits
     assert grads["heads.digit.weight"].shape == (4, f.shape[1])
     for name, j, col in [("digit", 0, 0), ("digit", 3, 3), ("odd", 0, 4), ("size", 1, 6)]:
@@ -104,11 +111,12 @@ def test_multitask_loss_and_every_gradient_match_across_backends_fp64(weights, t
     lt, gt = tl.loss_and_grads(mt, x, y, training=training, task_weights=weights)
     lk, gk = tl.loss_and_grads(mk, x, y, training=training, task_weights=weights)
     assert abs(lt - lk) <= 1e-10 * max(1, abs(lt))
-    zeros = parity.zero_set(gt)
-    assert zeros == parity.expected_zero_grads(mt, training)
+    zeros = parity.zero_set(gt)     # plus task_log_vars, which only "uncertainty" uses
+    unused = set() if weights == "uncertainty" else {multitask.LOG_VARS}
+    assert zeros == parity.expected_zero_grads(mt, training) | unused
     rel = parity.rel_errors(gk, gt, skip=zeros)
     assert max(rel.values()) <= 1e-10, max(rel, key=rel.get)
-    assert (multitask.LOG_VARS in gt) == (weights == "uncertainty")
+    assert (np.abs(gt[multitask.LOG_VARS]).max() > 0) == (weights == "uncertainty")
 
 
 @both_backends
@@ -147,11 +155,12 @@ def test_a_missing_label_leaves_its_task_s_loss(backend):
     y2["digit"][0] = -1
     ml = _ml(m)
     z = tl.logits(m, x)
-    part, _ = tl.loss_and_grads(m, x, y2)
-    expect = multitask.task_losses(z[1:], multitask.pack_labels(
-        {k: v[1:] for k, v in y.items()}, 5, ml.tasks), ml)[0]
-    got = multitask.task_losses(z, multitask.pack_labels(y2, 6, ml.tasks), ml)[0]
-    assert got == pytest.approx(expect, rel=1e-12)
+    part, _ = tl.loss_and_grads(m, x, y2)           # the backend's value
+    without = multitask.task_losses(z[1:], multitask.pack_labels(
+        {k: v[1:] for k, v in y.items()}, 5, ml.tasks), ml)    # sample 0 dropped from the data
+    with_all = multitask.task_losses(z, multitask.pack_labels(y, 6, ml.tasks), ml)
+    # the digit task loses sample 0; the other tasks keep it
+    assert part == pytest.approx(without[0] + with_all[1] + with_all[2], rel=1e-12)
     assert part != full
 
 
@@ -194,9 +203,12 @@ def test_multitask_bad_input_is_refused_before_any_work(backend):
     with pytest.raises(errors.DataError, match="task_weights"):
         tl.fine_tune(m, (x, y), loss="bce", progress=False)
     with pytest.raises(errors.DataError, match="task_weights"):
-        tl.loss_and_grads(_model(backend, tasks={"a": ("bce", 1)}) and
-                          tl.replace_head(m, 1), x, np.zeros(6), task_weights="uncertainty")
+        tl.loss_and_grads(tl.replace_head(m, 1), x, np.zeros(6), task_weights="uncertainty")
+    trainable = tl.trainable_names(m)
+    with pytest.raises(errors.DataError, match="unfreeze plan"):
+        tl.fine_tune(m, (x, y), task_weights="uncertainty", unfreeze={1: "all"}, progress=False)
     assert all(np.array_equal(v, tl.get_weights(m)[k]) for k, v in before.items())
+    assert tl.trainable_names(m) == trainable       # nothing changed, freeze state included
     with pytest.raises(errors.DataError, match="at least 2 outputs"):
         _model(backend, tasks={"digit": ("ce", 1)})
     with pytest.raises(errors.DataError, match="identifiers"):

@@ -124,8 +124,6 @@ def _attach(m: TransferModel, head: HeadSpec, seed) -> TransferModel:
     be.set_weights(new, _cast(w, m.dtype))
     new.frozen = {n for n in m.frozen if not n.startswith(("head.", "heads."))
                   and n != multitask.LOG_VARS}
-    if head.tasks:          # trained only by an uncertainty-weighted loss (loss_spec)
-        new.frozen.add(multitask.LOG_VARS)
     be.apply_freeze(new)
     return new
 
@@ -184,16 +182,6 @@ def loss_spec(m: TransferModel, loss=None, label_smoothing=None, task_weights=No
                         f"this model has one head ({head.num_outputs} output(s), loss "
                         f"{head.loss!r}). Drop task_weights=.")
     return losses.of(head, loss, label_smoothing)
-
-
-def sync_log_vars(m: TransferModel, spec) -> None:
-    """task_log_vars trains exactly when the loss is uncertainty-weighted."""
-    if not m.spec.head.tasks:
-        return
-    want_frozen = not spec.uncertainty
-    if (multitask.LOG_VARS in m.frozen) != want_frozen:
-        (m.frozen.add if want_frozen else m.frozen.discard)(multitask.LOG_VARS)
-        _be(m.backend).apply_freeze(m)
 
 
 def labels_for(m: TransferModel, y, n: int, spec, what: str = "labels y") -> np.ndarray:
@@ -313,7 +301,6 @@ def loss_and_grads(m: TransferModel, x, y, training: bool = False, *, loss: str 
     spec = loss_spec(m, loss, label_smoothing, task_weights)
     x = validation.check_images(x, m.input_shape, m.dtype)
     y = labels_for(m, y, len(x), spec)
-    sync_log_vars(m, spec)
     return _be(m.backend).loss_and_grads(m, x, y, bool(training), spec)
 
 
@@ -379,10 +366,10 @@ def _rebuild(spec: ModelSpec, backend: str, tensors: dict, frozen: set) -> Trans
     if spec.head is not None:
         new = _attach(new, spec.head, None)
     set_weights(new, tensors)
-    if frozen:
-        unknown = frozen - set(_param_names(new))
-        if unknown:
-            raise CheckpointError(f"Frozen names not in the model: {sorted(unknown)[:5]}")
+    unknown = set(frozen) - set(_param_names(new))
+    if unknown:
+        raise CheckpointError(f"Frozen names not in the model: {sorted(unknown)[:5]}")
+    if set(frozen) != new.frozen:
         new.frozen = set(frozen)
         _be(backend).apply_freeze(new)
     return new

@@ -77,9 +77,9 @@ def _check_metric(metric, scale):
         raise DataError(f"Expected scale as a positive number; received {scale!r}.")
 
 
-def _features(m, x):
+def _features(m, x, batch_size: int = 64):
     from . import api
-    return np.asarray(api.features(m, x), np.float64)
+    return np.asarray(api.features(m, x, batch_size=batch_size), np.float64)
 
 
 def _with_linear_head(m, w: np.ndarray, b: np.ndarray, loss: str):
@@ -107,7 +107,8 @@ def prototype_head(m: TransferModel, support_x, support_y, *, metric: str = "euc
 
 def fit_probe(f: np.ndarray, y: np.ndarray, k: int, l2: float, binary: bool = False):
     """(W, b) minimising mean CE (or BCE when binary) + l2/2 ||W||^2 on features f, with
-    scikit-learn's L-BFGS (its C is 1 / (l2 N))."""
+    scikit-learn's L-BFGS (its C is 1 / (l2 N)). Two classes are one binary fit w, returned as
+    CE rows [-w/2, w/2]: the same probabilities, and an l2 that acts on w (= 2 l2 on the rows)."""
     try:
         from sklearn.linear_model import LogisticRegression
     except ImportError as exc:     # pragma: no cover - scikit-learn is in every extra
@@ -186,7 +187,7 @@ def few_shot_eval(m: TransferModel, episodes, method: str = "prototype", *,
     if method in ("prototype", "probe"):
         used = np.unique(np.concatenate([np.concatenate([e.support, e.query])
                                          for e in episodes]))
-        got = _features(m, episodes.x[used].astype(m.dtype, copy=False))
+        got = _features(m, episodes.x[used].astype(m.dtype, copy=False), batch_size)
         feats = np.zeros((len(episodes.x), got.shape[1]))
         feats[used] = got
         for e in episodes:

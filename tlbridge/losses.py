@@ -48,8 +48,8 @@ def of(head, loss=None, label_smoothing=None) -> Loss:
         return name
     if not isinstance(name, str):
         raise DataError(f"Expected loss as one of {list(LOSSES)}; received {name!r}.")
-    eps = (head.label_smoothing if loss is None else 0.0) if label_smoothing is None \
-        else label_smoothing
+    same = loss is None or name.lower() == head.loss      # the head's own loss keeps its eps
+    eps = (head.label_smoothing if same else 0.0) if label_smoothing is None else label_smoothing
     out = Loss(name.lower(), eps)
     if out.name == "ce" and head.num_outputs < 2:
         raise DataError(f"Expected a head with at least 2 outputs for loss='ce' (a softmax over "
@@ -146,6 +146,9 @@ def prepare_labels(y, n: int, k: int, loss_name: str, dtype: str = "float64",
                             f"(one-hot or class probabilities) for loss='ce'; received "
                             f"{int(bad.sum())} row(s) that do not, e.g. row {i} sums to "
                             f"{rows[i]:.6g}. Pass class indices (N,) instead, or normalise.")
+        # rows within 1e-6 of 1 are made exact: torch's gradient is softmax * sum(q) - q,
+        # TensorFlow's softmax - q, equal only for normalised targets
+        return np.ascontiguousarray((y64 / rows[:, None]).astype(dtype))
     return np.ascontiguousarray(y.astype(dtype))
 
 

@@ -7,12 +7,14 @@ packed into one (N, sum K_t) float array (class indices become one-hot blocks) i
 marks a missing label (-1 for a CE class index); a missing label leaves its task's loss.
 
     L_t = mean over the task's present labels (entries for bce/mse, rows for ce) of its loss
-          (tlbridge/losses.py), 0 when a batch holds none
+          (tlbridge/losses.py); h_t = 1 if the batch holds any, else 0 (and L_t = 0)
     total = sum_t w_t L_t                                  (task_weights, default 1 each)
-    total = sum_t exp(-s_t) L_t + s_t                      (task_weights="uncertainty")
+    total = sum_t h_t (exp(-s_t) L_t + s_t)                (task_weights="uncertainty")
 The second is Kendall, Gal & Cipolla (2018) in the form most implementations use (one
 s_t = log sigma_t^2 per task, without their 1/2 for regression): the s_t are the canonical
-parameter `task_log_vars` (T,), trained only by an uncertainty-weighted loss.
+parameter `task_log_vars` (T,), which only an uncertainty-weighted loss uses (under other
+weights its gradient is zero and it does not move). h_t keeps a batch without a task's labels
+from pulling s_t down (d/ds_t of a bare s_t is 1).
 """
 from __future__ import annotations
 
@@ -164,7 +166,9 @@ def check_block(y: np.ndarray, loss: str, what: str) -> np.ndarray:
                             f"received {int(partial.sum())} partly missing row(s).")
         rows = ~np.isnan(y).any(axis=1)
         if rows.any():
-            losses.prepare_labels(y[rows], int(rows.sum()), y.shape[1], "ce", "float64", what)
+            y = y.copy()
+            y[rows] = losses.prepare_labels(y[rows], int(rows.sum()), y.shape[1], "ce",
+                                            "float64", what)
     elif loss == "bce":
         present = y[~np.isnan(y)]
         bad = ~((present == 0) | (present == 1))
@@ -183,16 +187,23 @@ def check_packed(y: np.ndarray, ml: MultiLoss, what: str) -> np.ndarray:
 # ------------------------------------------------------------------------------- numpy formulas
 def task_losses(z, y, ml: MultiLoss) -> np.ndarray:
     """(T,) L_t over present labels (0 for a task with none)."""
+    return task_losses_and_presence(z, y, ml)[0]
+
+
+def task_losses_and_presence(z, y, ml: MultiLoss):
+    """((T,) L_t, (T,) h_t): each task's loss over its present labels, and whether it has any."""
     z, y = np.asarray(z, np.float64), np.asarray(y, np.float64)
-    out = []
+    out, has = [], []
     for t, (a, b) in enumerate(ml.slices().values()):
         zt, yt = z[:, a:b], y[:, a:b]
         loss = ml.task_loss(t)
         if loss.name == "ce":
             rows = ~np.isnan(yt).any(axis=1)
             out.append(losses.value(zt[rows], yt[rows], loss) if rows.any() else 0.0)
+            has.append(float(rows.any()))
         else:
             present = ~np.isnan(yt)
+            has.append(float(present.any()))
             if not present.any():
                 out.append(0.0)
                 continue
@@ -202,13 +213,14 @@ def task_losses(z, y, ml: MultiLoss) -> np.ndarray:
             else:
                 per = (zt - yf) ** 2
             out.append(float(per[present].sum() / present.sum()))
-    return np.asarray(out)
+    return np.asarray(out), np.asarray(has)
 
 
-def total(parts: np.ndarray, ml: MultiLoss, log_vars=None) -> float:
+def total(parts: np.ndarray, ml: MultiLoss, log_vars=None, has=None) -> float:
     if ml.uncertainty:
         s = np.asarray(log_vars, np.float64)
-        return float(np.sum(np.exp(-s) * parts + s))
+        h = np.ones_like(s) if has is None else np.asarray(has, np.float64)
+        return float(np.sum(h * (np.exp(-s) * parts + s)))
     return float(np.dot(ml.weights, parts))
 
 
@@ -225,8 +237,8 @@ def split(z, ml_or_tasks) -> dict:
 def scores(z, y, ml: MultiLoss, log_vars=None) -> dict:
     """{"loss": total, "<task>_loss", "<task>_<metric>" ...}: each task scored on its present
     labels by losses.scores (NaN metrics for a task without labels in the data)."""
-    parts = task_losses(z, y, ml)
-    out = {"loss": total(parts, ml, log_vars)}
+    parts, has = task_losses_and_presence(z, y, ml)
+    out = {"loss": total(parts, ml, log_vars, has)}
     for t, ((name, _, k, _), (a, b)) in enumerate(zip(ml.tasks, ml.slices().values())):
         zt, yt = np.asarray(z)[:, a:b], np.asarray(y)[:, a:b]
         loss = ml.task_loss(t)
@@ -235,9 +247,15 @@ def scores(z, y, ml: MultiLoss, log_vars=None) -> dict:
             s = losses.scores(zt[rows], yt[rows], loss)
         else:
             s = {key: float("nan") for key in losses.score_names(k, loss.name)}
-        s["loss"] = float(parts[t])
+        s["loss"] = float(parts[t]) if has[t] else float("nan")   # no labels: no loss to report
         out.update({f"{name}_{key}": v for key, v in s.items()})
     return out
+
+
+def history_names(ml: MultiLoss) -> list[str]:
+    """The training-side keys fine_tune adds per epoch."""
+    names = [f"loss_{t[0]}" for t in ml.tasks]
+    return names + ([f"log_var_{t[0]}" for t in ml.tasks] if ml.uncertainty else [])
 
 
 def score_names(ml: MultiLoss) -> list[str]:

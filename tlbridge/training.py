@@ -11,6 +11,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -62,7 +63,8 @@ class EarlyStopping:
     def better(self, new: float, best: float) -> bool:
         mode = self.mode
         if mode == "auto":
-            mode = "max" if any(k in self.monitor for k in ("acc", "auc", "top")) else "min"
+            key = self.monitor[:-4] if self.monitor.endswith("_ema") else self.monitor
+            mode = "max" if key.endswith(("accuracy", "auc", "top5")) else "min"
         if math.isnan(new):
             return False
         if math.isnan(best):
@@ -330,17 +332,14 @@ def fine_tune(model: TransferModel, train, *, val=None, epochs: int = 1, batch_s
     steps = len(ds)
     total_steps = epochs * steps
     factor = optim.make_schedule(schedule, steps)
-    api.sync_log_vars(m, loss_spec)
     frozen_at = _unfreeze_plan(m, unfreeze, epochs)
-    if frozen_at is not None and m.spec.head.tasks:   # task_log_vars follows the loss, not the plan
-        for fr in frozen_at:
-            (fr.discard if loss_spec.uncertainty else fr.add)(multitask.LOG_VARS)
     ckpt = None if checkpoint_dir is None else os.path.join(os.fspath(checkpoint_dir), CHECKPOINT_NAME)
     saved = None
     if resume and ckpt and os.path.exists(ckpt):
         saved = _read_checkpoint(m, ckpt, cfg, seed, stop, ema, loss_spec)
     start = 0 if saved is None else saved["epoch"] + 1
-    _check_trainable(m, names, frozen_at, None if saved is None else saved["frozen"], start, epochs)
+    used = [n for n in names if n != multitask.LOG_VARS or loss_spec.uncertainty]
+    _check_trainable(m, used, frozen_at, None if saved is None else saved["frozen"], start, epochs)
     if m.backbone_name == gate.NAME:
         gate.check_members_stay_frozen(m, (
             (e, [n for n in names if n not in fr]) for e, fr in
@@ -424,8 +423,10 @@ def fine_tune(model: TransferModel, train, *, val=None, epochs: int = 1, batch_s
                   "trainable": len(names) - len(m.frozen), "cached": bool(use_cache)}
         if reg is not None:
             record["penalty"] = penalty
-        if step_parts:
-            means = np.mean(step_parts, axis=0)
+        if step_parts:             # a step without a task's labels reports NaN for it
+            with np.errstate(invalid="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                means = np.nanmean(np.asarray(step_parts), axis=0)
             record.update({f"loss_{t[0]}": float(v) for t, v in zip(loss_spec.tasks, means)})
             if loss_spec.uncertainty:
                 s = api.get_weights(m)[multitask.LOG_VARS]
@@ -501,7 +502,10 @@ def _check_monitor(stop: EarlyStopping, m: TransferModel, reg, vds, ema=None,
                    loss: losses.Loss | None = None) -> None:
     """The monitored metric must be one the history will have: checked before training."""
     available = ["loss"] + (["penalty"] if reg is not None else [])
-    names = (multitask.score_names(loss) if isinstance(loss, multitask.MultiLoss)
+    multi = isinstance(loss, multitask.MultiLoss)
+    if multi:
+        available += multitask.history_names(loss)
+    names = (multitask.score_names(loss) if multi
              else losses.score_names(m.num_outputs, (loss or losses.Loss()).name))
     if vds is not None:
         available += [f"val_{k}" for k in names]

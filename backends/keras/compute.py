@@ -33,13 +33,15 @@ def logits(m, x, batch_size):
 
 
 def _masked(per, present):
-    """Mean of `per` over the present labels; 0 (still in the graph) when there are none."""
-    return ops.sum(per * present) / ops.maximum(ops.sum(present), 1.0)
+    """(mean of `per` over the present labels, 0 when there are none; 1 if any, else 0)."""
+    count = ops.sum(present)
+    return ops.sum(per * present) / ops.maximum(count, 1.0), ops.cast(count > 0, per.dtype)
 
 
 def multi_loss(z, y, ml, log_vars):
-    """tlbridge/multitask.py: (total, per-task losses (T,)); NaN labels are missing."""
-    parts = []
+    """tlbridge/multitask.py: (total, per-task losses (T,), NaN for a task without labels in
+    the batch: for reporting only); NaN labels are missing."""
+    parts, has = [], []
     for t, (a, b) in enumerate(ml.slices().values()):
         zt, yt, loss = z[:, a:b], y[:, a:b], ml.task_loss(t)
         missing = ops.isnan(yt)
@@ -50,18 +52,25 @@ def multi_loss(z, y, ml, log_vars):
             if eps:
                 target = target * (1.0 - eps) + eps / int(zt.shape[-1])
             per = ops.categorical_crossentropy(target, zt, from_logits=True)
-            parts.append(_masked(per, rows))
+            part, h = _masked(per, rows)
+            parts.append(part)
+            has.append(h)
             continue
         present = ops.cast(ops.logical_not(missing), z.dtype)
         if loss.name == "bce":
             per = ops.binary_crossentropy(target, zt, from_logits=True)
         else:
             per = ops.square(zt - target)
-        parts.append(_masked(per, present))
-    parts = ops.stack(parts)
+        part, h = _masked(per, present)
+        parts.append(part)
+        has.append(h)
+    parts, has = ops.stack(parts), ops.stack(has)
     if ml.uncertainty:
-        return ops.sum(ops.exp(-log_vars) * parts + log_vars), parts
-    return ops.sum(parts * ops.convert_to_tensor(np.array(ml.weights), dtype=z.dtype)), parts
+        total = ops.sum(has * (ops.exp(-log_vars) * parts + log_vars))
+    else:
+        total = ops.sum(parts * ops.convert_to_tensor(np.array(ml.weights), dtype=z.dtype))
+    report = ops.where(has > 0, parts, ops.full_like(parts, float("nan")))
+    return total, tf.stop_gradient(report)
 
 
 def loss_fn(z, y, loss, log_vars=None):

@@ -37,14 +37,16 @@ def logits(net, x, batch_size):
     return _batched(net, net, x, batch_size)
 
 
-def _masked(per: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-    """Mean of `per` over the present labels; 0 (still in the graph) when there are none."""
-    return (per * present).sum() / present.sum().clamp(min=1)
+def _masked(per: torch.Tensor, present: torch.Tensor):
+    """(mean of `per` over the present labels, 0 when there are none; 1 if any, else 0)."""
+    count = present.sum()
+    return (per * present).sum() / count.clamp(min=1), (count > 0).to(per.dtype)
 
 
 def multi_loss(z, y, ml, log_vars):
-    """tlbridge/multitask.py: (total, per-task losses (T,)); NaN labels are missing."""
-    parts = []
+    """tlbridge/multitask.py: (total, per-task losses (T,), NaN for a task without labels in
+    the batch: for reporting only); NaN labels are missing."""
+    parts, has = [], []
     for t, (a, b) in enumerate(ml.slices().values()):
         zt, yt, loss = z[:, a:b], y[:, a:b], ml.task_loss(t)
         if loss.name == "ce":
@@ -52,7 +54,9 @@ def multi_loss(z, y, ml, log_vars):
             target = torch.where(rows[:, None], yt, torch.zeros_like(yt))
             per = F.cross_entropy(zt, target, label_smoothing=loss.label_smoothing,
                                   reduction="none")
-            parts.append(_masked(per, rows.to(z.dtype)))
+            part, h = _masked(per, rows.to(z.dtype))
+            parts.append(part)
+            has.append(h)
             continue
         present = ~torch.isnan(yt)
         target = torch.where(present, yt, torch.zeros_like(yt))
@@ -60,11 +64,16 @@ def multi_loss(z, y, ml, log_vars):
             per = F.binary_cross_entropy_with_logits(zt, target, reduction="none")
         else:
             per = (zt - target) ** 2
-        parts.append(_masked(per, present.to(z.dtype)))
-    parts = torch.stack(parts)
+        part, h = _masked(per, present.to(z.dtype))
+        parts.append(part)
+        has.append(h)
+    parts, has = torch.stack(parts), torch.stack(has)
     if ml.uncertainty:
-        return (torch.exp(-log_vars) * parts + log_vars).sum(), parts
-    return (parts * torch.tensor(ml.weights, dtype=z.dtype)).sum(), parts
+        total = (has * (torch.exp(-log_vars) * parts + log_vars)).sum()
+    else:
+        total = (parts * torch.tensor(ml.weights, dtype=z.dtype, device=z.device)).sum()
+    report = torch.where(has > 0, parts, torch.full_like(parts, float("nan")))
+    return total, report.detach()
 
 
 def loss_fn(z: torch.Tensor, y: torch.Tensor, loss, log_vars=None) -> torch.Tensor:

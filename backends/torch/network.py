@@ -22,6 +22,10 @@ class TLNet(nn.Module):
         else:               # multi-task: heads.<task>.*, and the tasks' log-variances
             self.heads = nn.ModuleDict(heads)
             self.task_log_vars = nn.Parameter(torch.zeros(len(heads)))
+            # one dropout per task (its own mask, as Keras draws one per head); no weights
+            self.task_dropouts = nn.ModuleDict(
+                {t: nn.Dropout(dropout) if dropout > 0 else nn.Identity() for t in heads})
+            dropout = 0.0
         # dropout before a head without hidden layers (keeps its weights named head.weight)
         self.head_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
@@ -29,7 +33,7 @@ class TLNet(nn.Module):
         """The head on backbone features; several heads' logits side by side, in task order."""
         f = self.head_dropout(f)
         if "heads" in self._modules:
-            return torch.cat([h(f) for h in self.heads.values()], dim=1)
+            return torch.cat([h(self.task_dropouts[t](f)) for t, h in self.heads.items()], dim=1)
         return self.head(f)
 
     def forward(self, x):

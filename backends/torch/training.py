@@ -60,7 +60,7 @@ class Trainer:
         yt = torch.from_numpy(y)
         if self.loss.name == "multi":
             loss, parts = multi_loss(z, yt, self.loss, getattr(self.net, "task_log_vars", None))
-            self.last_parts = parts.detach().numpy().astype(np.float64)
+            self.last_parts = parts.cpu().numpy().astype(np.float64)
         else:
             loss = loss_fn(z, yt, self.loss)
         total = loss
