@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from . import data, errors, losses, optim, parity
 from .api import (bce_loss_and_grads, convert, features, freeze, get_weights, list_backbones,
-                  loss_and_grads, replace_heads,
+                  loss_and_grads, replace_heads, set_precision, to_device,
                   preprocessing_of,
                   load, load_backbone, logits, predict, preprocess, replace_head, save,
                   set_weights, trainable_names, unfreeze)
@@ -26,7 +26,7 @@ __all__ = [
     "available_backends", "get_backend", "set_backend", "use_backend",
     "list_backbones", "load_backbone", "replace_head", "replace_heads", "freeze", "unfreeze", "trainable_names",
     "features", "logits", "predict", "bce_loss_and_grads", "loss_and_grads",
-    "get_weights", "set_weights", "convert", "save", "load", "preprocess", "preprocessing_of",
+    "get_weights", "set_weights", "convert", "save", "load", "to_device", "set_precision", "preprocess", "preprocessing_of",
     "fine_tune", "evaluate", "prototype_head", "linear_probe", "few_shot_eval", "transfer_labels",
     "fuse", "FusedModel", "gate_weights", "soup", "History", "EarlyStopping", "L2SP", "OptimizerConfig",
     "TransferModel", "data", "errors", "losses", "optim", "parity", "__version__",

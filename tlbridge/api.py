@@ -7,8 +7,8 @@ from dataclasses import replace
 
 import numpy as np
 
-from . import (checkpoints, config, freezing, fusion, init, losses, metrics, multitask, registry,
-               validation, weights as wio, zoo)
+from . import (checkpoints, config, devices, freezing, fusion, init, losses, metrics, multitask,
+               registry, validation, weights as wio, zoo)
 from .errors import (ArgumentTypeError, CheckpointError, DataError, NoHeadError, NotPortableError,
                      ShapeError, WeightsMismatchError)
 from .model import TransferModel
@@ -52,16 +52,20 @@ def _check_input_shape(input_shape) -> tuple:
 
 
 def load_backbone(name: str, *, weights=None, input_shape=(224, 224, 3), backend: str | None = None,
-                  dtype: str = "float32", seed: int | None = None, **options) -> TransferModel:
+                  dtype: str = "float32", seed: int | None = None, device: str = "cpu",
+                  **options) -> TransferModel:
     """A pretrained (or seeded random) backbone, without a head.
 
     weights: None (random; for portable backbones the same weights on both backends for
     one seed), "imagenet", or a checkpoint file: a torchvision state_dict (.pth/.pt), a
     safetensors file, or keras.applications VGG16 weights (.h5) — see tlbridge.checkpoints.
     options: the backbone's builder options (e.g. seed_vgg's widths, batch_norm).
+    device: "cpu" (the default), "auto" (the first GPU when there is one), "cuda", "cuda:N" or
+    "mps"; `m.device` says where it is (tlbridge/devices.py).
     """
     be_name = config.resolve(backend)
     be = _be(be_name)
+    device = be.resolve_device(devices.normalize(device))
     info = zoo.info(name, be.native_backbones(), be_name)
     shape = _check_input_shape(input_shape)
     if dtype not in _DTYPES:
@@ -78,17 +82,21 @@ def load_backbone(name: str, *, weights=None, input_shape=(224, 224, 3), backend
             zoo.check_pretrained(info)
     spec = ModelSpec(name, freeze_options(opts), shape, dtype, None,
                      None if info.portable else be_name)
-    return _build(spec, be_name, info.portable, weights, seed, init_weights=True)
+    return _build(spec, be_name, info.portable, weights, seed, init_weights=True, device=device)
 
 
-def _build(spec: ModelSpec, be_name: str, portable: bool, weights, seed, init_weights: bool):
-    """The headless backbone for `spec` (whose head, if any, the caller attaches)."""
+def _build(spec: ModelSpec, be_name: str, portable: bool, weights, seed, init_weights: bool,
+           device: str = "cpu"):
+    """The headless backbone for `spec` (whose head, if any, the caller attaches), on
+    `device` (already resolved by the backend)."""
     be = _be(be_name)
     # torchvision constructors load ImageNet weights themselves; the Keras mirrors take the
     # same torchvision checkpoint, translated (below)
     native_pretrained = weights == "imagenet" and (be_name == "torch" or not portable)
-    native, state = be.build_backbone(spec, portable, native_pretrained, seed)
+    with be.device_scope(device):
+        native, state = be.build_backbone(spec, portable, native_pretrained, seed)
     m = TransferModel(be_name, native, spec, portable, set(), state)
+    be.place_built(m, device)
     if portable and weights is None and init_weights:
         shapes = be.canonical_shapes(m)
         be.set_weights(m, _cast(init.torchvision_style(shapes, np.random.default_rng(seed)), spec.dtype))
@@ -110,8 +118,10 @@ def _cast(w: dict, dtype: str) -> dict:
 def _attach(m: TransferModel, head: HeadSpec, seed) -> TransferModel:
     be = _be(m.backend)
     base = replace(m, spec=replace(m.spec, head=None))
-    native, state = be.attach_head(base, head)
+    with be.device_scope(m.device):
+        native, state = be.attach_head(base, head)
     new = TransferModel(m.backend, native, replace(m.spec, head=head), m.portable, set(m.frozen), state)
+    be.place_built(new, m.device)
     rng = np.random.default_rng(seed)
     if head.tasks:          # one head per task, drawn in task order; log-variances start at 0
         w = {}
@@ -336,9 +346,10 @@ def set_weights(m: TransferModel, weights: dict, *, strict: bool = True) -> Tran
     return m
 
 
-def convert(m: TransferModel, backend: str) -> TransferModel:
+def convert(m: TransferModel, backend: str, *, device: str | None = None) -> TransferModel:
     """The same model (weights, head, freeze state) on the other framework (a FusedModel:
-    every member)."""
+    every member), on `device` (default: the same device name as m's, which the other
+    framework must have)."""
     if isinstance(m, fusion.FusedModel):
         return fusion.convert(m, backend)
     _check_model(m)
@@ -348,7 +359,27 @@ def convert(m: TransferModel, backend: str) -> TransferModel:
         raise NotPortableError(
             f"{m.backbone_name!r} is a {m.backend}-native backbone and cannot be converted to "
             f"{target!r}. Expected a portable backbone: one of {sorted(zoo.PORTABLE)}.")
-    return _rebuild(m.spec, target, get_weights(m), set(m.frozen))
+    where = _be(target).resolve_device(devices.normalize(device or m.device))
+    return _rebuild(m.spec, target, get_weights(m), set(m.frozen), device=where)
+
+
+def to_device(m: TransferModel, device: str) -> TransferModel:
+    """Move m (in place) to "cpu", "cuda", "cuda:N", "mps" or "auto"; returns m. torch moves
+    its parameters (and every later batch, anchor and optimizer state follows); Keras rebuilds
+    its variables under tf.device there, with the same weights and freeze state."""
+    _check_model(m)
+    be = _be(m.backend)
+    target = be.resolve_device(devices.normalize(device))
+    if target != m.device:
+        be.to_device(m, target)
+    return m
+
+
+def set_precision(*, tf32: bool) -> dict:
+    """TF32 in float32 matmuls and convolutions on NVIDIA GPUs, on both frameworks: off for
+    exact float32 (the parity helpers switch it off while they compare), on for speed. Returns
+    the previous settings (tlbridge.devices.restore_precision)."""
+    return devices.set_precision(tf32)
 
 
 def _not_a_gate(m: TransferModel, what: str) -> None:
@@ -360,9 +391,10 @@ def _not_a_gate(m: TransferModel, what: str) -> None:
             f"FusedModel itself.")
 
 
-def _rebuild(spec: ModelSpec, backend: str, tensors: dict, frozen: set) -> TransferModel:
+def _rebuild(spec: ModelSpec, backend: str, tensors: dict, frozen: set,
+             device: str = "cpu") -> TransferModel:
     new = _build(replace(spec, head=None), backend, spec.native_backend is None, None, None,
-                 init_weights=False)
+                 init_weights=False, device=device)
     if spec.head is not None:
         new = _attach(new, spec.head, None)
     set_weights(new, tensors)
@@ -387,8 +419,8 @@ def save(m: TransferModel, path) -> None:
     wio.save_file(path, get_weights(m), meta)
 
 
-def load(path, backend: str | None = None) -> TransferModel:
-    """Rebuild a saved model on `backend` (portable models load on either)."""
+def load(path, backend: str | None = None, *, device: str = "cpu") -> TransferModel:
+    """Rebuild a saved model on `backend` (portable models load on either), on `device`."""
     tensors, meta = wio.load_file(path)
     if meta.get("format") == fusion.FORMAT:
         return fusion.load(path, tensors, meta, backend)
@@ -407,7 +439,8 @@ def load(path, backend: str | None = None) -> TransferModel:
         raise NotPortableError(
             f"{path!r} holds the {spec.native_backend}-native backbone {spec.backbone!r}; it "
             f"cannot be loaded on {target!r}. Load it with backend={spec.native_backend!r}.")
-    return _rebuild(spec, target, tensors, frozen)
+    return _rebuild(spec, target, tensors, frozen,
+                    device=_be(target).resolve_device(devices.normalize(device)))
 
 
 def preprocessing_of(name_or_model) -> Preprocessing:

@@ -108,3 +108,7 @@ class TrainingDivergedError(TLBridgeError, RuntimeError):
         super().__init__(message)
         self.epoch = epoch
         self.step = step
+
+
+class DeviceNotAvailableError(TLBridgeError, ValueError):
+    """A device this machine (or this backend) does not have: names the ones it has."""

@@ -189,7 +189,7 @@ def fit_stacker(zs: np.ndarray, y: np.ndarray, l2: float = 1e-3, iters: int = 10
 
 def _copy(m):
     from . import api
-    return api._rebuild(m.spec, m.backend, api.get_weights(m), set(m.frozen))
+    return api._rebuild(m.spec, m.backend, api.get_weights(m), set(m.frozen), device=m.device)
 
 
 def _recipes(fine_tune_kwargs, n: int) -> list[dict]:

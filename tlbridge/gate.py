@@ -79,7 +79,8 @@ def _frozen_copy(m: TransferModel, backend: str, what: str, head: bool = True) -
     if not head:
         spec = replace(spec, head=None)
         weights = {k: v for k, v in weights.items() if k.startswith("backbone.")}
-    c = api._rebuild(spec, backend, weights, set())
+    c = api._rebuild(spec, backend, weights, set(),
+                     device=m.device if m.backend == backend else "cpu")
     c.frozen = set(api._param_names(c))
     api._be(backend).apply_freeze(c)
     return c
@@ -113,14 +114,23 @@ def build(members: list, *, backend: str, gate_on="logits", hidden=(), dropout: 
     if not 0.0 <= float(dropout) < 1.0:
         raise DataError(f"Expected 0 <= dropout < 1; received {dropout}.")
     be = api._be(backend)
-    native, state = be.build_gate(members, kind, gate_backbone)
+    where = {m.device for m in members} | ({gate_backbone.device} if gate_backbone else set())
+    if len(where) != 1:
+        raise DataError(f"Expected every model of a gated fusion on one device; received "
+                        f"{sorted(where)}. Move them with tl.to_device first.")
+    device = where.pop()
+    with be.device_scope(device):
+        native, state = be.build_gate(members, kind, gate_backbone)
     spec = ModelSpec(NAME, (("gate_on", kind), ("members", len(members))), tuple(first.input_shape),
                      first.dtype, None, backend)
     base = TransferModel(backend, native, spec, False, set(), state)
+    be.place_built(base, device)
     head = HeadSpec(first.num_outputs, hidden, float(dropout))
-    native, state = be.attach_head(base, head)
+    with be.device_scope(device):
+        native, state = be.attach_head(base, head)
     from dataclasses import replace
     g = TransferModel(backend, native, replace(spec, head=head), False, set(), state)
+    be.place_built(g, device)
     gi = state["gate"]
     be.set_weights(g, api._cast(init_weights(gi["gate_dim"], gi["members"], hidden,
                                              np.random.default_rng(seed)), first.dtype))

@@ -24,6 +24,11 @@ class TransferModel:
     report: dict = field(default_factory=dict)  # what built it, e.g. a soup's ingredients and scores
 
     @property
+    def device(self) -> str:
+        """Where its weights live and its steps run: "cpu", "cuda:N" or "mps"."""
+        return self.state.get("device", "cpu")
+
+    @property
     def backbone_name(self) -> str:
         return self.spec.backbone
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import api
+from . import api, devices
 
 
 def rel_diff(a, b, floor: float = 0.0) -> float:
@@ -247,9 +247,11 @@ class ParityResult:
 
 
 def compare(mt, mk, x, y, *, training: bool, loss: str | None = None) -> ParityResult:
-    """Loss (the head's, or `loss=`), every gradient and the weights after the pass."""
-    lt, gt = api.loss_and_grads(mt, x, y, training=training, loss=loss)
-    lk, gk = api.loss_and_grads(mk, x, y, training=training, loss=loss)
+    """Loss (the head's, or `loss=`), every gradient and the weights after the pass; TF32
+    off on both frameworks while it runs (tlbridge/devices.py)."""
+    with devices.precision(tf32=False):
+        lt, gt = api.loss_and_grads(mt, x, y, training=training, loss=loss)
+        lk, gk = api.loss_and_grads(mk, x, y, training=training, loss=loss)
     zeros = zero_set(gt)
     g = rel_errors(gk, gt, skip=zeros)
     at = max(g, key=g.get) if g else ""
@@ -286,7 +288,13 @@ class Fp32Result:
 
 def fp32_vs_fp64(s: Suite, x, y, *, training: bool) -> Fp32Result:
     """Loss, every gradient and the BatchNorm statistics after the pass, of torch and Keras in
-    float32, each against torch float64 on the same (float32-grid) weights and batch."""
+    float32, each against torch float64 on the same (float32-grid) weights and batch (TF32
+    off on both frameworks while it runs)."""
+    with devices.precision(tf32=False):
+        return _fp32_vs_fp64(s, x, y, training=training)
+
+
+def _fp32_vs_fp64(s: Suite, x, y, *, training: bool) -> Fp32Result:
     x = x.astype(np.float32)
     y = y.astype(np.float32)
     l64, g64 = api.bce_loss_and_grads(s.models["torch", "float64"], x.astype(np.float64),

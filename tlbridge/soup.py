@@ -93,7 +93,7 @@ def soup(models, method: str = "uniform", *, val=None, bn: str = "average", data
         evaluate(models[0], val, batch_size=batch_size)      # the data fits, before any work
     base = models[0]
     ws = [api.get_weights(m) for m in models]
-    out = api._rebuild(base.spec, base.backend, ws[0], set(base.frozen))
+    out = api._rebuild(base.spec, base.backend, ws[0], set(base.frozen), device=base.device)
 
     def make(chosen):
         mean = {k: np.mean([np.asarray(ws[i][k], np.float64) for i in chosen], axis=0)

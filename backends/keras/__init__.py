@@ -101,7 +101,7 @@ from tlbridge.errors import BackendNotInstalledError  # noqa: E402
 from tlbridge.model import TransferModel  # noqa: E402
 from tlbridge.specs import HeadSpec, ModelSpec  # noqa: E402
 
-from . import backbones, compute, gate, network, training, weights  # noqa: E402
+from . import backbones, compute, devices, gate, network, training, weights  # noqa: E402
 
 if keras.backend.backend() != "tensorflow":
     raise BackendNotInstalledError(
@@ -113,7 +113,18 @@ NAME = "keras"
 
 __all__ = ["NAME", "native_backbones", "build_backbone", "attach_head", "canonical_shapes",
            "param_names", "get_weights", "set_weights", "apply_freeze", "features", "logits",
-           "loss_and_grads", "make_trainer", "seed_epoch", "swap_batchnorm_momentum", "build_gate"]
+           "loss_and_grads", "make_trainer", "seed_epoch", "swap_batchnorm_momentum", "build_gate",
+           "resolve_device", "device_scope", "place_built", "to_device", "set_tf32"]
+
+resolve_device = devices.resolve
+device_scope = devices.scope
+to_device = devices.to_device
+set_tf32 = devices.set_tf32
+
+
+def place_built(m: TransferModel, device: str) -> None:
+    """A model just built under device_scope(device) records where its variables live."""
+    m.state["device"] = device
 
 seed_epoch = training.seed_epoch
 

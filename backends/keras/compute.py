@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import tensorflow as tf
+
+from . import devices
 from keras import ops
 
 
@@ -20,8 +22,9 @@ def _forward_fn(m, which: str):
 
 def _batched(m, which, x, batch_size):
     fn = _forward_fn(m, which)
-    return np.concatenate([np.asarray(fn(tf.constant(x[i:i + batch_size])))
-                           for i in range(0, len(x), batch_size)], axis=0)
+    with devices.scope(m.state.get("device", "cpu")):
+        return np.concatenate([np.asarray(fn(tf.constant(x[i:i + batch_size])))
+                               for i in range(0, len(x), batch_size)], axis=0)
 
 
 def features(m, x, batch_size):
@@ -90,6 +93,11 @@ def loss_fn(z, y, loss, log_vars=None):
 def loss_and_grads(m, x: np.ndarray, y: np.ndarray, training: bool, loss):
     """The loss from logits, and d loss / d every trainable parameter, returned in the
     canonical (torch) layout."""
+    with devices.scope(m.state.get("device", "cpu")):
+        return _loss_and_grads(m, x, y, training, loss)
+
+
+def _loss_and_grads(m, x, y, training, loss):
     slots = [s for s in m.state["slots"] if s.is_param and s.name not in m.frozen]
     xt, yt = tf.constant(x), tf.constant(y)
     with tf.GradientTape(watch_accessed_variables=False) as tape:

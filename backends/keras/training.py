@@ -20,6 +20,7 @@ import tensorflow as tf
 from tlbridge.losses import Loss
 from tlbridge.optim import OptimizerConfig
 
+from . import devices
 from .compute import loss_fn, multi_loss
 
 
@@ -189,7 +190,8 @@ class Trainer:
                                    f"parameter; none was set for {missing[:3]}.")
             self._anchors_checked.add(key)
         rows = self._scalars(names, lrs)
-        loss, reg, parts = steps[key](tf.constant(x), tf.constant(y), rows)
+        with devices.scope(self.m.state.get("device", "cpu")):
+            loss, reg, parts = steps[key](tf.constant(x), tf.constant(y), rows)
         if self.loss.name == "multi":
             self.last_parts = np.asarray(parts, np.float64)
         for n in names:

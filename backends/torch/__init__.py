@@ -7,13 +7,24 @@ import torch
 from tlbridge.model import TransferModel
 from tlbridge.specs import HeadSpec, ModelSpec
 
-from . import backbones, compute, gate, network, training, weights
+from . import backbones, compute, devices, gate, network, training, weights
 
 NAME = "torch"
 
 __all__ = ["NAME", "native_backbones", "build_backbone", "attach_head", "canonical_shapes",
            "param_names", "get_weights", "set_weights", "apply_freeze", "features", "logits",
-           "loss_and_grads", "make_trainer", "seed_epoch", "swap_batchnorm_momentum", "build_gate"]
+           "loss_and_grads", "make_trainer", "seed_epoch", "swap_batchnorm_momentum", "build_gate",
+           "resolve_device", "device_scope", "place_built", "to_device", "set_tf32"]
+
+resolve_device = devices.resolve
+device_scope = devices.scope
+to_device = devices.to_device
+set_tf32 = devices.set_tf32
+
+
+def place_built(m: TransferModel, device: str) -> None:
+    """A model just built (on the CPU) goes to `device`."""
+    devices.to_device(m, device)
 
 seed_epoch = training.seed_epoch
 

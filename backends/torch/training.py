@@ -18,6 +18,7 @@ class Trainer:
                  regularizer=None, anchors: dict | None = None, loss=None):
         self.net = net
         self.loss = Loss() if loss is None else loss
+        self.device = next(net.parameters()).device
         self.last_parts = None          # multi-task: the last step's per-task losses
         params = dict(net.named_parameters())
         self.names = {id(p): n for n, p in params.items()}
@@ -36,7 +37,8 @@ class Trainer:
 
     def set_anchors(self, anchors: dict) -> None:
         dtype = next(self.net.parameters()).dtype
-        self.anchors = {n: torch.as_tensor(np.array(a), dtype=dtype) for n, a in anchors.items()}
+        self.anchors = {n: torch.as_tensor(np.array(a), dtype=dtype, device=self.device)
+                        for n, a in anchors.items()}
 
     def _penalty(self):
         """L2-SP: alpha/2 ||w - w0||^2 over trainable backbone weights, beta/2 ||w||^2 over the head."""
@@ -57,7 +59,7 @@ class Trainer:
             group["lr"] = lr
         self.opt.zero_grad(set_to_none=True)
         z = forward()
-        yt = torch.from_numpy(y)
+        yt = torch.from_numpy(y).to(self.device)
         if self.loss.name == "multi":
             loss, parts = multi_loss(z, yt, self.loss, getattr(self.net, "task_log_vars", None))
             self.last_parts = parts.cpu().numpy().astype(np.float64)
@@ -93,13 +95,13 @@ class Trainer:
     def step(self, x: np.ndarray, y: np.ndarray, lrs: list[float]):
         """One optimizer step on a batch, BatchNorm in train mode (frozen BN stays in eval)."""
         self._train_mode()
-        xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
+        xt = torch.from_numpy(x).to(self.device).permute(0, 3, 1, 2).contiguous()
         return self._step(lambda: self.net(xt), y, lrs)
 
     def head_step(self, f: np.ndarray, y: np.ndarray, lrs: list[float]):
         """The same step from cached backbone features (backbone frozen, so identical)."""
         self._train_mode()
-        ft = torch.from_numpy(f)
+        ft = torch.from_numpy(f).to(self.device)
         return self._step(lambda: self.net.apply_head(ft), y, lrs)
 
     def state_dict(self) -> dict[str, np.ndarray]:
@@ -131,7 +133,7 @@ class Trainer:
                     continue                    # torch's SGD keeps no step; Adam(W) does
                 t = torch.tensor(t, dtype=torch.float32)
             else:
-                t = torch.as_tensor(np.array(value), dtype=p.dtype)
+                t = torch.as_tensor(np.array(value), dtype=p.dtype, device=p.device)
             self.opt.state[p][slot] = t
 
 
