@@ -64,14 +64,19 @@ def _log_softmax(z):
     return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
 
 
+def elementwise(z, y, name: str) -> np.ndarray:
+    """BCE (stable, from logits) or squared error per entry: what "bce" and "mse" average."""
+    if name == "bce":
+        return np.maximum(z, 0) - z * y + np.log1p(np.exp(-np.abs(z)))
+    return (z - y) ** 2
+
+
 def value(z, y, loss: Loss) -> float:
     z, y = np.asarray(z, np.float64), np.asarray(y, np.float64)
-    if loss.name == "bce":
-        return float(np.mean(np.maximum(z, 0) - z * y + np.log1p(np.exp(-np.abs(z)))))
     if loss.name == "ce":
         q = (1.0 - loss.label_smoothing) * y + loss.label_smoothing / z.shape[1]
         return float(np.mean(-np.sum(q * _log_softmax(z), axis=1)))
-    return float(np.mean((z - y) ** 2))
+    return float(np.mean(elementwise(z, y, loss.name)))
 
 
 def grad_logits(z, y, loss: Loss) -> np.ndarray:
@@ -159,17 +164,17 @@ def score_names(k: int, loss_name: str = "bce") -> list[str]:
         return ["loss", "mae"]
     if loss_name == "ce":
         return ["loss", "accuracy"] + (["top5"] if k > 5 else [])
-    return ["loss", "accuracy"] + (["auc"] if k == 1 else [])
+    from . import metrics
+    return metrics.score_names(k)
 
 
 def scores(z, y, loss: Loss) -> dict:
     """loss; bce: accuracy (logit 0 / argmax), ROC AUC for one output; ce: accuracy (argmax of
     z against argmax of y) and top-5 accuracy when K > 5; mse: mean absolute error."""
     from . import metrics
-    z, y = np.asarray(z), np.asarray(y)
-    if z.ndim != 2 or z.shape != y.shape:
-        raise ShapeError(f"Expected logits and labels of the same shape (N, K); received logits "
-                         f"{z.shape} and labels {y.shape}. Labels need one column per model output.")
+    if loss.name == "bce":
+        return metrics.scores(z, y)
+    z, y = metrics.same_shape(z, y)
     out = {"loss": value(z, y, loss)}
     if loss.name == "mse":
         out["mae"] = float(np.mean(np.abs(np.asarray(z, np.float64) - y)))
@@ -180,8 +185,4 @@ def scores(z, y, loss: Loss) -> dict:
         if z.shape[1] > 5:
             top = np.argsort(-np.asarray(z, np.float64), axis=1, kind="stable")[:, :5]
             out["top5"] = float(np.mean(np.any(top == target[:, None], axis=1)))
-        return out
-    out["accuracy"] = metrics.accuracy(z, y)
-    if z.shape[1] == 1:
-        out["auc"] = metrics.roc_auc(z[:, 0], y[:, 0])
     return out

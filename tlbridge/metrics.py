@@ -14,8 +14,8 @@ def sigmoid(z: np.ndarray) -> np.ndarray:
 
 def bce_from_logits(z: np.ndarray, y: np.ndarray) -> float:
     """Mean over all entries of max(z, 0) - z*y + log(1 + exp(-|z|)) (stable)."""
-    z = np.asarray(z, np.float64)
-    return float(np.mean(np.maximum(z, 0) - z * y + np.log1p(np.exp(-np.abs(z)))))
+    from .losses import elementwise
+    return float(np.mean(elementwise(np.asarray(z, np.float64), y, "bce")))
 
 
 def accuracy(z: np.ndarray, y: np.ndarray) -> float:
@@ -49,11 +49,17 @@ def score_names(num_outputs: int) -> list[str]:
     return ["loss", "accuracy"] + (["auc"] if num_outputs == 1 else [])
 
 
-def scores(z: np.ndarray, y: np.ndarray) -> dict:
+def same_shape(z, y):
+    """(z, y) as arrays, refused unless both are (N, K)."""
     z, y = np.asarray(z), np.asarray(y)
     if z.ndim != 2 or z.shape != y.shape:
         raise ShapeError(f"Expected logits and labels of the same shape (N, K); received logits "
                          f"{z.shape} and labels {y.shape}. Labels need one column per model output.")
+    return z, y
+
+
+def scores(z: np.ndarray, y: np.ndarray) -> dict:
+    z, y = same_shape(z, y)
     out = {"loss": bce_from_logits(z, y), "accuracy": accuracy(z, y)}
     if z.shape[1] == 1:
         out["auc"] = roc_auc(z[:, 0], y[:, 0])

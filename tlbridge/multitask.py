@@ -207,11 +207,7 @@ def task_losses_and_presence(z, y, ml: MultiLoss):
             if not present.any():
                 out.append(0.0)
                 continue
-            yf = np.where(present, yt, 0.0)
-            if loss.name == "bce":
-                per = np.maximum(zt, 0) - zt * yf + np.log1p(np.exp(-np.abs(zt)))
-            else:
-                per = (zt - yf) ** 2
+            per = losses.elementwise(zt, np.where(present, yt, 0.0), loss.name)
             out.append(float(per[present].sum() / present.sum()))
     return np.asarray(out), np.asarray(has)
 
