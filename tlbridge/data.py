@@ -333,6 +333,11 @@ class Dataset:
                 f"batches={len(self)}, shuffle={self.shuffle}, seed={self.seed}, "
                 f"augment={self.augment!r}, dtype={self.dtype!r})")
 
+    def batch_sizes(self) -> list[int]:
+        """The size of every batch of an epoch, in order (the last one may be short)."""
+        n, b = self.num_samples, self.batch_size
+        return [min(b, n - k * b) for k in range(len(self))]
+
     def plan(self, epoch: int):
         """(order, params): sample indices in epoch order and augmentation parameters per position."""
         epoch = _nonneg_int(epoch, "epoch")

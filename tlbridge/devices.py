@@ -61,3 +61,28 @@ def precision(tf32: bool = False):
         yield
     finally:
         restore_precision(previous)
+
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+_ALLOW_CPU_FP16 = False     # tests only: run the fp16 path (loss scaling) on the CPU
+
+
+def check_precision(precision, dtype: str, device: str) -> str:
+    """fine_tune's `precision`: "fp32" (the model's own dtype, fp64 included), or mixed
+    "bf16"/"fp16" (float32 master weights, BatchNorm and loss in float32; fp16 adds dynamic
+    loss scaling). fp16 needs a GPU: CPUs have no fast float16 kernels, use bf16 there."""
+    if precision is None:
+        return "fp32"
+    if not isinstance(precision, str) or precision.strip().lower() not in PRECISIONS:
+        raise DataError(f"Expected precision as one of {list(PRECISIONS)}; received "
+                        f"{precision!r}.")
+    precision = precision.strip().lower()
+    if precision != "fp32" and dtype != "float32":
+        raise DataError(f"Expected a float32 model for precision={precision!r} (mixed precision "
+                        f"keeps float32 master weights); received a {dtype} model. Load it with "
+                        f"dtype='float32', or train with precision='fp32'.")
+    if precision == "fp16" and not str(device).startswith("cuda") and not _ALLOW_CPU_FP16:
+        raise DataError(f"Expected a GPU for precision='fp16'; received a model on "
+                        f"{device!r}. Use precision='bf16' on the CPU, or move the model with "
+                        f"tl.to_device(m, 'cuda').")
+    return precision

@@ -24,6 +24,8 @@ __all__ = [
     "NoPretrainedWeightsError",
     "UnsupportedLayerError",
     "TrainingDivergedError",
+    "DeviceNotAvailableError",
+    "DistributedError",
 ]
 
 
@@ -112,3 +114,8 @@ class TrainingDivergedError(TLBridgeError, RuntimeError):
 
 class DeviceNotAvailableError(TLBridgeError, ValueError):
     """A device this machine (or this backend) does not have: names the ones it has."""
+
+
+class DistributedError(TLBridgeError, RuntimeError):
+    """Data-parallel training could not start or go on (a launch without torchrun's
+    variables, more replicas than devices, a rank that stopped): says which, and the fix."""

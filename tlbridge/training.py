@@ -17,9 +17,11 @@ from typing import Callable
 
 import numpy as np
 
-from . import api, data as tldata, freezing, fusion, gate, losses, multitask, optim, registry
+from . import api, data as tldata, devices, freezing, fusion, gate, losses, multitask, optim, \
+    parallel, registry
 from . import weights as wio
-from .errors import CheckpointError, DataError, FreezeSpecError, TrainingDivergedError
+from .errors import (CheckpointError, DataError, DistributedError, FreezeSpecError,
+                     TrainingDivergedError)
 from .history import History
 from .model import TransferModel
 
@@ -275,7 +277,8 @@ def fine_tune(model: TransferModel, train, *, val=None, epochs: int = 1, batch_s
               resume: bool = False, feature_cache="auto", ema: float | None = None,
               ema_swap: bool = True, callbacks: list[Callable] | None = None,
               loss: str | None = None, label_smoothing: float | None = None,
-              task_weights=None) -> History:
+              task_weights=None, precision: str | None = None, distributed: bool | None = None,
+              replicas=None, bn_sync: str = "global") -> History:
     """Fine-tune `model` in place on `train`; the same call gives the same result on both backends.
 
     feature_cache="auto": in epochs where the whole backbone is frozen and the data has no
@@ -301,6 +304,14 @@ def fine_tune(model: TransferModel, train, *, val=None, epochs: int = 1, batch_s
     val_<task>_<metric>, and log_var_<task> under uncertainty.
     A gated FusedModel (tl.fuse(..., method="gate")) trains its gate here; its members stay
     frozen.
+    precision: "fp32" (default: the model's own dtype), or mixed "bf16" / "fp16" (float32 master
+    weights, BatchNorm and loss in float32; fp16 with dynamic loss scaling, GPU only).
+    Data-parallel (tlbridge/parallel.py): under torchrun (WORLD_SIZE > 1, or distributed=True)
+    a torch model trains on its rank's share of each global batch and gradients are summed
+    over ranks; a Keras model trains over `replicas` devices (an int, or a
+    tf.distribute.MirroredStrategy). bn_sync: "global" (BatchNorm statistics over the whole
+    global batch: the one-process result) or "local" (each share's own, frameworks' default).
+    Rank 0 writes the checkpoints.
     """
     if isinstance(model, fusion.FusedModel):
         if model.gate is None:
@@ -313,6 +324,9 @@ def fine_tune(model: TransferModel, train, *, val=None, epochs: int = 1, batch_s
     api._need_head(m, "fine_tune")
     be = registry.load(m.backend)
     loss_spec = api.loss_spec(m, loss, label_smoothing, task_weights)
+    precision = devices.check_precision(precision, m.dtype, m.device)
+    bn_sync = parallel.check_bn_sync(bn_sync)
+    plan = _parallel_plan(m, distributed, replicas, bn_sync)
     ds = _check_data(m, _as_dataset(train, batch_size, True, seed, m.dtype, "train", m,
                                     loss_spec), "train", loss_spec)
     vds = None if val is None else _check_data(
@@ -327,6 +341,9 @@ def fine_tune(model: TransferModel, train, *, val=None, epochs: int = 1, batch_s
         _check_monitor(stop, m, reg, vds, ema, loss_spec)
     if not (feature_cache == "auto" or feature_cache is True or feature_cache is False):
         raise DataError(f"Expected feature_cache 'auto', True or False; received {feature_cache!r}.")
+    if plan is not None:
+        parallel.check_unsupported(loss_spec.name, ema)
+        parallel.check_batches(ds.batch_sizes(), plan.world, bn_sync)
     names = api._param_names(m)
     groups = optim.param_groups(names, lr, group_lrs)
     steps = len(ds)
@@ -354,8 +371,11 @@ def fine_tune(model: TransferModel, train, *, val=None, epochs: int = 1, batch_s
         anchors = {n: w[n] for n in names if n.startswith("backbone.")}
 
     history = History()
+    if plan is not None:
+        be.init_parallel(plan, m)
+    writer = plan is None or plan.rank == 0         # rank 0 alone writes checkpoints
     trainer = be.make_trainer(m, cfg, groups, None if reg is None else (reg.alpha, reg.beta),
-                              anchors, loss_spec)
+                              anchors, loss_spec, precision=precision, parallel=plan)
     best = {"value": math.nan, "weights": None, "epoch": -1}
     stopped = False
     if saved is not None:
@@ -387,7 +407,7 @@ def fine_tune(model: TransferModel, train, *, val=None, epochs: int = 1, batch_s
             cache = None                # computed again if the backbone is frozen again later
         elif cache is None:
             cache = _feature_cache(m, ds)
-        bar = _Progress(progress, steps, f"epoch {epoch + 1}/{epochs}")
+        bar = _Progress(progress and writer, steps, f"epoch {epoch + 1}/{epochs}")
         step_losses, step_parts = [], []
         try:                            # the backend may leave train mode on between steps
             for step, (xb, yb) in enumerate(_batches(ds, epoch, cache if use_cache else None)):
@@ -454,8 +474,9 @@ def fine_tune(model: TransferModel, train, *, val=None, epochs: int = 1, batch_s
             elif epoch - best["epoch"] >= stop.patience:
                 stopped = True
         if ckpt:
-            _save(m, trainer, ckpt, epoch, history, anchors, cfg, seed, stop, best, stopped,
-                  ema, ema_w, loss_spec)
+            if writer:
+                _save(m, trainer, ckpt, epoch, history, anchors, cfg, seed, stop, best, stopped,
+                      ema, ema_w, loss_spec)
             ckpt_epoch = epoch
         for cb in callbacks:
             cb("epoch", record)
@@ -470,6 +491,34 @@ def fine_tune(model: TransferModel, train, *, val=None, epochs: int = 1, batch_s
         trained_on = set(m.report.get("trained_on", []))   # tl.fuse(..., "stack") refuses to
         m.report["trained_on"] = sorted(trained_on | {fingerprint(train[0])})  # fit on these
     return history
+
+
+def _parallel_plan(m, distributed, replicas, bn_sync):
+    """Data-parallel or not, from the launch (torchrun's WORLD_SIZE) and the arguments."""
+    if distributed not in (None, True, False):
+        raise DataError(f"Expected distributed as None (detect torchrun), True or False; "
+                        f"received {distributed!r}.")
+    if replicas is not None:
+        if m.backend != "keras":
+            raise DataError(f"Expected replicas= with a Keras model (tf.distribute); received a "
+                            f"{m.backend} model. Launch torch runs with torchrun "
+                            f"--nproc_per_node=N instead.")
+        return registry.load("keras").replica_plan(replicas, bn_sync)
+    env = parallel.torch_env() if distributed is not False else None
+    if env is None:
+        if distributed:
+            raise DistributedError(
+                "Expected a torchrun launch for distributed=True (WORLD_SIZE, RANK, MASTER_ADDR "
+                "set); received none. Launch with: torchrun --nproc_per_node=N your_script.py, "
+                "or pass replicas=N with a Keras model.")
+        return None
+    if m.backend != "torch":
+        if distributed:
+            raise DistributedError(f"Expected a torch model under torchrun; received a "
+                                   f"{m.backend} model. Keras trains data-parallel in one "
+                                   f"process: fine_tune(..., replicas=N).")
+        return None
+    return parallel.Plan(env[0], env[1], bn_sync)
 
 
 def fingerprint(x) -> str:

@@ -97,11 +97,14 @@ with _quiet_tensorflow_startup():
     import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-from tlbridge.errors import BackendNotInstalledError  # noqa: E402
+from tlbridge.errors import BackendNotInstalledError, DistributedError  # noqa: E402
 from tlbridge.model import TransferModel  # noqa: E402
 from tlbridge.specs import HeadSpec, ModelSpec  # noqa: E402
 
-from . import backbones, compute, devices, gate, network, training, weights  # noqa: E402
+from . import backbones, compute, devices, gate, network, parallel, training, weights  # noqa: E402
+from .parallel import cpu_replicas  # noqa: E402
+
+parallel.from_env()     # TLBRIDGE_CPU_REPLICAS=N: split the CPU before TensorFlow starts
 
 if keras.backend.backend() != "tensorflow":
     raise BackendNotInstalledError(
@@ -114,7 +117,8 @@ NAME = "keras"
 __all__ = ["NAME", "native_backbones", "build_backbone", "attach_head", "canonical_shapes",
            "param_names", "get_weights", "set_weights", "apply_freeze", "features", "logits",
            "loss_and_grads", "make_trainer", "seed_epoch", "swap_batchnorm_momentum", "build_gate",
-           "resolve_device", "device_scope", "place_built", "to_device", "set_tf32"]
+           "resolve_device", "device_scope", "place_built", "to_device", "set_tf32",
+           "cpu_replicas", "replica_plan", "init_parallel"]
 
 resolve_device = devices.resolve
 device_scope = devices.scope
@@ -223,8 +227,9 @@ def loss_and_grads(m: TransferModel, x: np.ndarray, y: np.ndarray, training: boo
     return compute.loss_and_grads(m, x, y, training, loss)
 
 
-def make_trainer(m: TransferModel, cfg, groups, regularizer, anchors, loss):
-    return training.Trainer(m, cfg, groups, regularizer, anchors, loss)
+def make_trainer(m: TransferModel, cfg, groups, regularizer, anchors, loss, precision="fp32",
+                 parallel=None):
+    return training.Trainer(m, cfg, groups, regularizer, anchors, loss, precision, parallel)
 
 
 def swap_batchnorm_momentum(m: TransferModel, momenta):
@@ -238,3 +243,21 @@ def swap_batchnorm_momentum(m: TransferModel, momenta):
     for layer, v in zip(bns, momenta if isinstance(momenta, list) else [momenta] * len(bns)):
         layer.momentum = v if isinstance(layer, network.TorchBatchNorm) else 1.0 - v
     return old
+
+
+def replica_plan(replicas, bn_sync: str):
+    """fine_tune(..., replicas=N or a MirroredStrategy): the plan its Trainer runs."""
+    return parallel.plan(replicas, bn_sync)
+
+
+def init_parallel(plan, m: TransferModel) -> None:
+    """Replicas read the model's plain variables; BatchNorm layers other than tlbridge's
+    (keras.applications backbones) cannot share batch statistics across them."""
+    native_bn = [layer.name for layer in m.native._flatten_layers(include_self=False)
+                 if isinstance(layer, keras.layers.BatchNormalization)]
+    if native_bn:
+        raise DistributedError(
+            f"Expected a portable-zoo model (tlbridge's BatchNorm) for replicas=; received "
+            f"{m.backbone_name!r} with Keras BatchNormalization layers ({native_bn[0]!r}, ...). "
+            f"Load the portable version (tl.load_backbone(..., backend='keras') of a zoo name), "
+            f"or train it in one replica.")

@@ -76,10 +76,25 @@ def multi_loss(z, y, ml, log_vars):
     return total, tf.stop_gradient(report)
 
 
-def loss_fn(z, y, loss, log_vars=None):
-    """tlbridge/losses.py's formulas with Keras' own functions (y: (N, K) float labels)."""
+def loss_fn(z, y, loss, log_vars=None, rows=None):
+    """tlbridge/losses.py's formulas with Keras' own functions (y: (N, K) float labels).
+    rows: the global batch's size when z is one replica's share of it (data-parallel): the
+    sum over this share divided by the global count, so the replicas' values add up to the
+    mean."""
     if loss.name == "multi":
         return multi_loss(z, y, loss, log_vars)[0]
+    if rows is not None:
+        rows = ops.cast(rows, z.dtype)
+        if loss.name == "bce":
+            per = ops.binary_crossentropy(y, z, from_logits=True)   # mean over K per row
+        elif loss.name == "ce":
+            eps = loss.label_smoothing
+            if eps:
+                y = y * (1.0 - eps) + eps / int(z.shape[-1])
+            per = ops.categorical_crossentropy(y, z, from_logits=True)
+        else:
+            per = ops.mean(ops.square(z - y), axis=-1)
+        return ops.sum(per) / rows
     if loss.name == "bce":
         return ops.mean(ops.binary_crossentropy(y, z, from_logits=True))
     if loss.name == "ce":

@@ -13,6 +13,8 @@ from keras import layers, ops
 from tlbridge.errors import UnsupportedLayerError
 from tlbridge.specs import HeadSpec
 
+from . import parallel
+
 
 def _batch_norm_train(x, gamma, beta, epsilon):
     """Train-mode BatchNorm with PyTorch's closed-form backward: (batch mean, biased batch
@@ -57,6 +59,43 @@ def _batch_norm_train(x, gamma, beta, epsilon):
     return mean, var, normalize(x, gamma, beta)
 
 
+def _batch_norm_train_global(x, gamma, beta, epsilon, ctx):
+    """_batch_norm_train over every replica's rows (data-parallel, bn_sync="global"): the
+    replica context's all_reduce sums x and the row count, then the centred squares; the
+    backward sums dy and dy * (x - mean) the same way and uses the global count. Returns
+    (mean, biased variance, output, global count)."""
+    axes = list(range(len(x.shape) - 1))
+    acc = "float64"
+    total = tf.distribute.ReduceOp.SUM
+    x_const = tf.cast(tf.stop_gradient(x), acc)
+    count = tf.cast(tf.reduce_prod(tf.shape(x)[:-1]), acc)
+    sums = ctx.all_reduce(total, tf.concat([tf.reduce_sum(x_const, axis=axes), count[None]], 0))
+    n = sums[-1]
+    mean64 = sums[:-1] / n
+    var64 = ctx.all_reduce(total, tf.reduce_sum(tf.square(x_const - mean64), axis=axes)) / n
+    mean, var = tf.cast(mean64, x.dtype), tf.cast(var64, x.dtype)
+    invstd = ops.rsqrt(var + epsilon)
+    n_x = tf.cast(n, x.dtype)
+
+    @tf.custom_gradient
+    def normalize(x, gamma, beta):
+        xc = x - mean
+        y = xc * (invstd * gamma) + beta
+
+        def grad(dy):
+            dbeta = tf.reduce_sum(tf.cast(dy, acc), axis=axes)
+            dotp = tf.reduce_sum(tf.cast(dy * xc, acc), axis=axes)
+            both = tf.cast(ctx.all_reduce(total, tf.concat([dbeta, dotp], 0)), x.dtype)
+            c = int(x.shape[-1])
+            k = both[c:] * invstd * invstd / n_x
+            dx = (dy - both[:c] / n_x - xc * k) * (invstd * gamma)
+            return dx, tf.cast(dotp, x.dtype) * invstd, tf.cast(dbeta, x.dtype)
+
+        return y, grad
+
+    return mean, var, normalize(x, gamma, beta), n_x
+
+
 @keras.saving.register_keras_serializable("tlbridge")
 class TorchBatchNorm(layers.Layer):
     """BatchNorm with PyTorch semantics (docs/parity.md #1-#4).
@@ -82,14 +121,29 @@ class TorchBatchNorm(layers.Layer):
 
     def call(self, x, training=None):
         if training and self.trainable and self.gamma.trainable:
-            mean, var, y = _batch_norm_train(x, tf.identity(self.gamma.value),
-                                             tf.identity(self.beta.value), self.epsilon)
-            n = tf.cast(tf.reduce_prod(tf.shape(x)[:-1]), x.dtype)
+            ctx = parallel.replica_context()
+            if ctx is not None and parallel.bn_sync() == "global":
+                mean, var, y, n = _batch_norm_train_global(
+                    x, tf.identity(self.gamma.value), tf.identity(self.beta.value),
+                    self.epsilon, ctx)
+            else:
+                mean, var, y = _batch_norm_train(x, tf.identity(self.gamma.value),
+                                                 tf.identity(self.beta.value), self.epsilon)
+                n = tf.cast(tf.reduce_prod(tf.shape(x)[:-1]), x.dtype)
             unbiased = var * (n / tf.maximum(n - 1.0, 1.0))
             m = self.momentum
-            self.moving_mean.assign((1.0 - m) * self.moving_mean + m * mean)
-            self.moving_variance.assign((1.0 - m) * self.moving_variance + m * unbiased)
-            return y
+            if ctx is None:
+                self.moving_mean.assign((1.0 - m) * self.moving_mean + m * mean)
+                self.moving_variance.assign((1.0 - m) * self.moving_variance + m * unbiased)
+                return y
+
+            def update():       # replica 0 alone writes: one update, no race between replicas
+                self.moving_mean.assign((1.0 - m) * self.moving_mean + m * mean)
+                self.moving_variance.assign((1.0 - m) * self.moving_variance + m * unbiased)
+                return tf.constant(True)
+            deps = tf.cond(parallel.first_replica(ctx), update, lambda: tf.constant(False))
+            with tf.control_dependencies([deps]):
+                return tf.identity(y)
         mean, var = self.moving_mean, self.moving_variance
         return (x - mean) * ops.rsqrt(var + self.epsilon) * self.gamma + self.beta
 

@@ -13,6 +13,8 @@ again. Every Trainer starts from zeroed state, so sharing the variables changes 
 """
 from __future__ import annotations
 
+import contextlib
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -20,8 +22,31 @@ import tensorflow as tf
 from tlbridge.losses import Loss
 from tlbridge.optim import OptimizerConfig
 
-from . import devices
+from . import devices, parallel as par
 from .compute import loss_fn, multi_loss
+from .network import TorchBatchNorm
+
+_POLICY = {"bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
+GROWTH_INTERVAL = 2000          # fp16 loss scaling: torch.amp.GradScaler's defaults
+INITIAL_SCALE = 2.0 ** 16
+
+
+@contextlib.contextmanager
+def mixed_policy(model, precision: str):
+    """Every layer but BatchNorm computes in bf16/fp16 (Keras' mixed policy: float32
+    variables, cast on read) while a step is traced; BatchNorm and the loss stay float32."""
+    if precision == "fp32":
+        yield
+        return
+    saved = [(layer, layer.dtype_policy) for layer in model._flatten_layers(include_self=True)]
+    try:
+        for layer, _ in saved:
+            if not isinstance(layer, (TorchBatchNorm, keras.layers.BatchNormalization)):
+                layer.dtype_policy = _POLICY[precision]
+        yield
+    finally:
+        for layer, policy in saved:
+            layer.dtype_policy = policy
 
 
 class _Compiled:
@@ -32,6 +57,8 @@ class _Compiled:
         self.dtype = m.dtype
         self.state: dict[str, dict[str, tf.Variable]] = {}   # slot -> name -> Variable (Keras layout)
         self.anchors: dict[str, tf.Variable] = {}
+        self.loss_scale = tf.Variable(INITIAL_SCALE, dtype=tf.float32, trainable=False)
+        self.good_steps = tf.Variable(0, dtype=tf.int64, trainable=False)
         self.steps: dict[tuple, tf.types.experimental.PolymorphicFunction] = {}
 
     def var(self, table: dict, s) -> tf.Variable:
@@ -56,9 +83,12 @@ def traced_steps(m) -> int:
 
 class Trainer:
     def __init__(self, m, cfg: OptimizerConfig, groups: list[tuple[float, list[str]]],
-                 regularizer=None, anchors: dict | None = None, loss=None):
+                 regularizer=None, anchors: dict | None = None, loss=None,
+                 precision: str = "fp32", parallel=None):
         self.m = m
         self.cfg = cfg
+        self.precision = precision
+        self.parallel = parallel        # tlbridge.parallel.Plan with its MirroredStrategy
         self.loss = Loss() if loss is None else loss
         self.last_parts = None          # multi-task: the last step's per-task losses
         self.slots = {s.name: s for s in m.state["slots"] if s.is_param}
@@ -75,6 +105,8 @@ class Trainer:
         for table in self.state.values():
             for var in table.values():
                 var.assign(tf.zeros_like(var))
+        self.compiled.loss_scale.assign(INITIAL_SCALE)
+        self.compiled.good_steps.assign(0)
 
     def set_anchors(self, anchors: dict) -> None:
         for n, a in anchors.items():
@@ -157,29 +189,100 @@ class Trainer:
         signature = [tf.TensorSpec(x_shape, self.m.dtype),  # a ragged last batch
                      tf.TensorSpec((None, *model.outputs[0].shape[1:]), self.m.dtype),
                      tf.TensorSpec((len(slots), 4), self.m.dtype)]
+        variables = [s.variable.value for s in slots]
+        plan, precision = self.parallel, self.precision
+        scale, good = self.compiled.loss_scale, self.compiled.good_steps
+
+        def forward_loss(x, y, rows=None):
+            z = model(x, training=True)
+            if precision != "fp32":
+                z = tf.cast(z, self.m.dtype)            # the loss in float32
+            if loss_spec.name == "multi":
+                return multi_loss(z, y, loss_spec, log_vars.value)
+            return loss_fn(z, y, loss_spec, rows=rows), tf.zeros((0,), z.dtype)
+
+        def scaled(value):          # fp16: inside the tape, so its gradient is recorded
+            return value * tf.cast(scale, value.dtype) if precision == "fp16" else value
+
+        def grads_of(tape, value):
+            grads = tape.gradient(value, variables)
+            if precision != "fp16":
+                return grads
+            return [None if g is None else g / tf.cast(scale, g.dtype) for g in grads]
+
+        def apply(grads, rows):
+            def updates():
+                for i, (s, g) in enumerate(zip(slots, grads)):
+                    if g is not None:
+                        update(s, g, rows[i])
+                return tf.constant(True)
+            if precision != "fp16":
+                return updates()
+            finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads
+                                    if g is not None])
+
+            def ok():
+                updates()
+                good.assign_add(1)
+                grow = good >= GROWTH_INTERVAL
+                scale.assign(tf.where(grow, scale * 2.0, scale))
+                good.assign(tf.where(grow, tf.constant(0, tf.int64), good))
+                return tf.constant(True)
+
+            def skip():         # inf/NaN gradients: no update, the scale halves
+                scale.assign(scale * 0.5)
+                good.assign(0)
+                return tf.constant(False)
+            return tf.cond(finite, ok, skip)
+
+        if plan is None:
+            @tf.function(input_signature=signature, autograph=False)
+            def step(x, y, rows):
+                with mixed_policy(model, precision):
+                    with tf.GradientTape(watch_accessed_variables=False) as tape:
+                        for v in variables:
+                            tape.watch(v)
+                        loss, parts = forward_loss(x, y)
+                        pen = penalty() if reg is not None and slots else tf.constant(0.0, loss.dtype)
+                        total = scaled(loss + pen)
+                    grads = grads_of(tape, total)
+                applied = apply(grads, rows)
+                return loss, pen, parts, applied
+            return step
+
+        strategy, total_op = plan.strategy, tf.distribute.ReduceOp.SUM
+
+        def replica_step(x, y):
+            ctx = tf.distribute.get_replica_context()
+            with tf.GradientTape(watch_accessed_variables=False) as tape:
+                for v in variables:
+                    tape.watch(v)
+                loss, _ = forward_loss(par.share(x, ctx), par.share(y, ctx), tf.shape(x)[0])
+                total = scaled(loss)
+            grads = grads_of(tape, total)
+            return loss, [tf.zeros_like(v) if g is None else g for v, g in zip(variables, grads)]
 
         @tf.function(input_signature=signature, autograph=False)
         def step(x, y, rows):
-            with tf.GradientTape(watch_accessed_variables=False) as tape:
-                for s in slots:
-                    tape.watch(s.variable.value)
-                z = model(x, training=True)
-                if loss_spec.name == "multi":
-                    loss, parts = multi_loss(z, y, loss_spec, log_vars.value)
-                else:
-                    loss, parts = loss_fn(z, y, loss_spec), tf.zeros((0,), z.dtype)
-                pen = penalty() if reg is not None and slots else tf.constant(0.0, loss.dtype)
-                total = loss + pen
-            grads = tape.gradient(total, [s.variable.value for s in slots])
-            for i, (s, g) in enumerate(zip(slots, grads)):
-                if g is not None:
-                    update(s, g, rows[i])
-            return loss, pen, parts
+            with mixed_policy(model, precision), par.tracing(plan.bn_sync):
+                loss, grads = strategy.run(replica_step, args=(x, y))
+            loss = strategy.reduce(total_op, loss, axis=None)
+            grads = [strategy.reduce(total_op, g, axis=None) for g in grads]
+            pen = tf.constant(0.0, loss.dtype)
+            if reg is not None and slots:       # counted once, beside the summed shares
+                with tf.GradientTape(watch_accessed_variables=False) as tape:
+                    for v in variables:
+                        tape.watch(v)
+                    pen = penalty()
+                grads = [g if pg is None else g + pg
+                         for g, pg in zip(grads, tape.gradient(pen, variables))]
+            applied = apply(grads, rows)
+            return loss, pen, tf.zeros((0,), loss.dtype), applied
         return step
 
     def _run(self, x, y, lrs, head_only):
         names = tuple(n for n in self.slots if n not in self.m.frozen)
-        key = (names, head_only, self.cfg, self.reg, self.loss)
+        key = (names, head_only, self.cfg, self.reg, self.loss, self.precision, self.parallel)
         steps = self.compiled.steps
         if key not in steps:
             steps[key] = self._build(names, head_only)
@@ -190,12 +293,15 @@ class Trainer:
                                    f"parameter; none was set for {missing[:3]}.")
             self._anchors_checked.add(key)
         rows = self._scalars(names, lrs)
-        with devices.scope(self.m.state.get("device", "cpu")):
-            loss, reg, parts = steps[key](tf.constant(x), tf.constant(y), rows)
+        where = (contextlib.nullcontext() if self.parallel is not None
+                 else devices.scope(self.m.state.get("device", "cpu")))
+        with where:
+            loss, reg, parts, applied = steps[key](tf.constant(x), tf.constant(y), rows)
         if self.loss.name == "multi":
             self.last_parts = np.asarray(parts, np.float64)
-        for n in names:
-            self.steps[n] = self.steps.get(n, 0) + 1
+        if bool(applied):                   # fp16: a step skipped for inf/NaN counts no update
+            for n in names:
+                self.steps[n] = self.steps.get(n, 0) + 1
         return float(loss), float(reg)
 
     def step(self, x, y, lrs):

@@ -7,7 +7,7 @@ import torch
 from tlbridge.model import TransferModel
 from tlbridge.specs import HeadSpec, ModelSpec
 
-from . import backbones, compute, devices, gate, network, training, weights
+from . import backbones, compute, devices, gate, network, parallel, training, weights
 
 NAME = "torch"
 
@@ -102,8 +102,10 @@ def loss_and_grads(m: TransferModel, x: np.ndarray, y: np.ndarray, training: boo
     return compute.loss_and_grads(m.native, x, y, training, loss)
 
 
-def make_trainer(m: TransferModel, cfg, groups, regularizer, anchors, loss):
-    return training.Trainer(m.native, cfg, groups, regularizer, anchors, loss)
+def make_trainer(m: TransferModel, cfg, groups, regularizer, anchors, loss, precision="fp32",
+                 parallel=None):
+    return training.Trainer(m.native, cfg, groups, regularizer, anchors, loss, precision,
+                            parallel)
 
 
 def swap_batchnorm_momentum(m: TransferModel, momenta):
@@ -115,3 +117,7 @@ def swap_batchnorm_momentum(m: TransferModel, momenta):
     for mod, v in zip(bns, momenta if isinstance(momenta, list) else [momenta] * len(bns)):
         mod.momentum = v
     return old
+
+
+def init_parallel(plan, m: TransferModel) -> None:
+    parallel.init(plan.world, plan.rank, m.device)

@@ -76,10 +76,22 @@ def multi_loss(z, y, ml, log_vars):
     return total, report.detach()
 
 
-def loss_fn(z: torch.Tensor, y: torch.Tensor, loss, log_vars=None) -> torch.Tensor:
-    """tlbridge/losses.py's formulas with torch's own functions (y: (N, K) float labels)."""
+def loss_fn(z: torch.Tensor, y: torch.Tensor, loss, log_vars=None,
+            rows: int | None = None) -> torch.Tensor:
+    """tlbridge/losses.py's formulas with torch's own functions (y: (N, K) float labels).
+    rows: the global batch's size when z is one rank's share of it (data-parallel): the sum
+    over this share divided by the global count, so the ranks' values add up to the mean."""
     if loss.name == "multi":
         return multi_loss(z, y, loss, log_vars)[0]
+    if rows is not None:
+        if loss.name == "bce":
+            per = F.binary_cross_entropy_with_logits(z, y, reduction="sum")
+        elif loss.name == "ce":
+            return F.cross_entropy(z, y, label_smoothing=loss.label_smoothing,
+                                   reduction="sum") / rows
+        else:
+            per = F.mse_loss(z, y, reduction="sum")
+        return per / (rows * z.shape[1])
     if loss.name == "bce":
         return F.binary_cross_entropy_with_logits(z, y)
     if loss.name == "ce":       # probability targets: (1 - eps) * y + eps / K, mean over N

@@ -7,7 +7,10 @@ import torch
 from tlbridge.losses import Loss
 from tlbridge.optim import OptimizerConfig
 
+from . import parallel as par
 from .compute import loss_fn, multi_loss
+
+_AMP = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class Trainer:
@@ -15,10 +18,15 @@ class Trainer:
     and torch.optim skips them (no update, no state, no weight decay)."""
 
     def __init__(self, net, cfg: OptimizerConfig, groups: list[tuple[float, list[str]]],
-                 regularizer=None, anchors: dict | None = None, loss=None):
+                 regularizer=None, anchors: dict | None = None, loss=None,
+                 precision: str = "fp32", parallel=None):
         self.net = net
         self.loss = Loss() if loss is None else loss
         self.device = next(net.parameters()).device
+        self.precision = precision
+        # fp16: dynamic loss scaling (2^16 to start, halved on inf/NaN, doubled after 2000 steps)
+        self.scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
+        self.parallel = parallel        # tlbridge.parallel.Plan, or None for one process
         self.last_parts = None          # multi-task: the last step's per-task losses
         params = dict(net.named_parameters())
         self.names = {id(p): n for n, p in params.items()}
@@ -54,15 +62,27 @@ class Trainer:
             total = term if total is None else total + term
         return total
 
+    def _forward(self, forward):
+        if self.precision == "fp32":
+            return forward()
+        with torch.autocast(self.device.type, dtype=_AMP[self.precision]):
+            z = forward()
+        return z.float()                # the loss in float32
+
     def _step(self, forward, y: np.ndarray, lrs: list[float]):
         for group, lr in zip(self.opt.param_groups, lrs):
             group["lr"] = lr
         self.opt.zero_grad(set_to_none=True)
-        z = forward()
+        plan = self.parallel
+        if plan is not None:
+            par.enter_step()
+        z = self._forward(forward)
         yt = torch.from_numpy(y).to(self.device)
         if self.loss.name == "multi":
             loss, parts = multi_loss(z, yt, self.loss, getattr(self.net, "task_log_vars", None))
             self.last_parts = parts.cpu().numpy().astype(np.float64)
+        elif plan is not None:          # this rank's share of the global batch's mean
+            loss = loss_fn(z, yt, self.loss, rows=self._rows)
         else:
             loss = loss_fn(z, yt, self.loss)
         total = loss
@@ -70,10 +90,25 @@ class Trainer:
         if self.reg is not None:
             penalty = self._penalty()
             if penalty is not None:
-                total = loss + penalty
                 reg = float(penalty.detach())
-        total.backward()
-        self.opt.step()
+                if plan is None or plan.rank == 0:      # counted once in the summed gradient
+                    total = loss + penalty
+        if self.scaler is not None:
+            scale = self.scaler.get_scale()
+            self.scaler.scale(total).backward()
+        else:
+            total.backward()
+        if plan is not None:
+            loss = par.all_reduce_grads(self.net, loss.detach())
+        if self.scaler is not None:
+            self.scaler.step(self.opt)
+            self.scaler.update()
+            if self.scaler.get_scale() < scale:     # inf/NaN gradients: the step was skipped
+                return float(loss.detach()), reg
+        else:
+            self.opt.step()
+        if plan is not None and plan.bn_sync == "local":
+            par.broadcast_buffers(self.net)
         for group in self.opt.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
@@ -88,19 +123,33 @@ class Trainer:
         inference between steps (a callback's tl.predict) saves and restores the mode."""
         if not self.net.training:
             self.net.train(True)
+            if self.parallel is not None and self.parallel.bn_sync == "global":
+                par.sync_batchnorm(self.net, True)
 
     def end_epoch(self) -> None:
         self.net.train(False)
+        if self.parallel is not None:
+            par.sync_batchnorm(self.net, False)
+
+    def _shard(self, x, y):
+        if self.parallel is None:
+            return x, y
+        self._rows = len(x)
+        a, b = self.parallel.bounds(len(x))
+        return x[a:b], y[a:b]
 
     def step(self, x: np.ndarray, y: np.ndarray, lrs: list[float]):
-        """One optimizer step on a batch, BatchNorm in train mode (frozen BN stays in eval)."""
+        """One optimizer step on a batch, BatchNorm in train mode (frozen BN stays in eval).
+        Data-parallel: x, y are the global batch; this rank trains on its share."""
         self._train_mode()
+        x, y = self._shard(x, y)
         xt = torch.from_numpy(x).to(self.device).permute(0, 3, 1, 2).contiguous()
         return self._step(lambda: self.net(xt), y, lrs)
 
     def head_step(self, f: np.ndarray, y: np.ndarray, lrs: list[float]):
         """The same step from cached backbone features (backbone frozen, so identical)."""
         self._train_mode()
+        f, y = self._shard(f, y)
         ft = torch.from_numpy(f).to(self.device)
         return self._step(lambda: self.net.apply_head(ft), y, lrs)
 

@@ -1,0 +1,120 @@
+"""Data-parallel training on tf.distribute (MirroredStrategy over GPUs or logical CPU devices).
+
+The model's variables stay plain (they are not rebuilt under the strategy's scope): each step
+runs the forward and backward pass of every replica's share with `strategy.run`, sums the
+gradients and loss shares with `strategy.reduce` (the strategy's all-reduce), and applies one
+update in cross-replica context, the same formulas as one process. BatchNorm statistics are
+summed across replicas with the replica context's `all_reduce` (bn_sync="global"); running
+statistics are written by replica 0 alone, from the global statistics ("global") or from its
+own share ("local": torch DDP's rank-0 buffers, so both backends mean the same thing).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import tensorflow as tf
+
+from tlbridge import parallel
+from tlbridge.errors import DistributedError
+
+_SYNC = {"mode": None}          # the bn_sync of the step being traced (None: one replica)
+ENV = "TLBRIDGE_CPU_REPLICAS"
+
+
+def cpu_replicas(n: int) -> list[str]:
+    """Split the CPU into n logical devices for replicas=n; must run before TensorFlow
+    initialises its devices (before the first model or tensor). Returns their names."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise DistributedError(f"Expected cpu_replicas(n) with an int n >= 1; received {n!r}.")
+    cpus = tf.config.list_physical_devices("CPU")
+    try:
+        tf.config.set_logical_device_configuration(
+            cpus[0], [tf.config.LogicalDeviceConfiguration() for _ in range(n)])
+    except RuntimeError as e:
+        have = len(tf.config.list_logical_devices("CPU"))
+        if have == n:
+            return [d.name for d in tf.config.list_logical_devices("CPU")]
+        raise DistributedError(
+            f"Expected cpu_replicas({n}) before TensorFlow initialises; received a TensorFlow "
+            f"already running with {have} logical CPU device(s). Call "
+            f"tl.backends.keras.cpu_replicas({n}) first thing in the script, or set "
+            f"{ENV}={n} before importing tlbridge.") from e
+    return [d.name for d in tf.config.list_logical_devices("CPU")]
+
+
+def from_env() -> None:
+    value = os.environ.get(ENV)
+    if value:
+        try:
+            n = int(value)
+        except ValueError:
+            raise DistributedError(f"Expected {ENV} as an int >= 1; received {value!r}.") from None
+        cpu_replicas(n)
+
+
+def devices_for(n: int) -> list[str]:
+    gpus = [d.name for d in tf.config.list_logical_devices("GPU")]
+    cpus = [d.name for d in tf.config.list_logical_devices("CPU")]
+    pool = gpus if gpus else cpus
+    if n > len(pool):
+        raise DistributedError(
+            f"Expected replicas <= the devices TensorFlow sees; received replicas={n} with "
+            f"{len(gpus)} GPU(s) and {len(cpus)} logical CPU device(s) ({pool}). Pass "
+            f"replicas={len(pool)}, or split the CPU first: tl.backends.keras.cpu_replicas({n}) "
+            f"(or {ENV}={n}) before TensorFlow initialises.")
+    return pool[:n]
+
+
+def plan(replicas, bn_sync: str) -> parallel.Plan:
+    if isinstance(replicas, tf.distribute.Strategy):
+        if not isinstance(replicas, tf.distribute.MirroredStrategy):
+            raise DistributedError(f"Expected replicas as an int or a "
+                                   f"tf.distribute.MirroredStrategy; received "
+                                   f"{type(replicas).__name__}.")
+        strategy = replicas
+    else:
+        if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
+            raise DistributedError(f"Expected replicas as an int >= 1 or a "
+                                   f"tf.distribute.MirroredStrategy; received {replicas!r}.")
+        strategy = tf.distribute.MirroredStrategy(devices_for(replicas))
+    return parallel.Plan(strategy.num_replicas_in_sync, 0, bn_sync, strategy)
+
+
+@contextlib.contextmanager
+def tracing(bn_sync):
+    previous = _SYNC["mode"]
+    _SYNC["mode"] = bn_sync
+    try:
+        yield
+    finally:
+        _SYNC["mode"] = previous
+
+
+def replica_context():
+    """The replica context of a step being traced for several replicas, else None."""
+    if _SYNC["mode"] is None:
+        return None
+    ctx = tf.distribute.get_replica_context()
+    if ctx is None or ctx.num_replicas_in_sync <= 1:
+        return None
+    return ctx
+
+
+def bn_sync() -> str | None:
+    return _SYNC["mode"]
+
+
+def first_replica(ctx) -> tf.Tensor:
+    return tf.equal(tf.cast(ctx.replica_id_in_sync_group, tf.int32), 0)
+
+
+def share(x, ctx):
+    """This replica's rows of the global batch x (tlbridge/parallel.py's shard_bounds)."""
+    n = tf.shape(x)[0]
+    world = ctx.num_replicas_in_sync
+    r = tf.cast(ctx.replica_id_in_sync_group, tf.int32)
+    base, extra = n // world, n % world
+    a = r * base + tf.minimum(r, extra)
+    size = base + tf.cast(r < extra, tf.int32)
+    return x[a:a + size]

@@ -1,0 +1,200 @@
+"""Data-parallel training on torch.distributed (gloo on the CPU, nccl on GPUs).
+
+Gradients are summed with one all_reduce over a flat buffer per step, rather than through
+DistributedDataParallel: DDP averages (tlbridge sums shares already divided by the global
+count), and must be rebuilt whenever gradual unfreezing changes the trainable set; the flat
+all_reduce is what DDP's buckets do, over exactly the parameters that have a gradient.
+
+BatchNorm across ranks (bn_sync="global"): torch's SyncBatchNorm runs on GPUs only, so
+`GlobalBatchNorm` does the same on any device with torch.distributed's all_reduce: forward
+sums x and counts, then the centred squares; backward sums dy and dy * (x - mean), and uses
+torch's closed-form BatchNorm backward with the global count.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from tlbridge.errors import DistributedError
+
+
+def init(world: int, rank: int, device: str) -> None:
+    """Use the process group torchrun set up (MASTER_ADDR/PORT, RANK, WORLD_SIZE), initialising
+    it once: gloo on the CPU, nccl on CUDA."""
+    if dist.is_initialized():
+        if dist.get_world_size() != world:
+            raise DistributedError(f"Expected a process group of {world} ranks (WORLD_SIZE); "
+                                   f"received one of {dist.get_world_size()}.")
+        return
+    if "MASTER_ADDR" not in os.environ:
+        raise DistributedError(
+            f"Expected a torchrun launch (MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE set) for "
+            f"distributed fine-tuning; received WORLD_SIZE={world} without MASTER_ADDR. Launch "
+            f"with: torchrun --nproc_per_node={world} your_script.py")
+    timeout = float(os.environ.get("TLBRIDGE_DIST_TIMEOUT", "300"))
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    dist.init_process_group(backend, rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=timeout))
+
+
+_entered = {"steps": 0}
+
+
+def _store():
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except Exception:       # private API: without it, errors cannot name the lagging rank
+        return None
+
+
+def enter_step() -> None:
+    """Record in the process group's store that this rank entered one more step, so that a
+    rank left waiting in a collective can name the ranks that never arrived."""
+    _entered["steps"] += 1
+    store = _store()
+    if store is not None:
+        store.set(f"tlbridge/entered/{dist.get_rank()}", str(_entered["steps"]))
+
+
+def _missing_ranks() -> str:
+    store = _store()
+    if store is None:
+        return "another rank"
+    try:
+        store.set_timeout(datetime.timedelta(seconds=5))
+        behind = [r for r in range(dist.get_world_size())
+                  if int(store.get(f"tlbridge/entered/{r}")) < _entered["steps"]]
+    except Exception:       # the store lives in rank 0's process (torchrun: in the agent)
+        return "rank 0 (which holds the process group's store)" if dist.get_rank() else \
+            "another rank"
+    return ("rank " + ", ".join(map(str, behind))) if behind else "another rank"
+
+
+def _collective(fn, what: str):
+    try:
+        return fn()
+    except (RuntimeError, dist.DistBackendError) as e:
+        raise DistributedError(
+            f"Rank {dist.get_rank()} of {dist.get_world_size()} stopped: {_missing_ranks()} "
+            f"did not join the {what} all_reduce of step {_entered['steps']} (it died, or "
+            f"hung past TLBRIDGE_DIST_TIMEOUT) ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}). The last complete checkpoint is "
+            f"intact: resume=True continues from it."
+        ) from e
+
+
+def all_reduce_grads(net: nn.Module, loss: torch.Tensor) -> torch.Tensor:
+    """Sum every parameter's gradient and the loss shares over ranks (one flat buffer)."""
+    grads = [p.grad for p in net.parameters() if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads] + [loss.reshape(1).to(grads[0].dtype)
+                                                      if grads else loss.reshape(1)])
+    _collective(lambda: dist.all_reduce(flat), "gradient")
+    k = 0
+    for g in grads:
+        g.copy_(flat[k:k + g.numel()].view_as(g))
+        k += g.numel()
+    return flat[-1].to(loss.dtype)
+
+
+def broadcast_buffers(net: nn.Module) -> None:
+    """bn_sync='local': rank 0's BatchNorm running statistics on every rank after each step
+    (DistributedDataParallel's broadcast_buffers=True)."""
+    bufs = [b for b in net.buffers() if b.is_floating_point()]
+    if not bufs:
+        return
+    flat = torch.cat([b.reshape(-1) for b in bufs])
+    _collective(lambda: dist.broadcast(flat, src=0), "BatchNorm buffer")
+    k = 0
+    for b in bufs:
+        b.copy_(flat[k:k + b.numel()].view_as(b))
+        k += b.numel()
+
+
+class _GlobalBatchNormFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, module):
+        dims = [0] + list(range(2, x.dim()))
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        acc = x.double()                     # torch's CPU kernel accumulates in float64
+        count = torch.tensor([x.numel() // max(x.shape[1], 1)], dtype=torch.float64,
+                             device=x.device)
+        buf = torch.cat([acc.sum(dims), count])
+        _collective(lambda: dist.all_reduce(buf), "BatchNorm statistics")
+        n = buf[-1]
+        mean = buf[:-1] / n
+        sq = ((acc - mean.view(shape)) ** 2).sum(dims)
+        _collective(lambda: dist.all_reduce(sq), "BatchNorm statistics")
+        var = sq / n
+        invstd = torch.rsqrt(var + module.eps)
+        with torch.no_grad():
+            if module.track_running_stats:
+                module.num_batches_tracked.add_(1)
+                m = module.momentum if module.momentum is not None \
+                    else 1.0 / float(module.num_batches_tracked)
+                unbiased = var * (n / torch.clamp(n - 1, min=1))
+                module.running_mean.mul_(1 - m).add_(m * mean.to(module.running_mean.dtype))
+                module.running_var.mul_(1 - m).add_(m * unbiased.to(module.running_var.dtype))
+        mean_, invstd_ = mean.to(x.dtype).view(shape), invstd.to(x.dtype).view(shape)
+        xc = x - mean_
+        w = weight.view(shape) if weight is not None else 1.0
+        y = xc * (invstd_ * w)
+        if bias is not None:
+            y = y + bias.view(shape)
+        ctx.save_for_backward(xc, invstd_, weight if weight is not None else torch.ones(0))
+        ctx.n, ctx.dims, ctx.shape = float(n), dims, shape
+        ctx.has = (weight is not None, bias is not None)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        xc, invstd, weight = ctx.saved_tensors
+        dims, shape, n = ctx.dims, ctx.shape, ctx.n
+        dbeta = dy.double().sum(dims)
+        dotp = (dy.double() * xc.double()).sum(dims)
+        buf = torch.cat([dbeta, dotp])
+        _collective(lambda: dist.all_reduce(buf), "BatchNorm gradient")
+        c = dbeta.numel()
+        gbeta, gdotp = buf[:c].to(dy.dtype).view(shape), buf[c:].to(dy.dtype).view(shape)
+        w = weight.view(shape) if ctx.has[0] else 1.0
+        k = gdotp * invstd * invstd / n
+        dx = (dy - gbeta / n - xc * k) * (invstd * w)
+        dweight = (dotp.to(dy.dtype) * invstd.reshape(-1)) if ctx.has[0] else None
+        dbias = dbeta.to(dy.dtype) if ctx.has[1] else None
+        return dx, dweight, dbias, None
+
+
+class GlobalBatchNorm(_BatchNorm):
+    """A trainable BatchNorm in train mode normalises with the statistics of every rank's
+    rows together; frozen or in eval mode it is torch's own."""
+
+    def forward(self, x):
+        if not self.training or (self.weight is not None and not self.weight.requires_grad):
+            return super().forward(x)
+        return _GlobalBatchNormFn.apply(x, self.weight, self.bias, self)
+
+
+_GLOBAL_CLASSES: dict[type, type] = {}
+
+
+def sync_batchnorm(net: nn.Module, on: bool) -> None:
+    """Swap the class of every BatchNorm to GlobalBatchNorm (on) and back: the module, its
+    parameters, buffers and canonical names stay as they are."""
+    for module in net.modules():
+        if on and isinstance(module, _BatchNorm) and not isinstance(module, GlobalBatchNorm):
+            cls = type(module)
+            if cls not in _GLOBAL_CLASSES:
+                _GLOBAL_CLASSES[cls] = type(f"Global{cls.__name__}", (GlobalBatchNorm, cls), {})
+            module._tl_class = cls
+            module.__class__ = _GLOBAL_CLASSES[cls]
+        elif not on and isinstance(module, GlobalBatchNorm):
+            module.__class__ = module.__dict__.pop("_tl_class")
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        _collective(dist.barrier, "barrier")

@@ -1,0 +1,232 @@
+"""Data-parallel fine-tuning: 2 torch ranks (torchrun, gloo, OMP_NUM_THREADS=1) and 2 Keras
+replicas (MirroredStrategy over logical CPU devices) against one process, fp64.
+
+Runs (tests/workers/dp_train.py): seed_vgg with BatchNorm on 37 images in batches of 10, so
+the last batch (7) splits 4/3: no sample may be dropped or counted twice.
+  0  sgd:global:unfreeze           head in epoch 0, everything in epoch 1 (trainable set changes)
+  1  adam:global:freeze_bn_biases  Adam (BN-preceded conv biases frozen: zero true gradient)
+  2  sgd:local                     each share's own BatchNorm statistics
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from helpers import both_backends
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = ROOT / "tests" / "workers" / "dp_train.py"
+RUNS = ["sgd:global:unfreeze", "adam:global:freeze_bn_biases", "sgd:local"]
+
+pytestmark = [both_backends, pytest.mark.slow]
+
+
+def _env(**extra):
+    env = dict(os.environ, OMP_NUM_THREADS="1", TF_CPP_MIN_LOG_LEVEL="2",
+               PYTHONPATH=str(ROOT / "tests"))
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return {**env, **extra}
+
+
+def _torchrun(args, **env):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           f"--master_port={_free_port()}", str(WORKER), "torch", *args]
+    return subprocess.run(cmd, env=_env(**env), capture_output=True, text=True, timeout=600)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _load(path):
+    from tlbridge import weights as wio
+    tensors, meta = wio.load_file(path)
+    return tensors, eval(meta["loss"])   # a list of floats the worker wrote with repr
+
+
+def _max_diff(a, b):
+    assert set(a) == set(b)
+    return max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
+
+
+@pytest.fixture(scope="module")
+def torch_ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("torch2") / "w"
+    r = _torchrun([str(out), *RUNS])
+    assert r.returncode == 0, r.stderr[-4000:]
+    return [_load(f"{out}.{i}.safetensors") for i in range(len(RUNS))]
+
+
+@pytest.fixture(scope="module")
+def keras_replicas(tmp_path_factory):
+    out = tmp_path_factory.mktemp("keras2") / "w"
+    r = subprocess.run([sys.executable, str(WORKER), "keras", str(out), *RUNS, "--replicas", "2"],
+                       env=_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return [_load(f"{out}.{i}.safetensors") for i in range(len(RUNS))]
+
+
+@pytest.fixture(scope="module")
+def one_process():
+    """The same runs in this process, one device, per backend."""
+    sys.path.insert(0, str(WORKER.parent))
+    try:
+        import dp_train
+    finally:
+        sys.path.remove(str(WORKER.parent))
+    import tlbridge as tl
+    out = {}
+    for backend in ("torch", "keras"):
+        for i, run in enumerate(RUNS if backend == "torch" else RUNS[:2]):
+            m, h = dp_train.train(backend, run)
+            out[backend, i] = tl.get_weights(m), h["loss"]
+    return out
+
+
+def test_shards_cover_every_row_once():
+    from tlbridge.parallel import shard_bounds
+    for world in (1, 2, 3, 4):
+        for n in range(0, 23):
+            parts = [shard_bounds(n, world, r) for r in range(world)]
+            rows = [i for a, b in parts for i in range(a, b)]
+            assert rows == list(range(n))
+            sizes = [b - a for a, b in parts]
+            assert max(sizes) - min(sizes) <= 1
+
+
+@pytest.mark.parametrize("i", [0, 1], ids=RUNS[:2])
+def test_torch_two_ranks_equal_one_process(torch_ranks, one_process, i):
+    (w2, loss2), (w1, loss1) = torch_ranks[i], one_process["torch", i]
+    assert _max_diff(w2, w1) <= 1e-12
+    assert np.max(np.abs(np.array(loss2) - np.array(loss1))) <= 1e-12
+    assert _max_diff(w1, _initial("torch")) > 1e-3          # it trained
+
+
+@pytest.mark.parametrize("i", [0, 1], ids=RUNS[:2])
+def test_keras_two_replicas_equal_one_process(keras_replicas, one_process, i):
+    (w2, loss2), (w1, loss1) = keras_replicas[i], one_process["keras", i]
+    assert _max_diff(w2, w1) <= 1e-12
+    assert np.max(np.abs(np.array(loss2) - np.array(loss1))) <= 1e-12
+
+
+@pytest.mark.parametrize("i", [0, 1, 2], ids=RUNS)
+def test_torch_ranks_equal_keras_replicas(torch_ranks, keras_replicas, i):
+    (wt, lt), (wk, lk) = torch_ranks[i], keras_replicas[i]
+    assert _max_diff(wt, wk) <= 1e-9
+    assert np.max(np.abs(np.array(lt) - np.array(lk))) <= 1e-9
+
+
+def test_local_batchnorm_is_not_global(torch_ranks, keras_replicas, one_process):
+    """bn_sync='local' normalises each share on its own rows (the same on both backends,
+    above), so 2 ranks no longer train what one process trains."""
+    for ranks in (torch_ranks, keras_replicas):
+        assert _max_diff(ranks[2][0], one_process["torch", 2][0]) > 1e-3
+
+
+def _initial(backend):
+    sys.path.insert(0, str(WORKER.parent))
+    try:
+        import dp_train
+    finally:
+        sys.path.remove(str(WORKER.parent))
+    import tlbridge as tl
+    return tl.get_weights(dp_train.model(backend))
+
+
+def test_dying_rank_stops_the_run_and_resume_continues(tmp_path, torch_ranks):
+    """Rank 1 exits in epoch 1: torchrun stops rank 0 and names rank 1; the checkpoint holds
+    epoch 0, intact; resuming on 2 ranks gives the uninterrupted run's weights."""
+    from tlbridge import weights as wio
+    ckpt = tmp_path / "ckpt"
+    r = _torchrun([str(tmp_path / "w"), "sgd:global:unfreeze", "--ckpt", str(ckpt),
+                   "--die-at", "1:1"], TLBRIDGE_DIST_TIMEOUT="30")
+    assert r.returncode != 0
+    log = r.stdout + r.stderr
+    assert "rank 1 exits on purpose" in log
+    assert "rank      : 1" in log                       # torchrun's root cause names it
+    tensors, meta = wio.load_file(ckpt / "last.safetensors")
+    assert meta["epoch"] == "0"
+    r = _torchrun([str(tmp_path / "w"), "sgd:global:unfreeze", "--ckpt", str(ckpt),
+                   "--resume"])
+    assert r.returncode == 0, r.stderr[-4000:]
+    w, _ = _load(tmp_path / "w.0.safetensors")
+    assert _max_diff(w, torch_ranks[0][0]) <= 1e-12
+
+
+def test_dying_rank_named_without_torchrun(tmp_path):
+    """Launched by hand (no torchrun agent to stop it), rank 0's collective fails and its
+    error names rank 1, the rank that never arrived."""
+    port = str(_free_port())
+    env = _env(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, WORLD_SIZE="2",
+               TLBRIDGE_DIST_TIMEOUT="30")
+    args = [sys.executable, str(WORKER), "torch", str(tmp_path / "w"), "sgd:global",
+            "--die-at", "0:1"]
+    procs = [subprocess.Popen(args, env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in (0, 1)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert procs[1].returncode == 3
+    assert procs[0].returncode != 0
+    err = outs[0][1]
+    assert "DistributedError" in err and "Rank 0 of 2 stopped: rank 1 did not join" in err
+
+
+# -- bad input (in this process: one logical CPU device, no torchrun) -------------------------
+
+def _small(backend):
+    import tlbridge as tl
+    m = tl.load_backbone("seed_vgg", backend=backend, input_shape=(16, 16, 3), seed=0,
+                         batch_norm=True, widths=(4, 8, 8))
+    return tl.replace_head(m, 1, seed=1)
+
+
+def test_more_replicas_than_devices_is_refused():
+    import tlbridge as tl
+    from tlbridge.errors import DistributedError
+    x, y = np.zeros((8, 16, 16, 3), "float32"), np.zeros((8, 1))
+    m = _small("keras")
+    before = tl.get_weights(m)
+    with pytest.raises(DistributedError, match=r"replicas=64 .*cpu_replicas\(64\)"):
+        tl.fine_tune(m, (x, y), replicas=64, progress=False)
+    assert _max_diff(before, tl.get_weights(m)) == 0
+
+
+def test_cpu_replicas_after_tensorflow_started_is_refused():
+    from tlbridge.backends.keras import cpu_replicas
+    from tlbridge.errors import DistributedError
+    _small("keras")
+    with pytest.raises(DistributedError, match="before TensorFlow initialises"):
+        cpu_replicas(3)
+
+
+def test_bad_parallel_arguments_are_refused(monkeypatch):
+    import tlbridge as tl
+    from tlbridge.errors import DataError, DistributedError
+    x, y = np.zeros((8, 16, 16, 3), "float32"), np.zeros((8, 1))
+    m = _small("torch")
+    with pytest.raises(DataError, match="replicas= with a Keras model"):
+        tl.fine_tune(m, (x, y), replicas=2, progress=False)
+    with pytest.raises(DistributedError, match="torchrun --nproc_per_node"):
+        tl.fine_tune(m, (x, y), distributed=True, progress=False)
+    with pytest.raises(DataError, match="bn_sync"):
+        tl.fine_tune(m, (x, y), bn_sync="everywhere", progress=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    with pytest.raises(DataError, match="at least 2 samples with bn_sync='local'"):
+        tl.fine_tune(m, (np.zeros((9, 16, 16, 3), "float32"), np.zeros((9, 1))),
+                     batch_size=4, bn_sync="local", progress=False)
+    with pytest.raises(DistributedError, match="MASTER_ADDR"):
+        tl.fine_tune(m, (x, y), progress=False)
+    mt = tl.replace_heads(_small("torch"), {"a": ("bce", 1), "b": ("mse", 1)})
+    with pytest.raises(DataError, match="multi-task"):
+        tl.fine_tune(mt, (x, {"a": np.zeros(8), "b": np.zeros(8)}), progress=False)

@@ -1,0 +1,102 @@
+"""Data-parallel fine-tuning runs for tests/test_distributed.py (and a usage example).
+
+    torchrun --nproc_per_node=2 tests/workers/dp_train.py torch OUT RUN [RUN ...]
+    python tests/workers/dp_train.py keras OUT RUN [RUN ...] --replicas 2
+
+A RUN is "optimizer:bn_sync[:option...]" (options: unfreeze, freeze_bn_biases). Each run trains
+seed_vgg with BatchNorm (fp64) on 37 images in batches of 10 (the last one is short, and its
+two shares differ in size) for 2 epochs and writes the final canonical weights to
+OUT.<i>.safetensors (rank 0). Under torchrun every rank runs this; with --replicas N, Keras
+runs N replicas on logical CPU devices (cpu_replicas before TensorFlow starts).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import numpy as np
+
+
+def data():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(37, 16, 16, 3))
+    y = (x[:, :, :, 0].mean(axis=(1, 2)) > 0).astype(float)[:, None]
+    return x, y
+
+
+def model(backend):
+    import tlbridge as tl
+    m = tl.load_backbone("seed_vgg", backend=backend, input_shape=(16, 16, 3), dtype="float64",
+                         seed=3, batch_norm=True, widths=(4, 8, 8))
+    return tl.replace_head(m, 1, seed=4)
+
+
+def bn_preceded_biases(m):
+    """Conv biases right before a BatchNorm: their true gradient is 0 (BN subtracts the mean),
+    so Adam's update of them is rounding noise divided by eps (docs/parity.md); frozen in the
+    Adam runs, as in any BN network built without such biases."""
+    import tlbridge as tl
+    names = set(tl.get_weights(m))
+    return [n for n in names if n.endswith(".bias") and n.startswith("backbone.features.")
+            and f"backbone.features.{int(n.split('.')[2]) + 1}.running_mean" in names]
+
+
+def train(backend, run, replicas=None, epochs=2, ckpt=None, resume=False, callbacks=()):
+    """One run; returns (model, history)."""
+    import tlbridge as tl
+    optimizer, bn_sync, *options = run.split(":")
+    m = model(backend)
+    kw = dict(epochs=epochs, batch_size=10, optimizer=optimizer,
+              lr=0.05 if optimizer == "sgd" else 0.01, seed=7, progress=False, bn_sync=bn_sync,
+              checkpoint_dir=ckpt, resume=resume, callbacks=list(callbacks), feature_cache=False)
+    if "freeze_bn_biases" in options:
+        tl.freeze(m, bn_preceded_biases(m))
+    if "unfreeze" in options:
+        tl.freeze(m, "backbone")
+        kw["unfreeze"] = {0: "head", 1: "all"}
+    if replicas:
+        kw["replicas"] = replicas
+    x, y = data()
+    return m, tl.fine_tune(m, (x, y), **kw)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("backend")
+    p.add_argument("out")
+    p.add_argument("runs", nargs="+")
+    p.add_argument("--replicas", type=int, default=None)
+    p.add_argument("--ckpt", default=None)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--die-at", default=None, help="EPOCH:STEP where rank 1 exits")
+    args = p.parse_args()
+    if args.replicas:
+        from tlbridge.backends.keras import cpu_replicas      # before TensorFlow initialises
+        cpu_replicas(args.replicas)
+    import tlbridge as tl
+    from tlbridge import weights as wio
+
+    rank = int(os.environ.get("RANK", "0"))
+    callbacks = []
+    if args.die_at:
+        die_epoch, die_step = (int(v) for v in args.die_at.split(":"))
+
+        def die(event, info):
+            if event == "step" and rank == 1 and (info["epoch"], info["step"]) == (die_epoch,
+                                                                                  die_step):
+                sys.stderr.write(f"rank 1 exits on purpose at epoch {die_epoch} step "
+                                 f"{die_step}\n")
+                sys.stderr.flush()
+                os._exit(3)
+        callbacks.append(die)
+    for i, run in enumerate(args.runs):
+        m, h = train(args.backend, run, args.replicas, ckpt=args.ckpt, resume=args.resume,
+                     callbacks=callbacks)
+        if rank == 0:
+            wio.save_file(f"{args.out}.{i}.safetensors", tl.get_weights(m),
+                          {"loss": repr(h["loss"])})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""Data-parallel fine-tuning, written once: how a global batch is split, and what must hold
+before a run starts. The collectives are the frameworks' own (backends/*/parallel.py).
+
+Every rank (torch process, or Keras replica) sees the same global batch from tl.data (same
+seed); rank r trains on rows bounds(n)[0]:bounds(n)[1] (contiguous, sizes differing by at most
+one, so an uneven last batch drops or repeats no sample). Each share's loss is its sum divided
+by the *global* count, so the summed gradients are exactly the one-process gradient of the
+global batch's mean. bn_sync="global" normalises with the global batch's statistics (sum,
+centred sum of squares and count all-reduced), so N ranks train the weights one process
+trains on the same global batch; "local" normalises each share on its own, the frameworks'
+default (torch DDP then copies rank 0's running statistics to every rank after each step).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from .errors import DataError
+
+BN_SYNC = ("global", "local")
+
+
+@dataclass(frozen=True)
+class Plan:
+    world: int
+    rank: int
+    bn_sync: str = "global"
+    strategy: object = field(default=None, compare=False, repr=False)  # Keras: tf.distribute
+
+    def bounds(self, n: int) -> tuple[int, int]:
+        """Rows [a, b) of a global batch of n that this rank trains on."""
+        return shard_bounds(n, self.world, self.rank)
+
+
+def shard_bounds(n: int, world: int, rank: int) -> tuple[int, int]:
+    base, extra = divmod(int(n), int(world))
+    a = rank * base + min(rank, extra)
+    return a, a + base + (1 if rank < extra else 0)
+
+
+def torch_env() -> tuple[int, int] | None:
+    """(world size, rank) when launched by torchrun (WORLD_SIZE > 1), else None."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world <= 1:
+        return None
+    return world, int(os.environ.get("RANK", "0"))
+
+
+def check_bn_sync(bn_sync) -> str:
+    if bn_sync not in BN_SYNC:
+        raise DataError(f"Expected bn_sync as one of {list(BN_SYNC)}; received {bn_sync!r}.")
+    return bn_sync
+
+
+def check_batches(sizes, world: int, bn_sync: str) -> None:
+    """With bn_sync='local' each share normalises on its own rows: a share of 0 or 1 row has no
+    batch statistics (torch refuses one row, and none gives NaN), so it is refused up front."""
+    if bn_sync != "local":
+        return
+    small = [n for n in sizes if n < 2 * world]
+    if small:
+        raise DataError(
+            f"Expected every global batch to give each of the {world} ranks at least 2 samples "
+            f"with bn_sync='local'; received a batch of {small[0]}. Use bn_sync='global' (any "
+            f"split is exact), a batch size that leaves no short last batch, or drop_last=True "
+            f"in tl.data.")
+
+
+def check_unsupported(loss_name: str, ema) -> None:
+    if loss_name == "multi":
+        raise DataError("Expected a single-head model for data-parallel fine-tuning; received a "
+                        "multi-task head (tl.replace_heads). Train multi-task heads in one "
+                        "process for now.")
