@@ -6,6 +6,7 @@ the last batch (7) splits 4/3: no sample may be dropped or counted twice.
   0  sgd:global:unfreeze           head in epoch 0, everything in epoch 1 (trainable set changes)
   1  adam:global:freeze_bn_biases  Adam (BN-preceded conv biases frozen: zero true gradient)
   2  sgd:local                     each share's own BatchNorm statistics
+  3  sgd:global:unfreeze:cache     run 0 with the feature cache in epoch 0 (head steps sharded)
 """
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ from helpers import both_backends
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "workers" / "dp_train.py"
-RUNS = ["sgd:global:unfreeze", "adam:global:freeze_bn_biases", "sgd:local"]
+RUNS = ["sgd:global:unfreeze", "adam:global:freeze_bn_biases", "sgd:local",
+        "sgd:global:unfreeze:cache"]
 
 pytestmark = [both_backends, pytest.mark.slow]
 
@@ -86,7 +88,7 @@ def one_process():
     import tlbridge as tl
     out = {}
     for backend in ("torch", "keras"):
-        for i, run in enumerate(RUNS if backend == "torch" else RUNS[:2]):
+        for i, run in enumerate(RUNS[:3] if backend == "torch" else RUNS[:2]):
             m, h = dp_train.train(backend, run)
             out[backend, i] = tl.get_weights(m), h["loss"]
     return out
@@ -118,7 +120,12 @@ def test_keras_two_replicas_equal_one_process(keras_replicas, one_process, i):
     assert np.max(np.abs(np.array(loss2) - np.array(loss1))) <= 1e-12
 
 
-@pytest.mark.parametrize("i", [0, 1, 2], ids=RUNS)
+def test_feature_cache_shards_head_steps(torch_ranks, keras_replicas):
+    for ranks in (torch_ranks, keras_replicas):
+        assert _max_diff(ranks[3][0], ranks[0][0]) <= 1e-12
+
+
+@pytest.mark.parametrize("i", [0, 1, 2, 3], ids=RUNS)
 def test_torch_ranks_equal_keras_replicas(torch_ranks, keras_replicas, i):
     (wt, lt), (wk, lk) = torch_ranks[i], keras_replicas[i]
     assert _max_diff(wt, wk) <= 1e-9

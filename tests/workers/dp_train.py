@@ -3,7 +3,8 @@
     torchrun --nproc_per_node=2 tests/workers/dp_train.py torch OUT RUN [RUN ...]
     python tests/workers/dp_train.py keras OUT RUN [RUN ...] --replicas 2
 
-A RUN is "optimizer:bn_sync[:option...]" (options: unfreeze, freeze_bn_biases). Each run trains
+A RUN is "optimizer:bn_sync[:option...]" (options: unfreeze, freeze_bn_biases, cache: the
+feature cache in epochs with a frozen backbone). Each run trains
 seed_vgg with BatchNorm (fp64) on 37 images in batches of 10 (the last one is short, and its
 two shares differ in size) for 2 epochs and writes the final canonical weights to
 OUT.<i>.safetensors (rank 0). Under torchrun every rank runs this; with --replicas N, Keras
@@ -49,7 +50,8 @@ def train(backend, run, replicas=None, epochs=2, ckpt=None, resume=False, callba
     m = model(backend)
     kw = dict(epochs=epochs, batch_size=10, optimizer=optimizer,
               lr=0.05 if optimizer == "sgd" else 0.01, seed=7, progress=False, bn_sync=bn_sync,
-              checkpoint_dir=ckpt, resume=resume, callbacks=list(callbacks), feature_cache=False)
+              checkpoint_dir=ckpt, resume=resume, callbacks=list(callbacks),
+              feature_cache="auto" if "cache" in options else False)
     if "freeze_bn_biases" in options:
         tl.freeze(m, bn_preceded_biases(m))
     if "unfreeze" in options:
