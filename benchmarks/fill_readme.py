@@ -27,6 +27,8 @@ BLOCKS = {
     "speed": ("benchmarks/speed.py", "make speed"),
     "fusion": ("benchmarks/fusion.py", ".venv/bin/python benchmarks/fusion.py"),
     "few_shot": ("benchmarks/few_shot.py", ".venv/bin/python benchmarks/few_shot.py"),
+    "data_parallel": ("benchmarks/data_parallel.py",
+                      ".venv/bin/python benchmarks/data_parallel.py"),
     "demo": ("tlbridge/demo.py", "make demo"),
 }
 

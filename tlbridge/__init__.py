@@ -31,3 +31,11 @@ __all__ = [
     "fuse", "FusedModel", "gate_weights", "soup", "History", "EarlyStopping", "L2SP", "OptimizerConfig",
     "TransferModel", "data", "errors", "losses", "optim", "parity", "__version__",
 ]
+
+
+def __getattr__(name: str):
+    """`tl.backends` on first use (its frameworks load only when one is named)."""
+    if name == "backends":
+        import importlib
+        return importlib.import_module("tlbridge.backends")
+    raise AttributeError(f"module 'tlbridge' has no attribute {name!r}")

@@ -120,14 +120,15 @@ class _GlobalBatchNormFn(torch.autograd.Function):
     def forward(ctx, x, weight, bias, module):
         dims = [0] + list(range(2, x.dim()))
         shape = [1, -1] + [1] * (x.dim() - 2)
-        acc = x.double()                     # torch's CPU kernel accumulates in float64
-        count = torch.tensor([x.numel() // max(x.shape[1], 1)], dtype=torch.float64,
-                             device=x.device)
-        buf = torch.cat([acc.sum(dims), count])
+        f64 = torch.float64                  # torch's CPU kernel accumulates in float64
+        count = torch.tensor([x.numel() // max(x.shape[1], 1)], dtype=f64, device=x.device)
+        buf = torch.cat([x.sum(dims, dtype=f64), count])
         _collective(lambda: dist.all_reduce(buf), "BatchNorm statistics")
         n = buf[-1]
         mean = buf[:-1] / n
-        sq = ((acc - mean.view(shape)) ** 2).sum(dims)
+        mean_ = mean.to(x.dtype).view(shape)
+        xc = x - mean_
+        sq = (xc * xc).sum(dims, dtype=f64)
         _collective(lambda: dist.all_reduce(sq), "BatchNorm statistics")
         var = sq / n
         invstd = torch.rsqrt(var + module.eps)
@@ -139,14 +140,13 @@ class _GlobalBatchNormFn(torch.autograd.Function):
                 unbiased = var * (n / torch.clamp(n - 1, min=1))
                 module.running_mean.mul_(1 - m).add_(m * mean.to(module.running_mean.dtype))
                 module.running_var.mul_(1 - m).add_(m * unbiased.to(module.running_var.dtype))
-        mean_, invstd_ = mean.to(x.dtype).view(shape), invstd.to(x.dtype).view(shape)
-        xc = x - mean_
+        invstd_ = invstd.to(x.dtype).view(shape)
         w = weight.view(shape) if weight is not None else 1.0
         y = xc * (invstd_ * w)
         if bias is not None:
             y = y + bias.view(shape)
         ctx.save_for_backward(xc, invstd_, weight if weight is not None else torch.ones(0))
-        ctx.n, ctx.dims, ctx.shape = float(n), dims, shape
+        ctx.n, ctx.dims, ctx.shape = n.to(x.dtype), dims, shape   # no device sync
         ctx.has = (weight is not None, bias is not None)
         return y
 
@@ -154,8 +154,8 @@ class _GlobalBatchNormFn(torch.autograd.Function):
     def backward(ctx, dy):
         xc, invstd, weight = ctx.saved_tensors
         dims, shape, n = ctx.dims, ctx.shape, ctx.n
-        dbeta = dy.double().sum(dims)
-        dotp = (dy.double() * xc.double()).sum(dims)
+        dbeta = dy.sum(dims, dtype=torch.float64)
+        dotp = (dy * xc).sum(dims, dtype=torch.float64)
         buf = torch.cat([dbeta, dotp])
         _collective(lambda: dist.all_reduce(buf), "BatchNorm gradient")
         c = dbeta.numel()
