@@ -66,7 +66,7 @@ def check_batches(sizes, world: int, bn_sync: str) -> None:
             f"in tl.data.")
 
 
-def check_unsupported(loss_name: str, ema) -> None:
+def check_unsupported(loss_name: str) -> None:
     if loss_name == "multi":
         raise DataError("Expected a single-head model for data-parallel fine-tuning; received a "
                         "multi-task head (tl.replace_heads). Train multi-task heads in one "
