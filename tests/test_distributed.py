@@ -7,10 +7,12 @@ the last batch (7) splits 4/3: no sample may be dropped or counted twice.
   1  adam:global:freeze_bn_biases  Adam (BN-preceded conv biases frozen: zero true gradient)
   2  sgd:local                     each share's own BatchNorm statistics
   3  sgd:global:unfreeze:cache     run 0 with the feature cache in epoch 0 (head steps sharded)
+  4  sgd:global:multi              two task heads, missing labels, uncertainty weighting
 """
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -24,7 +26,7 @@ from helpers import both_backends
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "workers" / "dp_train.py"
 RUNS = ["sgd:global:unfreeze", "adam:global:freeze_bn_biases", "sgd:local",
-        "sgd:global:unfreeze:cache"]
+        "sgd:global:unfreeze:cache", "sgd:global:multi"]
 
 pytestmark = [both_backends, pytest.mark.slow]
 
@@ -88,9 +90,9 @@ def one_process():
     import tlbridge as tl
     out = {}
     for backend in ("torch", "keras"):
-        for i, run in enumerate(RUNS[:3] if backend == "torch" else RUNS[:2]):
-            m, h = dp_train.train(backend, run)
-            out[backend, i] = tl.get_weights(m), h["loss"]
+        for i in (0, 1, 2, 4) if backend == "torch" else (0, 1, 4):
+            m, h = dp_train.train(backend, RUNS[i])
+            out[backend, i] = tl.get_weights(m), dp_train.losses_of(h)
     return out
 
 
@@ -105,15 +107,16 @@ def test_shards_cover_every_row_once():
             assert max(sizes) - min(sizes) <= 1
 
 
-@pytest.mark.parametrize("i", [0, 1], ids=RUNS[:2])
+@pytest.mark.parametrize("i", [0, 1, 4], ids=[RUNS[0], RUNS[1], RUNS[4]])
 def test_torch_two_ranks_equal_one_process(torch_ranks, one_process, i):
     (w2, loss2), (w1, loss1) = torch_ranks[i], one_process["torch", i]
     assert _max_diff(w2, w1) <= 1e-12
     assert np.max(np.abs(np.array(loss2) - np.array(loss1))) <= 1e-12
-    assert _max_diff(w1, _initial("torch")) > 1e-3          # it trained
+    assert _max_diff(w1, _initial("torch", i == 4)) > 1e-3          # it trained
+    assert len(loss1) == (6 if i == 4 else 2)       # multi-task: loss, loss_sign, loss_green
 
 
-@pytest.mark.parametrize("i", [0, 1], ids=RUNS[:2])
+@pytest.mark.parametrize("i", [0, 1, 4], ids=[RUNS[0], RUNS[1], RUNS[4]])
 def test_keras_two_replicas_equal_one_process(keras_replicas, one_process, i):
     (w2, loss2), (w1, loss1) = keras_replicas[i], one_process["keras", i]
     assert _max_diff(w2, w1) <= 1e-12
@@ -125,7 +128,7 @@ def test_feature_cache_shards_head_steps(torch_ranks, keras_replicas):
         assert _max_diff(ranks[3][0], ranks[0][0]) <= 1e-12
 
 
-@pytest.mark.parametrize("i", [0, 1, 2, 3], ids=RUNS)
+@pytest.mark.parametrize("i", range(len(RUNS)), ids=RUNS)
 def test_torch_ranks_equal_keras_replicas(torch_ranks, keras_replicas, i):
     (wt, lt), (wk, lk) = torch_ranks[i], keras_replicas[i]
     assert _max_diff(wt, wk) <= 1e-9
@@ -139,19 +142,20 @@ def test_local_batchnorm_is_not_global(torch_ranks, keras_replicas, one_process)
         assert _max_diff(ranks[2][0], one_process["torch", 2][0]) > 1e-3
 
 
-def _initial(backend):
+def _initial(backend, multi=False):
     sys.path.insert(0, str(WORKER.parent))
     try:
         import dp_train
     finally:
         sys.path.remove(str(WORKER.parent))
     import tlbridge as tl
-    return tl.get_weights(dp_train.model(backend))
+    return tl.get_weights(dp_train.model(backend, multi))
 
 
 def test_dying_rank_stops_the_run_and_resume_continues(tmp_path, torch_ranks):
     """Rank 1 exits in epoch 1: torchrun stops rank 0 and names rank 1; the checkpoint holds
-    epoch 0, intact; resuming on 2 ranks gives the uninterrupted run's weights."""
+    epoch 0, intact; resuming on 2 ranks gives the uninterrupted run's weights, and so does
+    resuming it on 2 Keras replicas."""
     from tlbridge import weights as wio
     ckpt = tmp_path / "ckpt"
     r = _torchrun([str(tmp_path / "w"), "sgd:global:unfreeze", "--ckpt", str(ckpt),
@@ -162,11 +166,20 @@ def test_dying_rank_stops_the_run_and_resume_continues(tmp_path, torch_ranks):
     assert "rank      : 1" in log                       # torchrun's root cause names it
     tensors, meta = wio.load_file(ckpt / "last.safetensors")
     assert meta["epoch"] == "0"
+    shutil.copytree(ckpt, tmp_path / "ckpt_keras")
     r = _torchrun([str(tmp_path / "w"), "sgd:global:unfreeze", "--ckpt", str(ckpt),
                    "--resume"])
     assert r.returncode == 0, r.stderr[-4000:]
     w, _ = _load(tmp_path / "w.0.safetensors")
     assert _max_diff(w, torch_ranks[0][0]) <= 1e-12
+    # the same checkpoint resumed on 2 Keras replicas: checkpoints are portable
+    r = subprocess.run([sys.executable, str(WORKER), "keras", str(tmp_path / "k"),
+                        "sgd:global:unfreeze", "--ckpt", str(tmp_path / "ckpt_keras"), "--resume",
+                        "--replicas", "2"], env=_env(), capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    w, _ = _load(tmp_path / "k.0.safetensors")
+    assert _max_diff(w, torch_ranks[0][0]) <= 1e-9
 
 
 def test_dying_rank_named_without_torchrun(tmp_path):
@@ -234,6 +247,3 @@ def test_bad_parallel_arguments_are_refused(monkeypatch):
                      batch_size=4, bn_sync="local", progress=False)
     with pytest.raises(DistributedError, match="MASTER_ADDR"):
         tl.fine_tune(m, (x, y), progress=False)
-    mt = tl.replace_heads(_small("torch"), {"a": ("bce", 1), "b": ("mse", 1)})
-    with pytest.raises(DataError, match="multi-task"):
-        tl.fine_tune(mt, (x, {"a": np.zeros(8), "b": np.zeros(8)}), progress=False)

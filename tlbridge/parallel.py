@@ -64,10 +64,3 @@ def check_batches(sizes, world: int, bn_sync: str) -> None:
             f"with bn_sync='local'; received a batch of {small[0]}. Use bn_sync='global' (any "
             f"split is exact), a batch size that leaves no short last batch, or drop_last=True "
             f"in tl.data.")
-
-
-def check_unsupported(loss_name: str) -> None:
-    if loss_name == "multi":
-        raise DataError("Expected a single-head model for data-parallel fine-tuning; received a "
-                        "multi-task head (tl.replace_heads). Train multi-task heads in one "
-                        "process for now.")

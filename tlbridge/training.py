@@ -342,7 +342,6 @@ def fine_tune(model: TransferModel, train, *, val=None, epochs: int = 1, batch_s
     if not (feature_cache == "auto" or feature_cache is True or feature_cache is False):
         raise DataError(f"Expected feature_cache 'auto', True or False; received {feature_cache!r}.")
     if plan is not None:
-        parallel.check_unsupported(loss_spec.name)
         parallel.check_batches(ds.batch_sizes(), plan.world, bn_sync)
     names = api._param_names(m)
     groups = optim.param_groups(names, lr, group_lrs)

@@ -23,7 +23,7 @@ from tlbridge.losses import Loss
 from tlbridge.optim import OptimizerConfig
 
 from . import devices, parallel as par
-from .compute import loss_fn, multi_loss
+from .compute import loss_fn, multi_loss, task_counts
 from .network import TorchBatchNorm
 
 _POLICY = {"bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
@@ -193,12 +193,12 @@ class Trainer:
         plan, precision = self.parallel, self.precision
         scale, good = self.compiled.loss_scale, self.compiled.good_steps
 
-        def forward_loss(x, y, rows=None):
+        def forward_loss(x, y, rows=None, counts=None, first=None):
             z = model(x, training=True)
             if precision != "fp32":
                 z = tf.cast(z, self.m.dtype)            # the loss in float32
             if loss_spec.name == "multi":
-                return multi_loss(z, y, loss_spec, log_vars.value)
+                return multi_loss(z, y, loss_spec, log_vars.value, counts, first)
             return loss_fn(z, y, loss_spec, rows=rows), tf.zeros((0,), z.dtype)
 
         def scaled(value):          # fp16: inside the tape, so its gradient is recorded
@@ -252,22 +252,34 @@ class Trainer:
 
         strategy, total_op = plan.strategy, tf.distribute.ReduceOp.SUM
 
+        multi = loss_spec.name == "multi"
+
         def replica_step(x, y):
             ctx = tf.distribute.get_replica_context()
+            counts = task_counts(y, loss_spec) if multi else None    # of the global batch
+            first = tf.cast(par.first_replica(ctx), y.dtype) if multi else None
             with tf.GradientTape(watch_accessed_variables=False) as tape:
                 for v in variables:
                     tape.watch(v)
-                loss, _ = forward_loss(par.share(x, ctx), par.share(y, ctx), tf.shape(x)[0])
+                loss, parts = forward_loss(par.share(x, ctx), par.share(y, ctx),
+                                           tf.shape(x)[0], counts, first)
                 total = scaled(loss)
             grads = grads_of(tape, total)
-            return loss, [tf.zeros_like(v) if g is None else g for v, g in zip(variables, grads)]
+            return loss, parts, [tf.zeros_like(v) if g is None else g
+                                 for v, g in zip(variables, grads)]
 
         @tf.function(input_signature=signature, autograph=False)
         def step(x, y, rows):
             with mixed_policy(model, precision), par.tracing(plan.bn_sync):
-                loss, grads = strategy.run(replica_step, args=(x, y))
+                loss, parts, grads = strategy.run(replica_step, args=(x, y))
             loss = strategy.reduce(total_op, loss, axis=None)
             grads = [strategy.reduce(total_op, g, axis=None) for g in grads]
+            if multi:       # the task losses summed over replicas; NaN for a task absent
+                parts = strategy.reduce(total_op, parts, axis=None)
+                parts = tf.where(task_counts(y, loss_spec) > 0, parts,
+                                 tf.fill(tf.shape(parts), tf.constant(float("nan"), y.dtype)))
+            else:
+                parts = tf.zeros((0,), loss.dtype)
             pen = tf.constant(0.0, loss.dtype)
             if reg is not None and slots:       # counted once, beside the summed shares
                 with tf.GradientTape(watch_accessed_variables=False) as tape:
@@ -277,7 +289,7 @@ class Trainer:
                 grads = [g if pg is None else g + pg
                          for g, pg in zip(grads, tape.gradient(pen, variables))]
             applied = apply(grads, rows)
-            return loss, pen, tf.zeros((0,), loss.dtype), applied
+            return loss, pen, parts, applied
         return step
 
     def _run(self, x, y, lrs, head_only):

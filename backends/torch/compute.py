@@ -37,41 +37,62 @@ def logits(net, x, batch_size):
     return _batched(net, net, x, batch_size)
 
 
-def _masked(per: torch.Tensor, present: torch.Tensor):
-    """(mean of `per` over the present labels, 0 when there are none; 1 if any, else 0)."""
-    count = present.sum()
+def _masked(per: torch.Tensor, present: torch.Tensor, count=None):
+    """(mean of `per` over the present labels, 0 when there are none; 1 if any, else 0).
+    count: the present labels of the global batch when this is one rank's share of it."""
+    count = present.sum() if count is None else count
     return (per * present).sum() / count.clamp(min=1), (count > 0).to(per.dtype)
 
 
-def multi_loss(z, y, ml, log_vars):
+def _present(yt, loss):
+    """Which labels count: whole rows for CE (a row is missing when any entry is NaN),
+    entries otherwise."""
+    missing = torch.isnan(yt)
+    return ~missing.any(dim=1) if loss.name == "ce" else ~missing
+
+
+def task_counts(y, ml) -> torch.Tensor:
+    """Present labels per task in a (global) batch: the denominators of the task means."""
+    return torch.stack([_present(y[:, a:b], ml.task_loss(t)).sum().to(y.dtype)
+                        for t, (a, b) in enumerate(ml.slices().values())])
+
+
+def multi_loss(z, y, ml, log_vars, counts=None, first=True):
     """tlbridge/multitask.py: (total, per-task losses (T,), NaN for a task without labels in
-    the batch: for reporting only); NaN labels are missing."""
+    the batch: for reporting only); NaN labels are missing. Data-parallel: counts are the
+    global batch's (task_counts), and only the first share adds the log-variance terms."""
     parts, has = [], []
     for t, (a, b) in enumerate(ml.slices().values()):
         zt, yt, loss = z[:, a:b], y[:, a:b], ml.task_loss(t)
+        count = None if counts is None else counts[t]
         if loss.name == "ce":
-            rows = ~torch.isnan(yt).any(dim=1)
+            rows = _present(yt, loss)
             target = torch.where(rows[:, None], yt, torch.zeros_like(yt))
             per = F.cross_entropy(zt, target, label_smoothing=loss.label_smoothing,
                                   reduction="none")
-            part, h = _masked(per, rows.to(z.dtype))
+            part, h = _masked(per, rows.to(z.dtype), count)
             parts.append(part)
             has.append(h)
             continue
-        present = ~torch.isnan(yt)
+        present = _present(yt, loss)
         target = torch.where(present, yt, torch.zeros_like(yt))
         if loss.name == "bce":
             per = F.binary_cross_entropy_with_logits(zt, target, reduction="none")
         else:
             per = (zt - target) ** 2
-        part, h = _masked(per, present.to(z.dtype))
+        part, h = _masked(per, present.to(z.dtype), count)
         parts.append(part)
         has.append(h)
     parts, has = torch.stack(parts), torch.stack(has)
     if ml.uncertainty:
-        total = (has * (torch.exp(-log_vars) * parts + log_vars)).sum()
+        if first:
+            total = (has * (torch.exp(-log_vars) * parts + log_vars)).sum()
+        else:                           # the log-variance terms are counted once, on rank 0
+            total = (has * (torch.exp(-log_vars) * parts)).sum()
     else:
         total = (parts * torch.tensor(ml.weights, dtype=z.dtype, device=z.device)).sum()
+    if counts is not None:
+        return total, parts.detach()        # summed over ranks before reporting
     report = torch.where(has > 0, parts, torch.full_like(parts, float("nan")))
     return total, report.detach()
 

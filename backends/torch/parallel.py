@@ -88,17 +88,18 @@ def _collective(fn, what: str):
         ) from e
 
 
-def all_reduce_grads(net: nn.Module, loss: torch.Tensor) -> torch.Tensor:
-    """Sum every parameter's gradient and the loss shares over ranks (one flat buffer)."""
+def all_reduce_grads(net: nn.Module, extra: torch.Tensor) -> torch.Tensor:
+    """Sum every parameter's gradient, and `extra` (the loss shares), over ranks in one flat
+    buffer; returns the summed `extra`."""
     grads = [p.grad for p in net.parameters() if p.grad is not None]
-    flat = torch.cat([g.reshape(-1) for g in grads] + [loss.reshape(1).to(grads[0].dtype)
-                                                      if grads else loss.reshape(1)])
+    dtype = grads[0].dtype if grads else extra.dtype
+    flat = torch.cat([g.reshape(-1) for g in grads] + [extra.reshape(-1).to(dtype)])
     _collective(lambda: dist.all_reduce(flat), "gradient")
     k = 0
     for g in grads:
         g.copy_(flat[k:k + g.numel()].view_as(g))
         k += g.numel()
-    return flat[-1].to(loss.dtype)
+    return flat[k:].to(extra.dtype)
 
 
 def broadcast_buffers(net: nn.Module) -> None:

@@ -8,7 +8,7 @@ from tlbridge.losses import Loss
 from tlbridge.optim import OptimizerConfig
 
 from . import parallel as par
-from .compute import loss_fn, multi_loss
+from .compute import loss_fn, multi_loss, task_counts
 
 _AMP = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -78,7 +78,12 @@ class Trainer:
             par.enter_step()
         z = self._forward(forward)
         yt = torch.from_numpy(y).to(self.device)
-        if self.loss.name == "multi":
+        parts = None
+        if self.loss.name == "multi" and plan is not None:   # global counts, log-vars once
+            counts = task_counts(torch.from_numpy(self._y_global).to(self.device), self.loss)
+            loss, parts = multi_loss(z, yt, self.loss, getattr(self.net, "task_log_vars", None),
+                                     counts=counts, first=plan.rank == 0)
+        elif self.loss.name == "multi":
             loss, parts = multi_loss(z, yt, self.loss, getattr(self.net, "task_log_vars", None))
             self.last_parts = parts.cpu().numpy().astype(np.float64)
         elif plan is not None:          # this rank's share of the global batch's mean
@@ -99,7 +104,14 @@ class Trainer:
         else:
             total.backward()
         if plan is not None:
-            loss = par.all_reduce_grads(self.net, loss.detach())
+            if parts is None:
+                loss = par.all_reduce_grads(self.net, loss.detach().reshape(1))[0]
+            else:       # the reported loss and task losses, summed over ranks like gradients
+                summed = par.all_reduce_grads(self.net, torch.cat([loss.detach().reshape(1),
+                                                                   parts]))
+                loss, parts = summed[0], summed[1:]
+                parts = torch.where(counts > 0, parts, torch.full_like(parts, float("nan")))
+                self.last_parts = parts.cpu().numpy().astype(np.float64)
         if self.scaler is not None:
             self.scaler.step(self.opt)
             self.scaler.update()
@@ -134,7 +146,7 @@ class Trainer:
     def _shard(self, x, y):
         if self.parallel is None:
             return x, y
-        self._rows = len(x)
+        self._rows, self._y_global = len(x), y
         a, b = self.parallel.bounds(len(x))
         return x[a:b], y[a:b]
 

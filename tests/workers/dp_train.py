@@ -4,7 +4,8 @@
     python tests/workers/dp_train.py keras OUT RUN [RUN ...] --replicas 2
 
 A RUN is "optimizer:bn_sync[:option...]" (options: unfreeze, freeze_bn_biases, cache: the
-feature cache in epochs with a frozen backbone). Each run trains
+feature cache in epochs with a frozen backbone; multi: two task heads, a BCE and an MSE task
+with missing labels, uncertainty weighting). Each run trains
 seed_vgg with BatchNorm (fp64) on 37 images in batches of 10 (the last one is short, and its
 two shares differ in size) for 2 epochs and writes the final canonical weights to
 OUT.<i>.safetensors (rank 0). Under torchrun every rank runs this; with --replicas N, Keras
@@ -26,11 +27,22 @@ def data():
     return x, y
 
 
-def model(backend):
+def model(backend, multi=False):
     import tlbridge as tl
     m = tl.load_backbone("seed_vgg", backend=backend, input_shape=(16, 16, 3), dtype="float64",
                          seed=3, batch_norm=True, widths=(4, 8, 8))
+    if multi:
+        return tl.replace_heads(m, {"sign": ("bce", 1), "green": ("mse", 1)}, seed=4)
     return tl.replace_head(m, 1, seed=4)
+
+
+def multi_labels(x, y):
+    """Both tasks' labels, some missing (NaN): task means must count the global batch's."""
+    sign = y[:, 0].copy()
+    sign[::5] = np.nan
+    green = x[:, :, :, 1].mean(axis=(1, 2))
+    green[1::4] = np.nan
+    return {"sign": sign, "green": green}
 
 
 def bn_preceded_biases(m):
@@ -47,7 +59,8 @@ def train(backend, run, replicas=None, epochs=2, ckpt=None, resume=False, callba
     """One run; returns (model, history)."""
     import tlbridge as tl
     optimizer, bn_sync, *options = run.split(":")
-    m = model(backend)
+    multi = "multi" in options
+    m = model(backend, multi)
     kw = dict(epochs=epochs, batch_size=10, optimizer=optimizer,
               lr=0.05 if optimizer == "sgd" else 0.01, seed=7, progress=False, bn_sync=bn_sync,
               checkpoint_dir=ckpt, resume=resume, callbacks=list(callbacks),
@@ -60,7 +73,16 @@ def train(backend, run, replicas=None, epochs=2, ckpt=None, resume=False, callba
     if replicas:
         kw["replicas"] = replicas
     x, y = data()
+    if multi:
+        y = multi_labels(x, y)
+        kw["task_weights"] = "uncertainty"
     return m, tl.fine_tune(m, (x, y), **kw)
+
+
+def losses_of(history) -> list[float]:
+    """The epoch losses, then each task's (multi-task runs)."""
+    return history["loss"] + sum((history[k] for k in history.keys() if k.startswith("loss_")),
+                                 [])
 
 
 def main():
@@ -97,7 +119,7 @@ def main():
                      callbacks=callbacks)
         if rank == 0:
             wio.save_file(f"{args.out}.{i}.safetensors", tl.get_weights(m),
-                          {"loss": repr(h["loss"])})
+                          {"loss": repr(losses_of(h))})
 
 
 if __name__ == "__main__":
