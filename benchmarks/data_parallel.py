@@ -6,8 +6,11 @@
    tests/workers/dp_train.py): torch on 2 ranks (torchrun, gloo) and Keras on 2 replicas
    (MirroredStrategy over 2 logical CPU devices) against one process, and against each other;
    the largest difference of any weight or BatchNorm statistic.
-2. Speed (float32, resnet18 at 64x64, 512 images, global batch 64, one epoch after a warm-up
-   epoch): one process with 2 threads against 2 ranks / replicas, img/s. On 2 CPU cores the
+2. Speed (float32, resnet18 at 64x64, 512 images, global batch 64, median of 5 epochs after
+   a warm-up): one process with 2 threads against 2 ranks / replicas, img/s, beside the plain
+   framework on the same 2 ranks / replicas (torch DistributedDataParallel, Keras model.fit
+   under a MirroredStrategy; both with rank-local BatchNorm, as bn_sync="local"), the three
+   run in turn, epoch by epoch, in one launch. On 2 CPU cores the
    ranks share the cores the single process already uses, so this shows the overhead of the
    collectives, not a speed-up; on N GPUs each rank has its own device.
 """
@@ -26,6 +29,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 WORKER = os.path.join(ROOT, "tests", "workers", "dp_train.py")
+REPEATS = 5                     # timed epochs per runner; the median is reported
 RUNS = ["sgd:global:unfreeze", "adam:global:freeze_bn_biases", "sgd:local",
         "sgd:global:unfreeze:cache"]
 
@@ -64,26 +68,100 @@ def _diff(a, b):
     return max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
 
 
-def speed_worker(backend, replicas, bn_sync="global"):
-    """One timed epoch (after a warm-up epoch); prints img/s as JSON on rank 0."""
-    if replicas:
-        from tlbridge.backends.keras import cpu_replicas
-        cpu_replicas(replicas)
-    import tlbridge as tl
+def _speed_data():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(512, 64, 64, 3)).astype(np.float32)
-    y = (x[..., 0].mean(axis=(1, 2)) > 0).astype(np.float32)[:, None]
-    m = tl.replace_head(tl.load_backbone("resnet18", backend=backend, input_shape=(64, 64, 3),
-                                         seed=0), 1, seed=1)
-    kw = dict(batch_size=64, progress=False, feature_cache=False, bn_sync=bn_sync)
-    if replicas:
-        kw["replicas"] = replicas
+    return x, (x[..., 0].mean(axis=(1, 2)) > 0).astype(np.float32)[:, None]
+
+
+def _resnet18(tl, backend):
+    return tl.replace_head(tl.load_backbone("resnet18", backend=backend,
+                                            input_shape=(64, 64, 3), seed=0), 1, seed=1)
+
+
+def single_worker(backend):
+    """One process: timed epochs after a warm-up; prints the median's img/s as JSON."""
+    import tlbridge as tl
+    x, y = _speed_data()
+    m = _resnet18(tl, backend)
+    kw = dict(batch_size=64, progress=False, feature_cache=False)
     tl.fine_tune(m, (x[:128], y[:128]), **kw)
-    t0 = time.perf_counter()
-    tl.fine_tune(m, (x, y), **kw)
-    rate = len(x) / (time.perf_counter() - t0)
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps({"rate": rate}))
+    times = []
+    for _ in range(REPEATS):
+        t0 = time.perf_counter()
+        tl.fine_tune(m, (x, y), **kw)
+        times.append(time.perf_counter() - t0)
+    print(json.dumps({"rate": len(x) / float(np.median(times))}))
+
+
+def parallel_worker(backend):
+    """2 ranks (torchrun) or 2 replicas: tlbridge with bn_sync global, with local, and the plain
+    framework (torch DistributedDataParallel with rank-local BatchNorm; Keras model.fit with
+    the model built under a MirroredStrategy), one epoch each in turn, REPEATS rounds, so the
+    machine's drift hits all three alike. Prints median img/s and the median per-round ratio
+    tlbridge-local / framework time as JSON (rank 0)."""
+    x, y = _speed_data()
+    if backend == "keras":
+        from tlbridge.backends.keras import cpu_replicas
+        cpu_replicas(2)
+    import tlbridge as tl
+    kw = dict(batch_size=64, progress=False, feature_cache=False)
+    runners = {}
+    for bn_sync in ("global", "local"):
+        m = _resnet18(tl, backend)
+        extra = {"replicas": 2} if backend == "keras" else {}
+
+        def run(n, m=m, bn_sync=bn_sync, extra=extra):
+            tl.fine_tune(m, (x[:n], y[:n]), bn_sync=bn_sync, **kw, **extra)
+        runners[bn_sync] = run
+    if backend == "torch":
+        import torch
+        import torch.distributed as dist
+        from torch.nn.parallel import DistributedDataParallel
+        from tlbridge.parallel import shard_bounds
+        runners["global"](64)               # initialises the process group (gloo)
+        rank, world = dist.get_rank(), dist.get_world_size()
+        net = DistributedDataParallel(_resnet18(tl, "torch").native)
+        opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9, foreach=False)
+        loss_fn = torch.nn.BCEWithLogitsLoss()
+        xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
+        yt = torch.from_numpy(y)
+        rng = np.random.default_rng(0)
+
+        def framework(n):
+            net.train()
+            order = torch.from_numpy(rng.permutation(n))
+            for k in range(0, n, 64):
+                idx = order[k:k + 64]
+                a, b = shard_bounds(len(idx), world, rank)
+                opt.zero_grad(set_to_none=True)
+                loss_fn(net(xt[idx[a:b]]), yt[idx[a:b]]).backward()
+                opt.step()
+    else:
+        import keras
+        rank = 0
+        from tlbridge.backends.keras import parallel as kp
+        strategy = kp.strategy_for(kp.devices_for(2))   # the one tlbridge's replicas=2 uses
+        with strategy.scope():
+            model = _resnet18(tl, "keras").native
+            model.compile(optimizer=keras.optimizers.SGD(1e-3, momentum=0.9),
+                          loss=keras.losses.BinaryCrossentropy(from_logits=True))
+
+        def framework(n):
+            model.fit(x[:n], y[:n], batch_size=64, epochs=1, verbose=0)
+    runners["framework"] = framework
+    for run in runners.values():
+        run(128)                            # warm-up: tracing, first allocations
+    times = {k: [] for k in runners}
+    for _ in range(REPEATS):
+        for k, run in runners.items():
+            t0 = time.perf_counter()
+            run(len(x))
+            times[k].append(time.perf_counter() - t0)
+    if rank == 0:
+        out = {k: len(x) / float(np.median(v)) for k, v in times.items()}
+        out["ratio"] = float(np.median(np.array(times["local"]) / np.array(times["framework"])))
+        print(json.dumps(out))
 
 
 def main() -> int:
@@ -107,27 +185,30 @@ def main() -> int:
             one[backend] = tl.get_weights(m)
         rows.append(f"| `{run}` | {_diff(t, one['torch']):.1e} | {_diff(k, one['keras']):.1e} | "
                     f"{_diff(t, k):.1e} |")
-    rows += ["", "| resnet18 64x64 fp32, 512 images, batch 64 | 1 process (2 threads) | 2 ranks "
-             "/ replicas (1 thread each), bn_sync global | same, bn_sync local |",
-             "|---|---|---|---|"]
+    rows += ["", f"| resnet18 64x64 fp32, 512 images, batch 64, median of {REPEATS} epochs "
+             f"| 1 process (2 threads) | 2 ranks / replicas (1 thread each), bn_sync global "
+             f"| same, bn_sync local | the framework, 2 ranks / replicas (local BatchNorm) "
+             f"| ratio: tlbridge local ÷ framework time |", "|---|---|---|---|---|---|"]
     me = os.path.abspath(__file__)
     for backend in ("torch", "keras"):
-        one = json.loads(_python(me, "--speed", backend, "0").strip().splitlines()[-1])["rate"]
-        two = []
-        for bn_sync in ("global", "local"):
-            if backend == "torch":
-                out = _torchrun(me, "--speed", "torch", "0", bn_sync)
-            else:
-                out = _python(me, "--speed", "keras", "2", bn_sync, threads="1")
-            two.append(json.loads(out.strip().splitlines()[-1])["rate"])
-        rows.append(f"| {backend} img/s | {one:.1f} | {two[0]:.1f} | {two[1]:.1f} |")
+        one = json.loads(_python(me, "--single", backend).strip().splitlines()[-1])["rate"]
+        if backend == "torch":
+            out = _torchrun(me, "--parallel", "torch")
+        else:
+            out = _python(me, "--parallel", "keras", threads="1")
+        r = json.loads(out.strip().splitlines()[-1])
+        label = "DDP" if backend == "torch" else "keras.fit"
+        rows.append(f"| {backend} img/s | {one:.1f} | {r['global']:.1f} | {r['local']:.1f} | "
+                    f"{label} {r['framework']:.1f} | {r['ratio']:.2f} |")
     print("\n".join(rows))
     print("wrote", write_table("data_parallel", rows))
     return 0
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--speed":
-        speed_worker(sys.argv[2], int(sys.argv[3]), *sys.argv[4:5])
+    if len(sys.argv) > 2 and sys.argv[1] == "--single":
+        single_worker(sys.argv[2])
+    elif len(sys.argv) > 2 and sys.argv[1] == "--parallel":
+        parallel_worker(sys.argv[2])
     else:
         sys.exit(main())

@@ -479,6 +479,7 @@ def fine_tune(model: TransferModel, train, *, val=None, epochs: int = 1, batch_s
             ckpt_epoch = epoch
         for cb in callbacks:
             cb("epoch", record)
+    trainer.close()
     if stop is not None and stop.restore_best and best["weights"] is not None:
         api.set_weights(m, best["weights"][0])
         m.frozen = set(best["weights"][1])

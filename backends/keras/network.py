@@ -114,10 +114,13 @@ class TorchBatchNorm(layers.Layer):
         c = (int(input_shape[-1]),)
         self.gamma = self.add_weight(shape=c, initializer="ones", name="gamma")
         self.beta = self.add_weight(shape=c, initializer="zeros", name="beta")
+        # under a tf.distribute strategy's scope (keras.fit on several replicas), the first
+        # replica's update is kept: torch DDP's rank-0 buffers, and tlbridge's replicas= rule
         self.moving_mean = self.add_weight(shape=c, initializer="zeros", name="moving_mean",
-                                           trainable=False)
+                                           trainable=False, aggregation="only_first_replica")
         self.moving_variance = self.add_weight(shape=c, initializer="ones",
-                                               name="moving_variance", trainable=False)
+                                               name="moving_variance", trainable=False,
+                                               aggregation="only_first_replica")
 
     def call(self, x, training=None):
         if training and self.trainable and self.gamma.trainable:

@@ -77,8 +77,21 @@ def plan(replicas, bn_sync: str) -> parallel.Plan:
         if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
             raise DistributedError(f"Expected replicas as an int >= 1 or a "
                                    f"tf.distribute.MirroredStrategy; received {replicas!r}.")
-        strategy = tf.distribute.MirroredStrategy(devices_for(replicas))
+        strategy = strategy_for(devices_for(replicas))
     return parallel.Plan(strategy.num_replicas_in_sync, 0, bn_sync, strategy)
+
+
+_STRATEGIES: dict[tuple, tf.distribute.MirroredStrategy] = {}
+
+
+def strategy_for(devices: list[str]) -> tf.distribute.MirroredStrategy:
+    """One MirroredStrategy per set of devices for the whole process: every fine_tune call
+    (and a user's keras.fit in the same process) then shares its collective keys; two
+    strategies over the same devices would number their all-reduces alike and collide."""
+    key = tuple(devices)
+    if key not in _STRATEGIES:
+        _STRATEGIES[key] = tf.distribute.MirroredStrategy(list(devices))
+    return _STRATEGIES[key]
 
 
 @contextlib.contextmanager

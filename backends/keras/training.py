@@ -325,6 +325,9 @@ class Trainer:
     def end_epoch(self) -> None:
         """Nothing to undo: Keras takes training=True per call."""
 
+    def close(self) -> None:
+        """Nothing to release (the traced steps stay with the model)."""
+
     # -- checkpoints ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, np.ndarray]:
         out = {}

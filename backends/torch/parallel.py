@@ -1,9 +1,11 @@
 """Data-parallel training on torch.distributed (gloo on the CPU, nccl on GPUs).
 
-Gradients are summed with one all_reduce over a flat buffer per step, rather than through
-DistributedDataParallel: DDP averages (tlbridge sums shares already divided by the global
-count), and must be rebuilt whenever gradual unfreezing changes the trainable set; the flat
-all_reduce is what DDP's buckets do, over exactly the parameters that have a gradient.
+Full steps run through DistributedDataParallel, for its bucketed all-reduce that overlaps
+the backward pass, with a comm hook that sums (DDP's default averages; tlbridge's shares are
+already divided by the global count). DDP is rebuilt whenever gradual unfreezing changes the
+trainable set. Head steps on cached features (the module's apply_head, not its forward) and
+multi-task heads (task_log_vars enters the loss outside forward) sum their gradients with one
+all_reduce over a flat buffer.
 
 BatchNorm across ranks (bn_sync="global"): torch's SyncBatchNorm runs on GPUs only, so
 `GlobalBatchNorm` does the same on any device with torch.distributed's all_reduce: forward
@@ -12,13 +14,16 @@ torch's closed-form BatchNorm backward with the global count.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+import warnings
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.parallel import DistributedDataParallel
 
 from tlbridge.errors import DistributedError
 
@@ -40,6 +45,55 @@ def init(world: int, rank: int, device: str) -> None:
     backend = "nccl" if device.startswith("cuda") else "gloo"
     dist.init_process_group(backend, rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=timeout))
+
+
+_groups: dict = {}
+
+
+def _bn_group():
+    """BatchNorm statistics travel on their own process group, so their all-reduces (inside
+    the backward pass) never interleave with DDP's gradient buckets on the default one. Every
+    rank creates it at its first fine_tune, in the same order."""
+    if "bn" not in _groups:
+        _groups["bn"] = dist.new_group()
+    return _groups["bn"]
+
+
+def _sum_hook(state, bucket):
+    return dist.all_reduce(bucket.buffer(), async_op=True).get_future().then(
+        lambda fut: fut.value()[0])
+
+
+def wrap(net: nn.Module) -> DistributedDataParallel:
+    """DDP over the trainable parameters as they are now, summing gradients over ranks.
+    Buffers are not broadcast here: bn_sync='local' copies rank 0's after each step."""
+    _bn_group()
+    with warnings.catch_warnings():     # newer torch renames it; the meaning is the same
+        warnings.simplefilter("ignore", FutureWarning)
+        ddp = DistributedDataParallel(net, broadcast_buffers=False)
+    ddp.register_comm_hook(None, _sum_hook)
+    return ddp
+
+
+def all_reduce(values: torch.Tensor) -> torch.Tensor:
+    """The sum over ranks of a small tensor (the loss shares)."""
+    values = values.clone()
+    _collective(lambda: dist.all_reduce(values), "loss")
+    return values
+
+
+_COMM_WORDS = ("gloo", "nccl", "connection", "timed out", "timeout", "reset by peer", "socket")
+
+
+@contextlib.contextmanager
+def guard(what: str):
+    """A backward pass whose DDP all-reduce fails (a peer died) raises DistributedError."""
+    try:
+        yield
+    except (RuntimeError, dist.DistBackendError) as e:
+        if isinstance(e, dist.DistBackendError) or any(w in str(e).lower() for w in _COMM_WORDS):
+            raise _named(e, what) from e
+        raise
 
 
 _entered = {"steps": 0}
@@ -75,17 +129,20 @@ def _missing_ranks() -> str:
     return ("rank " + ", ".join(map(str, behind))) if behind else "another rank"
 
 
+def _named(e: BaseException, what: str) -> DistributedError:
+    return DistributedError(
+        f"Rank {dist.get_rank()} of {dist.get_world_size()} stopped: {_missing_ranks()} "
+        f"did not join the {what} all_reduce of step {_entered['steps']} (it died, or "
+        f"hung past TLBRIDGE_DIST_TIMEOUT) ({type(e).__name__}: "
+        f"{str(e).splitlines()[0] if str(e) else ''}). The last complete checkpoint is "
+        f"intact: resume=True continues from it.")
+
+
 def _collective(fn, what: str):
     try:
         return fn()
     except (RuntimeError, dist.DistBackendError) as e:
-        raise DistributedError(
-            f"Rank {dist.get_rank()} of {dist.get_world_size()} stopped: {_missing_ranks()} "
-            f"did not join the {what} all_reduce of step {_entered['steps']} (it died, or "
-            f"hung past TLBRIDGE_DIST_TIMEOUT) ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}). The last complete checkpoint is "
-            f"intact: resume=True continues from it."
-        ) from e
+        raise _named(e, what) from e
 
 
 def all_reduce_grads(net: nn.Module, extra: torch.Tensor) -> torch.Tensor:
@@ -124,13 +181,13 @@ class _GlobalBatchNormFn(torch.autograd.Function):
         f64 = torch.float64                  # torch's CPU kernel accumulates in float64
         count = torch.tensor([x.numel() // max(x.shape[1], 1)], dtype=f64, device=x.device)
         buf = torch.cat([x.sum(dims, dtype=f64), count])
-        _collective(lambda: dist.all_reduce(buf), "BatchNorm statistics")
+        _collective(lambda: dist.all_reduce(buf, group=_bn_group()), "BatchNorm statistics")
         n = buf[-1]
         mean = buf[:-1] / n
         mean_ = mean.to(x.dtype).view(shape)
         xc = x - mean_
         sq = (xc * xc).sum(dims, dtype=f64)
-        _collective(lambda: dist.all_reduce(sq), "BatchNorm statistics")
+        _collective(lambda: dist.all_reduce(sq, group=_bn_group()), "BatchNorm statistics")
         var = sq / n
         invstd = torch.rsqrt(var + module.eps)
         with torch.no_grad():
@@ -158,7 +215,7 @@ class _GlobalBatchNormFn(torch.autograd.Function):
         dbeta = dy.sum(dims, dtype=torch.float64)
         dotp = (dy * xc).sum(dims, dtype=torch.float64)
         buf = torch.cat([dbeta, dotp])
-        _collective(lambda: dist.all_reduce(buf), "BatchNorm gradient")
+        _collective(lambda: dist.all_reduce(buf, group=_bn_group()), "BatchNorm gradient")
         c = dbeta.numel()
         gbeta, gdotp = buf[:c].to(dy.dtype).view(shape), buf[c:].to(dy.dtype).view(shape)
         w = weight.view(shape) if ctx.has[0] else 1.0

@@ -69,7 +69,16 @@ class Trainer:
             z = forward()
         return z.float()                # the loss in float32
 
-    def _step(self, forward, y: np.ndarray, lrs: list[float]):
+    def _ddp(self):
+        """DDP over the current trainable set, rebuilt when unfreezing changes it."""
+        key = tuple(n for n, p in self.net.named_parameters() if p.requires_grad)
+        if getattr(self, "_ddp_key", None) != key:
+            self._ddp_module = par.wrap(self.net)
+            self._ddp_key = key
+        return self._ddp_module
+
+    def _step(self, forward, y: np.ndarray, lrs: list[float], summed: bool = False):
+        """summed: the backward pass already sums gradients over ranks (DDP)."""
         for group, lr in zip(self.opt.param_groups, lrs):
             group["lr"] = lr
         self.opt.zero_grad(set_to_none=True)
@@ -100,16 +109,19 @@ class Trainer:
                     total = loss + penalty
         if self.scaler is not None:
             scale = self.scaler.get_scale()
-            self.scaler.scale(total).backward()
+            total = self.scaler.scale(total)
+        if plan is not None:
+            with par.guard("gradient"):
+                total.backward()
         else:
             total.backward()
-        if plan is not None:
-            if parts is None:
-                loss = par.all_reduce_grads(self.net, loss.detach().reshape(1))[0]
-            else:       # the reported loss and task losses, summed over ranks like gradients
-                summed = par.all_reduce_grads(self.net, torch.cat([loss.detach().reshape(1),
-                                                                   parts]))
-                loss, parts = summed[0], summed[1:]
+        if plan is not None:        # the reported loss (and task losses) summed over ranks
+            shares = loss.detach().reshape(1) if parts is None else \
+                torch.cat([loss.detach().reshape(1), parts])
+            shares = par.all_reduce(shares) if summed else par.all_reduce_grads(self.net, shares)
+            loss = shares[0]
+            if parts is not None:
+                parts = shares[1:]
                 parts = torch.where(counts > 0, parts, torch.full_like(parts, float("nan")))
                 self.last_parts = parts.cpu().numpy().astype(np.float64)
         if self.scaler is not None:
@@ -143,6 +155,11 @@ class Trainer:
         if self.parallel is not None:
             par.sync_batchnorm(self.net, False)
 
+    def close(self) -> None:
+        """Drop the DDP wrapper (its hooks stay idle: a reducer acts only after its own
+        forward); a later fine_tune builds its own."""
+        self._ddp_module, self._ddp_key = None, None
+
     def _shard(self, x, y):
         if self.parallel is None:
             return x, y
@@ -156,6 +173,9 @@ class Trainer:
         self._train_mode()
         x, y = self._shard(x, y)
         xt = torch.from_numpy(x).to(self.device).permute(0, 3, 1, 2).contiguous()
+        if self.parallel is not None and self.loss.name != "multi":
+            ddp = self._ddp()     # (multi-task: task_log_vars is used outside forward, which
+            return self._step(lambda: ddp(xt), y, lrs, summed=True)   # DDP cannot track)
         return self._step(lambda: self.net(xt), y, lrs)
 
     def head_step(self, f: np.ndarray, y: np.ndarray, lrs: list[float]):
