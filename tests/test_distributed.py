@@ -8,6 +8,7 @@ the last batch (7) splits 4/3: no sample may be dropped or counted twice.
   2  sgd:local                     each share's own BatchNorm statistics
   3  sgd:global:unfreeze:cache     run 0 with the feature cache in epoch 0 (head steps sharded)
   4  sgd:global:multi              two task heads, missing labels, uncertainty weighting
+  5  sgd:global:bf16               a float32 model in mixed precision (bf16)
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from helpers import both_backends
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "workers" / "dp_train.py"
 RUNS = ["sgd:global:unfreeze", "adam:global:freeze_bn_biases", "sgd:local",
-        "sgd:global:unfreeze:cache", "sgd:global:multi"]
+        "sgd:global:unfreeze:cache", "sgd:global:multi", "sgd:global:bf16"]
 
 pytestmark = [both_backends, pytest.mark.slow]
 
@@ -90,7 +91,7 @@ def one_process():
     import tlbridge as tl
     out = {}
     for backend in ("torch", "keras"):
-        for i in (0, 1, 2, 4) if backend == "torch" else (0, 1, 4):
+        for i in (0, 1, 2, 4, 5) if backend == "torch" else (0, 1, 4, 5):
             m, h = dp_train.train(backend, RUNS[i])
             out[backend, i] = tl.get_weights(m), dp_train.losses_of(h)
     return out
@@ -128,11 +129,22 @@ def test_feature_cache_shards_head_steps(torch_ranks, keras_replicas):
         assert _max_diff(ranks[3][0], ranks[0][0]) <= 1e-12
 
 
-@pytest.mark.parametrize("i", range(len(RUNS)), ids=RUNS)
+@pytest.mark.parametrize("i", range(5), ids=RUNS[:5])
 def test_torch_ranks_equal_keras_replicas(torch_ranks, keras_replicas, i):
     (wt, lt), (wk, lk) = torch_ranks[i], keras_replicas[i]
     assert _max_diff(wt, wk) <= 1e-9
     assert np.max(np.abs(np.array(lt) - np.array(lk))) <= 1e-9
+
+
+def test_bf16_data_parallel_follows_one_process(torch_ranks, keras_replicas, one_process):
+    """Mixed precision composes with data-parallel: 2 ranks / replicas in bf16 keep float32
+    weights and follow the one-process bf16 run to bf16 rounding (8-bit mantissa), epoch by
+    epoch."""
+    for backend, ranks in (("torch", torch_ranks), ("keras", keras_replicas)):
+        (w2, loss2), (w1, loss1) = ranks[5], one_process[backend, 5]
+        assert {str(v.dtype) for v in w2.values()} == {"float32"}
+        loss1, loss2 = np.array(loss1), np.array(loss2)
+        assert np.max(np.abs(loss2 - loss1) / loss1) <= 2e-2
 
 
 def test_local_batchnorm_is_not_global(torch_ranks, keras_replicas, one_process):

@@ -5,7 +5,7 @@
 
 A RUN is "optimizer:bn_sync[:option...]" (options: unfreeze, freeze_bn_biases, cache: the
 feature cache in epochs with a frozen backbone; multi: two task heads, a BCE and an MSE task
-with missing labels, uncertainty weighting). Each run trains
+with missing labels, uncertainty weighting; bf16: a float32 model in mixed precision). Each run trains
 seed_vgg with BatchNorm (fp64) on 37 images in batches of 10 (the last one is short, and its
 two shares differ in size) for 2 epochs and writes the final canonical weights to
 OUT.<i>.safetensors (rank 0). Under torchrun every rank runs this; with --replicas N, Keras
@@ -27,9 +27,9 @@ def data():
     return x, y
 
 
-def model(backend, multi=False):
+def model(backend, multi=False, dtype="float64"):
     import tlbridge as tl
-    m = tl.load_backbone("seed_vgg", backend=backend, input_shape=(16, 16, 3), dtype="float64",
+    m = tl.load_backbone("seed_vgg", backend=backend, input_shape=(16, 16, 3), dtype=dtype,
                          seed=3, batch_norm=True, widths=(4, 8, 8))
     if multi:
         return tl.replace_heads(m, {"sign": ("bce", 1), "green": ("mse", 1)}, seed=4)
@@ -60,11 +60,13 @@ def train(backend, run, replicas=None, epochs=2, ckpt=None, resume=False, callba
     import tlbridge as tl
     optimizer, bn_sync, *options = run.split(":")
     multi = "multi" in options
-    m = model(backend, multi)
+    m = model(backend, multi, "float32" if "bf16" in options else "float64")
     kw = dict(epochs=epochs, batch_size=10, optimizer=optimizer,
               lr=0.05 if optimizer == "sgd" else 0.01, seed=7, progress=False, bn_sync=bn_sync,
               checkpoint_dir=ckpt, resume=resume, callbacks=list(callbacks),
               feature_cache="auto" if "cache" in options else False)
+    if "bf16" in options:
+        kw["precision"] = "bf16"
     if "freeze_bn_biases" in options:
         tl.freeze(m, bn_preceded_biases(m))
     if "unfreeze" in options:
@@ -73,6 +75,8 @@ def train(backend, run, replicas=None, epochs=2, ckpt=None, resume=False, callba
     if replicas:
         kw["replicas"] = replicas
     x, y = data()
+    if "bf16" in options:
+        x, y = x.astype(np.float32), y.astype(np.float32)
     if multi:
         y = multi_labels(x, y)
         kw["task_weights"] = "uncertainty"
