@@ -12,6 +12,8 @@ the last batch (7) splits 4/3: no sample may be dropped or counted twice.
 """
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
 import shutil
 import socket
@@ -44,6 +46,15 @@ def _torchrun(args, **env):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
            f"--master_port={_free_port()}", str(WORKER), "torch", *args]
     return subprocess.run(cmd, env=_env(**env), capture_output=True, text=True, timeout=600)
+
+
+@functools.cache
+def _worker():
+    """tests/workers/dp_train.py as a module: the runs the launched processes make."""
+    spec = importlib.util.spec_from_file_location("dp_train", WORKER)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _free_port() -> int:
@@ -83,11 +94,7 @@ def keras_replicas(tmp_path_factory):
 @pytest.fixture(scope="module")
 def one_process():
     """The same runs in this process, one device, per backend."""
-    sys.path.insert(0, str(WORKER.parent))
-    try:
-        import dp_train
-    finally:
-        sys.path.remove(str(WORKER.parent))
+    dp_train = _worker()
     import tlbridge as tl
     out = {}
     for backend in ("torch", "keras"):
@@ -155,11 +162,7 @@ def test_local_batchnorm_is_not_global(torch_ranks, keras_replicas, one_process)
 
 
 def _initial(backend, multi=False):
-    sys.path.insert(0, str(WORKER.parent))
-    try:
-        import dp_train
-    finally:
-        sys.path.remove(str(WORKER.parent))
+    dp_train = _worker()
     import tlbridge as tl
     return tl.get_weights(dp_train.model(backend, multi))
 

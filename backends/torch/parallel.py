@@ -145,32 +145,32 @@ def _collective(fn, what: str):
         raise _named(e, what) from e
 
 
+def _coalesced(tensors: list, extra: list, collective, what: str) -> torch.Tensor:
+    """Run `collective` once on the tensors and `extra` side by side in one flat buffer, write
+    the results back into the tensors, and return the part that was `extra`."""
+    dtype = tensors[0].dtype if tensors else torch.float64
+    flat = torch.cat([t.reshape(-1) for t in tensors] + [e.reshape(-1).to(dtype) for e in extra])
+    _collective(lambda: collective(flat), what)
+    k = 0
+    for t in tensors:
+        t.copy_(flat[k:k + t.numel()].view_as(t))
+        k += t.numel()
+    return flat[k:]
+
+
 def all_reduce_grads(net: nn.Module, extra: torch.Tensor) -> torch.Tensor:
     """Sum every parameter's gradient, and `extra` (the loss shares), over ranks in one flat
     buffer; returns the summed `extra`."""
     grads = [p.grad for p in net.parameters() if p.grad is not None]
-    dtype = grads[0].dtype if grads else extra.dtype
-    flat = torch.cat([g.reshape(-1) for g in grads] + [extra.reshape(-1).to(dtype)])
-    _collective(lambda: dist.all_reduce(flat), "gradient")
-    k = 0
-    for g in grads:
-        g.copy_(flat[k:k + g.numel()].view_as(g))
-        k += g.numel()
-    return flat[k:].to(extra.dtype)
+    return _coalesced(grads, [extra], dist.all_reduce, "gradient").to(extra.dtype)
 
 
 def broadcast_buffers(net: nn.Module) -> None:
     """bn_sync='local': rank 0's BatchNorm running statistics on every rank after each step
     (DistributedDataParallel's broadcast_buffers=True)."""
     bufs = [b for b in net.buffers() if b.is_floating_point()]
-    if not bufs:
-        return
-    flat = torch.cat([b.reshape(-1) for b in bufs])
-    _collective(lambda: dist.broadcast(flat, src=0), "BatchNorm buffer")
-    k = 0
-    for b in bufs:
-        b.copy_(flat[k:k + b.numel()].view_as(b))
-        k += b.numel()
+    if bufs:
+        _coalesced(bufs, [], lambda flat: dist.broadcast(flat, src=0), "BatchNorm buffer")
 
 
 class _GlobalBatchNormFn(torch.autograd.Function):
@@ -251,8 +251,3 @@ def sync_batchnorm(net: nn.Module, on: bool) -> None:
             module.__class__ = _GLOBAL_CLASSES[cls]
         elif not on and isinstance(module, GlobalBatchNorm):
             module.__class__ = module.__dict__.pop("_tl_class")
-
-
-def barrier() -> None:
-    if dist.is_initialized():
-        _collective(dist.barrier, "barrier")

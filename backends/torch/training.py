@@ -27,6 +27,8 @@ class Trainer:
         # fp16: dynamic loss scaling (2^16 to start, halved on inf/NaN, doubled after 2000 steps)
         self.scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
         self.parallel = parallel        # tlbridge.parallel.Plan, or None for one process
+        self._ddp_module, self._ddp_key = None, None
+        self._parallel_ready = False    # DDP and global BatchNorm set up for this epoch
         self.last_parts = None          # multi-task: the last step's per-task losses
         params = dict(net.named_parameters())
         self.names = {id(p): n for n, p in params.items()}
@@ -69,13 +71,15 @@ class Trainer:
             z = forward()
         return z.float()                # the loss in float32
 
-    def _ddp(self):
-        """DDP over the current trainable set, rebuilt when unfreezing changes it."""
+    def _wrap_ddp(self) -> None:
+        """DDP over the epoch's trainable set (multi-task: task_log_vars enters the loss
+        outside forward, which DDP cannot track, so those sum with a flat all_reduce);
+        rebuilt when unfreezing changes the set."""
+        if self.loss.name == "multi":
+            return
         key = tuple(n for n, p in self.net.named_parameters() if p.requires_grad)
-        if getattr(self, "_ddp_key", None) != key:
-            self._ddp_module = par.wrap(self.net)
-            self._ddp_key = key
-        return self._ddp_module
+        if self._ddp_key != key:
+            self._ddp_module, self._ddp_key = par.wrap(self.net), key
 
     def _step(self, forward, y: np.ndarray, lrs: list[float], summed: bool = False):
         """summed: the backward pass already sums gradients over ranks (DDP)."""
@@ -147,13 +151,17 @@ class Trainer:
         inference between steps (a callback's tl.predict) saves and restores the mode."""
         if not self.net.training:
             self.net.train(True)
-            if self.parallel is not None and self.parallel.bn_sync == "global":
+        if self.parallel is not None and not self._parallel_ready:   # per epoch, whatever
+            self._wrap_ddp()                                         # mode the model was in
+            if self.parallel.bn_sync == "global":
                 par.sync_batchnorm(self.net, True)
+            self._parallel_ready = True
 
     def end_epoch(self) -> None:
         self.net.train(False)
         if self.parallel is not None:
             par.sync_batchnorm(self.net, False)
+            self._parallel_ready = False
 
     def close(self) -> None:
         """Drop the DDP wrapper (its hooks stay idle: a reducer acts only after its own
@@ -173,9 +181,9 @@ class Trainer:
         self._train_mode()
         x, y = self._shard(x, y)
         xt = torch.from_numpy(x).to(self.device).permute(0, 3, 1, 2).contiguous()
-        if self.parallel is not None and self.loss.name != "multi":
-            ddp = self._ddp()     # (multi-task: task_log_vars is used outside forward, which
-            return self._step(lambda: ddp(xt), y, lrs, summed=True)   # DDP cannot track)
+        ddp = self._ddp_module
+        if ddp is not None:
+            return self._step(lambda: ddp(xt), y, lrs, summed=True)
         return self._step(lambda: self.net(xt), y, lrs)
 
     def head_step(self, f: np.ndarray, y: np.ndarray, lrs: list[float]):
