@@ -56,10 +56,10 @@ def test_repeated_fine_tune_calls_match_torch_which_starts_a_fresh_optimizer_eac
     them from zero as torch's new optimizer does: Adam twice, SGD with momentum, L2-SP."""
     x, y = _data()          # no BatchNorm: Adam would amplify the rounding noise of the
     mt, mk = _model("torch", batch_norm=False), _model("keras", batch_norm=False)  # zero conv-bias grads
-    calls = [dict(optimizer="adam", lr=1e-2, weight_decay=1e-3),
-             dict(optimizer="adam", lr=1e-2, weight_decay=1e-3),
-             dict(optimizer="sgd", lr=1e-2, momentum=0.9, regularizer="l2sp"),
-             dict(optimizer="sgd", lr=1e-2, momentum=0.9, regularizer=tl.L2SP(0.1, 0.0))]
+    calls = [dict(optimizer=tl.optim.Adam(1e-2, weight_decay=1e-3)),
+             dict(optimizer=tl.optim.Adam(1e-2, weight_decay=1e-3)),
+             dict(optimizer=tl.optim.SGD(1e-2, momentum=0.9, regularizer="l2sp")),
+             dict(optimizer=tl.optim.SGD(1e-2, momentum=0.9, regularizer=tl.L2SP(0.1, 0.0)))]
     for i, kwargs in enumerate(calls):
         for m in (mt, mk):
             tl.fine_tune(m, (x, y), epochs=1, batch_size=8, progress=False, seed=i, **kwargs)
@@ -74,8 +74,7 @@ def test_keras_checkpoint_holds_only_this_optimizers_state(tmp_path):
     x, y = _data()
     m = _model("keras")
     tl.fine_tune(m, (x, y), epochs=1, batch_size=8, progress=False, optimizer="adam")
-    tl.fine_tune(m, (x, y), epochs=1, batch_size=8, progress=False, optimizer="sgd",
-                 checkpoint_dir=tmp_path)
+    tl.fine_tune(m, (x, y), epochs=1, batch_size=8, progress=False, optimizer="sgd", checkpoint=tmp_path)
     tensors, _ = wio.load_file(str(tmp_path / "last.safetensors"))
     slots = {k.split("/")[1] for k in tensors if k.startswith("optim/")}
     assert slots == {"momentum_buffer", "step"}, slots
@@ -83,7 +82,7 @@ def test_keras_checkpoint_holds_only_this_optimizers_state(tmp_path):
 
 def test_dropout_head_trains_the_same_twice_and_resumes_exactly(backend, tmp_path):
     x, y = _data()
-    run = dict(batch_size=8, progress=False, seed=5, lr=1e-2)
+    run = dict(batch_size=8, progress=False, seed=5, optimizer=tl.optim.SGD(1e-2))
 
     def trained(**kwargs):
         m = _model(backend, hidden=(16,), dropout=0.5)
@@ -97,9 +96,9 @@ def test_dropout_head_trains_the_same_twice_and_resumes_exactly(backend, tmp_pat
     assert any(not np.array_equal(once[k], other[k]) for k in once), "the seed changes nothing"
 
     m = _model(backend, hidden=(16,), dropout=0.5)
-    tl.fine_tune(m, (x, y), epochs=1, checkpoint_dir=tmp_path, **run)
+    tl.fine_tune(m, (x, y), epochs=1, checkpoint=tmp_path, **run)
     m = _model(backend, hidden=(16,), dropout=0.5)       # a new process would start like this
-    tl.fine_tune(m, (x, y), epochs=2, checkpoint_dir=tmp_path, resume=True, **run)
+    tl.fine_tune(m, (x, y), epochs=2, checkpoint=tl.Checkpoint(tmp_path, resume=True), **run)
     resumed = tl.get_weights(m)
     diff, at = parity.worst(once, resumed)
     assert diff == 0.0, f"the resumed run differs from the uninterrupted one by {diff:.2e} at {at}"
@@ -110,7 +109,7 @@ def test_inference_between_steps_changes_nothing_and_training_ends_in_eval_mode(
     every module: 3% of a MobileNetV2 step when toggled per step); a callback's tl.predict
     between steps must not disturb it, and the model must end in eval mode, also on error."""
     x, y = _data()
-    run = dict(epochs=2, batch_size=8, progress=False, lr=1e-2)
+    run = dict(epochs=2, batch_size=8, progress=False, optimizer=tl.optim.SGD(1e-2))
     plain = _model(backend)
     tl.fine_tune(plain, (x, y), **run)
     probed = _model(backend)

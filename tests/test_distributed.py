@@ -231,7 +231,7 @@ def test_more_replicas_than_devices_is_refused():
     m = _small("keras")
     before = tl.get_weights(m)
     with pytest.raises(DistributedError, match=r"replicas=64 .*cpu_replicas\(64\)"):
-        tl.fine_tune(m, (x, y), replicas=64, progress=False)
+        tl.fine_tune(m, (x, y), parallel=tl.Parallel(replicas=64), progress=False)
     assert _max_diff(before, tl.get_weights(m)) == 0
 
 
@@ -249,16 +249,16 @@ def test_bad_parallel_arguments_are_refused(monkeypatch):
     x, y = np.zeros((8, 16, 16, 3), "float32"), np.zeros((8, 1))
     m = _small("torch")
     with pytest.raises(DataError, match="replicas= with a Keras model"):
-        tl.fine_tune(m, (x, y), replicas=2, progress=False)
+        tl.fine_tune(m, (x, y), parallel=tl.Parallel(replicas=2), progress=False)
     with pytest.raises(DistributedError, match="torchrun --nproc_per_node"):
-        tl.fine_tune(m, (x, y), distributed=True, progress=False)
+        tl.fine_tune(m, (x, y), parallel=tl.Parallel(distributed=True), progress=False)
     with pytest.raises(DataError, match="bn_sync"):
-        tl.fine_tune(m, (x, y), bn_sync="everywhere", progress=False)
+        tl.fine_tune(m, (x, y), parallel=tl.Parallel(bn_sync="everywhere"), progress=False)
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
     monkeypatch.delenv("MASTER_ADDR", raising=False)
     with pytest.raises(DataError, match="at least 2 samples with bn_sync='local'"):
         tl.fine_tune(m, (np.zeros((9, 16, 16, 3), "float32"), np.zeros((9, 1))),
-                     batch_size=4, bn_sync="local", progress=False)
+                     batch_size=4, parallel=tl.Parallel(bn_sync="local"), progress=False)
     with pytest.raises(DistributedError, match="MASTER_ADDR"):
         tl.fine_tune(m, (x, y), progress=False)

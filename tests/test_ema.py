@@ -23,7 +23,7 @@ def _model(backend):
     return tl.replace_head(m, 1, seed=1)
 
 
-RUN = dict(epochs=2, batch_size=8, lr=0.05, progress=False)
+RUN = dict(epochs=2, batch_size=8, progress=False)
 
 
 def test_ema_is_the_written_formula_over_the_weights_after_every_step(backend):
@@ -31,8 +31,7 @@ def test_ema_is_the_written_formula_over_the_weights_after_every_step(backend):
     m = _model(backend)
     start = tl.get_weights(m)
     after = []
-    h = tl.fine_tune(m, (x, y), ema=0.8, ema_swap=False,
-                     callbacks=[lambda ev, info: after.append(tl.get_weights(m))
+    h = tl.fine_tune(m, (x, y), optimizer=tl.optim.SGD(0.05, ema=tl.optim.EMA(0.8, swap=False)), callbacks=[lambda ev, info: after.append(tl.get_weights(m))
                                 if ev == "step" else None], **RUN)
     want = {k: v.copy() for k, v in start.items()}
     for w in after:
@@ -48,7 +47,7 @@ def test_ema_is_evaluated_beside_the_live_weights_and_swapped_in(backend):
     x, y = _data()
     xv, yv = _data(16, seed=1)
     m = _model(backend)
-    h = tl.fine_tune(m, (x, y), val=(xv, yv), ema=0.9, **RUN)
+    h = tl.fine_tune(m, (x, y), val=(xv, yv), optimizer=tl.optim.SGD(0.05, ema=0.9), **RUN)
     assert len(h["val_loss_ema"]) == 2 and not np.isnan(h["val_loss_ema"]).any()
     w = tl.get_weights(m)
     assert all(np.array_equal(w[k], h.ema_weights[k]) for k in w)
@@ -63,7 +62,7 @@ def test_ema_is_the_same_on_both_backends():
     runs = {}
     for backend in ("torch", "keras"):
         m = _model(backend)
-        runs[backend] = (m, tl.fine_tune(m, (x, y), val=(xv, yv), ema=0.9, **RUN))
+        runs[backend] = (m, tl.fine_tune(m, (x, y), val=(xv, yv), optimizer=tl.optim.SGD(0.05, ema=0.9), **RUN))
     diff, at = parity.worst(tl.get_weights(runs["torch"][0]), tl.get_weights(runs["keras"][0]),
                             floor_rel=1e-6)
     assert diff <= 1e-9, f"{diff:.2e} at {at}"
@@ -74,16 +73,16 @@ def test_ema_is_the_same_on_both_backends():
 def test_ema_is_checkpointed_and_resumed_exactly(backend, tmp_path):
     x, y = _data()
     whole = _model(backend)
-    h = tl.fine_tune(whole, (x, y), ema=0.9, **RUN)
+    h = tl.fine_tune(whole, (x, y), optimizer=tl.optim.SGD(0.05, ema=0.9), **RUN)
     part = _model(backend)
-    tl.fine_tune(part, (x, y), ema=0.9, checkpoint_dir=tmp_path, **{**RUN, "epochs": 1})
+    tl.fine_tune(part, (x, y), optimizer=tl.optim.SGD(0.05, ema=0.9), checkpoint=tmp_path, **{**RUN, "epochs": 1})
     part = _model(backend)
-    tl.fine_tune(part, (x, y), ema=0.9, checkpoint_dir=tmp_path, resume=True, **RUN)
+    tl.fine_tune(part, (x, y), optimizer=tl.optim.SGD(0.05, ema=0.9), checkpoint=tl.Checkpoint(tmp_path, resume=True), **RUN)
     a, b = tl.get_weights(whole), tl.get_weights(part)
     assert all(np.array_equal(a[k], b[k]) for k in a)
     assert all(np.array_equal(h.ema_weights[k], b[k]) for k in a)
     with pytest.raises(errors.CheckpointError, match="ema"):
-        tl.fine_tune(_model(backend), (x, y), ema=0.99, checkpoint_dir=tmp_path, resume=True, **RUN)
+        tl.fine_tune(_model(backend), (x, y), optimizer=tl.optim.SGD(0.05, ema=0.99), checkpoint=tl.Checkpoint(tmp_path, resume=True), **RUN)
 
 
 def test_bad_ema_is_refused_before_training(backend):
@@ -92,8 +91,8 @@ def test_bad_ema_is_refused_before_training(backend):
     before = tl.get_weights(m)
     for bad in (1.0, 0.0, -0.5, "0.9", True):
         with pytest.raises(errors.DataError, match="ema as a decay"):
-            tl.fine_tune(m, (x, y), ema=bad, **RUN)
+            tl.fine_tune(m, (x, y), optimizer=tl.optim.SGD(0.05, ema=bad), **RUN)
     with pytest.raises(errors.DataError, match="one source for the final weights"):
-        tl.fine_tune(m, (x, y), val=(x, y), ema=0.9, early_stopping=2, **RUN)
+        tl.fine_tune(m, (x, y), val=(x, y), optimizer=tl.optim.SGD(0.05, ema=0.9), early_stopping=2, **RUN)
     after = tl.get_weights(m)
     assert all(np.array_equal(before[k], after[k]) for k in before)

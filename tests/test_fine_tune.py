@@ -48,8 +48,8 @@ CHILD = textwrap.dedent("""
             print("step", info["epoch"], info["step"], flush=True)
             if stall and (info["epoch"], info["step"]) == (1, 4):
                 time.sleep(60)
-    tl.fine_tune(m, (x, y), epochs=3, batch_size=4, optimizer="sgd", lr=0.05, schedule="cosine",
-                 checkpoint_dir=ckpt, resume=resume, progress=False, seed=1, callbacks=[cb])
+    tl.fine_tune(m, (x, y), epochs=3, batch_size=4, optimizer=tl.optim.SGD(0.05, schedule="cosine"),
+                 checkpoint=tl.Checkpoint(ckpt, resume=resume), progress=False, seed=1, callbacks=[cb])
     tl.save(m, out)
     print("finished", flush=True)
 """)
@@ -93,8 +93,7 @@ def test_divergence_names_epoch_and_step_and_keeps_the_last_good_checkpoint(back
     steps = 4   # 32 samples / batch 8
     explode = lambda step, total: 1.0 if step < steps else 1e30  # noqa: E731
     with pytest.raises(errors.TrainingDivergedError, match=r"epoch 1, step \d") as e:
-        tl.fine_tune(m, (x, y), epochs=3, batch_size=8, lr=0.05, schedule=explode,
-                     checkpoint_dir=tmp_path, progress=False, feature_cache=False)
+        tl.fine_tune(m, (x, y), epochs=3, batch_size=8, optimizer=tl.optim.SGD(0.05, schedule=explode), checkpoint=tmp_path, progress=False, feature_cache=False)
     assert e.value.epoch == 1 and isinstance(e.value, RuntimeError)
     tensors, meta = wio.load_file(tmp_path / "last.safetensors")
     assert meta["epoch"] == "0"
@@ -107,8 +106,7 @@ def test_feature_cache_gives_the_same_result_as_the_full_forward(backend):
     results = []
     for cache in (False, True):
         m = tl.freeze(_model(backend), "backbone")
-        h = tl.fine_tune(m, (x, y), epochs=3, batch_size=8, optimizer="adam", lr=1e-2,
-                         schedule="cosine", progress=False, feature_cache=cache)
+        h = tl.fine_tune(m, (x, y), epochs=3, batch_size=8, optimizer=tl.optim.Adam(1e-2, schedule="cosine"), progress=False, feature_cache=cache)
         assert h["cached"] == [cache] * 3
         results.append(tl.get_weights(m))
     diff, at = parity.worst(*results)
@@ -131,9 +129,7 @@ def test_early_stopping_restores_the_best_weights(backend):
     m = _model(backend)
     snapshots = []
     cb = lambda event, info: snapshots.append(tl.get_weights(m)) if event == "epoch" else None  # noqa: E731
-    h = tl.fine_tune(m, (x, y), val=(x, y), epochs=8, batch_size=8, lr=3.0, momentum=0.9,
-                     early_stopping=tl.EarlyStopping("val_loss", patience=1), progress=False,
-                     callbacks=[cb])
+    h = tl.fine_tune(m, (x, y), val=(x, y), epochs=8, batch_size=8, optimizer=tl.optim.SGD(3.0, momentum=0.9), early_stopping=tl.EarlyStopping("val_loss", patience=1), progress=False, callbacks=[cb])
     best = int(np.nanargmin(h["val_loss"]))
     assert h.best_epoch == best
     w = tl.get_weights(m)
@@ -143,8 +139,7 @@ def test_early_stopping_restores_the_best_weights(backend):
 def test_learning_lowers_the_loss_and_evaluate_reports_metrics(backend):
     x, y = _data(64)
     m = _model(backend, batch_norm=False)
-    h = tl.fine_tune(m, (x, y), val=(x, y), epochs=4, batch_size=16, optimizer="adam", lr=1e-2,
-                     progress=False)
+    h = tl.fine_tune(m, (x, y), val=(x, y), epochs=4, batch_size=16, optimizer=tl.optim.Adam(1e-2), progress=False)
     assert h["loss"][-1] < h["loss"][0]
     scores = tl.evaluate(m, (x, y))
     assert set(scores) == {"loss", "accuracy", "auc"} and scores["accuracy"] > 0.6
@@ -198,7 +193,7 @@ def test_schedules():
 def test_group_lrs_and_unfreeze_plans_are_validated(backend):
     x, y = _data(16)
     with pytest.raises(errors.DataError, match="matches no parameter"):
-        tl.fine_tune(_model(backend), (x, y), group_lrs={"backbone.layer9.*": 1e-4}, progress=False)
+        tl.fine_tune(_model(backend), (x, y), optimizer=tl.optim.SGD(groups={"backbone.layer9.*": 1e-4}), progress=False)
     with pytest.raises(errors.DataError, match="starting at epoch 0"):
         tl.fine_tune(_model(backend), (x, y), unfreeze={1: "all"}, progress=False)
     with pytest.raises(errors.DataError, match="Unknown optimizer 'adamm'"):
@@ -219,5 +214,5 @@ def test_fine_tune_on_an_image_folder(backend, tmp_path):
     ds = tl.data.image_folder(tmp_path, (16, 16), batch_size=4, seed=0,
                               preprocess=lambda b: tl.preprocess(m, np.asarray(b).round().astype(np.uint8)))
     assert ds.classes == ["cat", "dog"] and ds.num_outputs == 1
-    h = tl.fine_tune(m, ds, epochs=2, optimizer="adam", lr=1e-2, progress=False)
+    h = tl.fine_tune(m, ds, epochs=2, optimizer=tl.optim.Adam(1e-2), progress=False)
     assert len(h) == 2 and all(np.isfinite(h["loss"]))

@@ -147,7 +147,7 @@ def _ingredients(batch_norm=False):
     for i in range(3):
         m = tl.convert(start, BACKENDS[i % len(BACKENDS)]) if len(BACKENDS) > 1 else \
             tl.convert(start, BACKENDS[0])
-        tl.fine_tune(m, (x, y), epochs=1, batch_size=8, lr=0.05, seed=i, progress=False)
+        tl.fine_tune(m, (x, y), epochs=1, batch_size=8, optimizer=tl.optim.SGD(0.05), seed=i, progress=False)
         out.append(m)
     return out
 
@@ -290,7 +290,7 @@ def test_stack_refuses_the_members_own_training_data_unless_forced():
 
 def test_stack_with_folds_uses_copies_trained_without_each_sample():
     x, y = _data(24, seed=3)
-    kw = dict(epochs=1, batch_size=8, lr=0.05)
+    kw = dict(epochs=1, batch_size=8, optimizer=tl.optim.SGD(0.05))
     starts = [_member(BACKENDS[0], s) for s in (0, 10)]
     before = [tl.get_weights(m) for m in starts]
     members = [tl.convert(m, m.backend) for m in starts]

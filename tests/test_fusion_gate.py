@@ -115,8 +115,7 @@ def test_gate_fine_tune_matches_across_backends_and_leaves_members_unchanged():
         for cache in (True, False):
             f = tl.fuse(members, "gate", gate_on="features", hidden=(4,), backend=be)
             before = [tl.get_weights(m) for m in f.members]
-            h = tl.fine_tune(f, (x, y), epochs=2, batch_size=16, lr=0.05, feature_cache=cache,
-                             progress=False)
+            h = tl.fine_tune(f, (x, y), epochs=2, batch_size=16, optimizer=tl.optim.SGD(0.05), feature_cache=cache, progress=False)
             for m, b in zip(f.members, before):
                 after = tl.get_weights(m)
                 assert all(np.array_equal(after[k], b[k]) for k in b)   # BN stats included
@@ -137,8 +136,7 @@ def test_gate_trained_by_fuse_beats_the_mean_on_the_data_it_saw(backend):
     for k, seed in enumerate((0, 10)):
         m = _member(backend, seed)
         keep = side if k == 0 else ~side
-        tl.fine_tune(m, (x[keep], y[keep]), epochs=30, optimizer="adam", lr=3e-3,
-                     batch_size=16, progress=False)
+        tl.fine_tune(m, (x[keep], y[keep]), epochs=30, optimizer=tl.optim.Adam(3e-3), batch_size=16, progress=False)
         members.append(m)
     mean = tl.fuse(members)
     f = tl.fuse(members, "gate", gate_on="features", train=(x, y), val=(x, y), force=True,
@@ -154,13 +152,12 @@ def test_gate_checkpoint_resume_equals_one_run(backend, tmp_path):
     x, _ = learnable(32, 5, SHAPE)
     y = _labels(x)
     one = tl.fuse(members, "gate", hidden=(3,), backend=backend)
-    tl.fine_tune(one, (x, y), epochs=2, lr=0.05, progress=False)
+    tl.fine_tune(one, (x, y), epochs=2, optimizer=tl.optim.SGD(0.05), progress=False)
     two = tl.fuse(members, "gate", hidden=(3,), backend=backend)
-    tl.fine_tune(two, (x, y), epochs=1, lr=0.05, progress=False, checkpoint_dir=tmp_path)
+    tl.fine_tune(two, (x, y), epochs=1, optimizer=tl.optim.SGD(0.05), progress=False, checkpoint=tmp_path)
     other = [b for b in BACKENDS if b != backend][:1] or [backend]
     three = tl.fuse(members, "gate", hidden=(3,), backend=other[0])
-    tl.fine_tune(three, (x, y), epochs=2, lr=0.05, progress=False, checkpoint_dir=tmp_path,
-                 resume=True)
+    tl.fine_tune(three, (x, y), epochs=2, optimizer=tl.optim.SGD(0.05), progress=False, checkpoint=tl.Checkpoint(tmp_path, resume=True))
     assert parity.worst(gate.head_weights(three.gate), gate.head_weights(one.gate))[0] <= 1e-10
 
 

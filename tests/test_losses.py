@@ -74,8 +74,7 @@ def test_two_epochs_of_fine_tune_match_across_backends_fp64(loss, k, eps):
     hist, weights = {}, {}
     for be in ("torch", "keras"):
         m = _model(be, loss, k, eps, hidden=(6,))
-        hist[be] = tl.fine_tune(m, (x, y), val=(x, y), epochs=2, batch_size=10, lr=0.01,
-                                momentum=0.9, progress=False)
+        hist[be] = tl.fine_tune(m, (x, y), val=(x, y), epochs=2, batch_size=10, optimizer=tl.optim.SGD(0.01, momentum=0.9), progress=False)
         weights[be] = tl.get_weights(m)
     assert parity.worst(weights["torch"], weights["keras"], floor_rel=1e-6)[0] <= 1e-9
     for key in hist["torch"].keys():
@@ -150,11 +149,10 @@ def test_loss_is_saved_converted_and_checked_on_resume(tmp_path):
             assert other.spec.head.loss == "ce" and other.spec.head.label_smoothing == 0.2
     x, _ = learnable(12, 9, SHAPE)
     y = _labels("ce", 12, 3)
-    tl.fine_tune(m, (x, y), epochs=1, checkpoint_dir=tmp_path, progress=False)
+    tl.fine_tune(m, (x, y), epochs=1, checkpoint=tmp_path, progress=False)
     before = tl.get_weights(m)
     with pytest.raises(errors.CheckpointError, match="loss"):
-        tl.fine_tune(m, (x, y), epochs=2, checkpoint_dir=tmp_path, resume=True,
-                     label_smoothing=0.0, progress=False)
+        tl.fine_tune(m, (x, y), epochs=2, checkpoint=tl.Checkpoint(tmp_path, resume=True), loss=tl.losses.Loss("ce", 0.0), progress=False)
     assert all(np.array_equal(v, tl.get_weights(m)[k]) for k, v in before.items())
 
 
@@ -186,7 +184,7 @@ def test_bad_labels_and_loss_options_are_refused_before_any_work(backend):
     with pytest.raises(errors.DataError, match="Unknown loss 'hinge'"):
         tl.fine_tune(bce, (x, np.zeros(6)), loss="hinge", progress=False)
     with pytest.raises(errors.DataError, match=r"\[0, 1\)"):
-        tl.fine_tune(ce, (x, np.zeros(6)), label_smoothing=1.5, progress=False)
+        tl.fine_tune(ce, (x, np.zeros(6)), loss=tl.losses.Loss("ce", 1.5), progress=False)
 
 
 def test_bce_loss_and_grads_keeps_its_name_and_meaning(backend):

@@ -164,7 +164,7 @@ def test_fine_tune_a_native_backbone(backend):
     tl.freeze(m, "backbone")
     x, y = _x(8, (64, 64, 3)), np.array([0, 1] * 4)
     before = tl.get_weights(m)
-    h = tl.fine_tune(m, (x, y), epochs=2, batch_size=4, optimizer="adam", lr=1e-2, progress=False)
+    h = tl.fine_tune(m, (x, y), epochs=2, batch_size=4, optimizer=tl.optim.Adam(1e-2), progress=False)
     after = tl.get_weights(m)
     assert h["cached"] == [True, True]
     changed = {k for k in before if not np.array_equal(before[k], after[k])}

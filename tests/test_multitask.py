@@ -33,7 +33,7 @@ def _labels(n, seed=0, missing=True):
 
 
 def _ml(m, task_weights=None):
-    return multitask.of(m.spec.head, task_weights)
+    return multitask.of(m.spec.head, None if task_weights is None else tl.losses.TaskWeights(task_weights))
 
 
 def test_heads_have_canonical_names_and_logits_side_by_side(backend):
@@ -65,14 +65,14 @@ def test_each_backend_computes_the_numpy_multitask_loss(backend, weights):
     packed = multitask.pack_labels(y, 8, ml.tasks)
     z, f = tl.logits(m, x), tl.features(m, x)
     s = tl.get_weights(m)[multitask.LOG_VARS]
-    value, grads = tl.loss_and_grads(m, x, y, task_weights=weights)
+    value, grads = tl.loss_and_grads(m, x, y, loss=tl.losses.TaskWeights(weights))
     parts = multitask.task_losses(z, packed, ml)
     assert value == pytest.approx(multitask.total(parts, ml, s), rel=1e-12)
     if weights == "uncertainty":    # d/ds_t [exp(-s_t) L_t + s_t] = 1 - exp(-s_t) L_t
         np.testing.assert_allclose(grads[multitask.LOG_VARS], 1 - np.exp(-s) * parts, rtol=1e-10)
         # a batch without any label of a task leaves its s_t alone (no bare +s_t to descend)
         none = {**y, "size": np.full((8, 2), np.nan)}
-        v2, g2 = tl.loss_and_grads(m, x, none, task_weights=weights)
+        v2, g2 = tl.loss_and_grads(m, x, none, loss=tl.losses.TaskWeights(weights))
         p2, h2 = multitask.task_losses_and_presence(z, multitask.pack_labels(none, 8, ml.tasks), ml)
         assert h2.tolist() == [1.0, 1.0, 0.0]
         assert v2 == pytest.approx(multitask.total(p2, ml, s, h2), rel=1e-12)
@@ -108,8 +108,8 @@ def test_multitask_loss_and_every_gradient_match_across_backends_fp64(weights, t
         tl.set_weights(m, {multitask.LOG_VARS: np.array([0.3, -0.2, 0.1])}, strict=False)
     x, _ = learnable(12, 2, SHAPE)
     y = _labels(12, seed=3)
-    lt, gt = tl.loss_and_grads(mt, x, y, training=training, task_weights=weights)
-    lk, gk = tl.loss_and_grads(mk, x, y, training=training, task_weights=weights)
+    lt, gt = tl.loss_and_grads(mt, x, y, training=training, loss=tl.losses.TaskWeights(weights))
+    lk, gk = tl.loss_and_grads(mk, x, y, training=training, loss=tl.losses.TaskWeights(weights))
     assert abs(lt - lk) <= 1e-10 * max(1, abs(lt))
     zeros = parity.zero_set(gt)     # plus task_log_vars, which only "uncertainty" uses
     unused = set() if weights == "uncertainty" else {multitask.LOG_VARS}
@@ -127,8 +127,7 @@ def test_two_epochs_of_multitask_fine_tune_match_across_backends_fp64(weights):
     hist, w = {}, {}
     for be in ("torch", "keras"):
         m = _model(be, hidden=(6,))
-        hist[be] = tl.fine_tune(m, (x, y), val=(x, y), epochs=2, batch_size=10, lr=0.01,
-                                task_weights=weights, progress=False)
+        hist[be] = tl.fine_tune(m, (x, y), val=(x, y), epochs=2, batch_size=10, optimizer=tl.optim.SGD(0.01), loss=tl.losses.TaskWeights(weights), progress=False)
         w[be] = tl.get_weights(m)
     assert parity.worst(w["torch"], w["keras"], floor_rel=1e-6)[0] <= 1e-9
     keys = hist["torch"].keys()
@@ -190,8 +189,8 @@ def test_multitask_bad_input_is_refused_before_any_work(backend):
         tl.fine_tune(m, (x, {**y, "colour": np.zeros(6)}), progress=False)
     with pytest.raises(errors.DataError, match=r"none for \['size'\]"):
         tl.fine_tune(m, (x, {k: v for k, v in y.items() if k != "size"}), progress=False)
-    with pytest.raises(errors.DataError, match=r"Unknown task\(s\) \['colour'\] in task_weights"):
-        tl.fine_tune(m, (x, y), task_weights={"colour": 1.0}, progress=False)
+    with pytest.raises(errors.DataError, match=r"Unknown task\(s\) \['colour'\] in TaskWeights"):
+        tl.fine_tune(m, (x, y), loss=tl.losses.TaskWeights({"colour": 1.0}), progress=False)
     with pytest.raises(errors.DataError, match=r"class indices in \[0, 4\)"):
         tl.fine_tune(m, (x, {**y, "digit": np.array([0, 1, 5, 2, 3, 1])}), progress=False)
     with pytest.raises(errors.DataError, match="summing to 1"):
@@ -200,13 +199,13 @@ def test_multitask_bad_input_is_refused_before_any_work(backend):
         tl.loss_and_grads(m, x, {**y, "odd": np.full(6, 2.0)})
     with pytest.raises(errors.DataError, match="multi-task head"):
         tl.fine_tune(m, (x, np.zeros(6)), progress=False)
-    with pytest.raises(errors.DataError, match="task_weights"):
+    with pytest.raises(errors.DataError, match="TaskWeights"):
         tl.fine_tune(m, (x, y), loss="bce", progress=False)
-    with pytest.raises(errors.DataError, match="task_weights"):
-        tl.loss_and_grads(tl.replace_head(m, 1), x, np.zeros(6), task_weights="uncertainty")
+    with pytest.raises(errors.DataError, match="TaskWeights"):
+        tl.loss_and_grads(tl.replace_head(m, 1), x, np.zeros(6), loss=tl.losses.TaskWeights("uncertainty"))
     trainable = tl.trainable_names(m)
     with pytest.raises(errors.DataError, match="unfreeze plan"):
-        tl.fine_tune(m, (x, y), task_weights="uncertainty", unfreeze={1: "all"}, progress=False)
+        tl.fine_tune(m, (x, y), loss=tl.losses.TaskWeights("uncertainty"), unfreeze={1: "all"}, progress=False)
     assert all(np.array_equal(v, tl.get_weights(m)[k]) for k, v in before.items())
     assert tl.trainable_names(m) == trainable       # nothing changed, freeze state included
     with pytest.raises(errors.DataError, match="at least 2 outputs"):
@@ -225,17 +224,15 @@ def test_uncertainty_run_resumes_on_the_other_backend(tmp_path):
     itself (an O(lr) step of noise, different on each backend)."""
     x, _ = learnable(20, 10, SHAPE)
     y = _labels(20, seed=11)
-    kw = dict(epochs=2, batch_size=8, optimizer="adam", lr=0.01, task_weights="uncertainty",
-              progress=False)
+    kw = dict(epochs=2, batch_size=8, optimizer=tl.optim.Adam(0.01), loss=tl.losses.TaskWeights("uncertainty"), progress=False)
     whole = _model("keras", batch_norm=False)
     tl.fine_tune(whole, (x, y), **kw)
     first = _model("torch", batch_norm=False)
-    tl.fine_tune(first, (x, y), **{**kw, "epochs": 1}, checkpoint_dir=tmp_path)
+    tl.fine_tune(first, (x, y), **{**kw, "epochs": 1}, checkpoint=tmp_path)
     second = _model("keras", batch_norm=False)
-    h = tl.fine_tune(second, (x, y), **kw, checkpoint_dir=tmp_path, resume=True)
+    h = tl.fine_tune(second, (x, y), **kw, checkpoint=tl.Checkpoint(tmp_path, resume=True))
     assert len(h) == 2 and "log_var_odd" in h.keys()
     assert parity.worst(tl.get_weights(second), tl.get_weights(whole), floor_rel=1e-6)[0] <= 1e-10
     with pytest.raises(errors.CheckpointError, match="loss"):
         tl.fine_tune(_model("keras", batch_norm=False), (x, y),
-                     **{**kw, "task_weights": None, "epochs": 3},
-                     checkpoint_dir=tmp_path, resume=True)
+                     **{**kw, "loss": None, "epochs": 3}, checkpoint=tl.Checkpoint(tmp_path, resume=True))

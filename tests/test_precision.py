@@ -37,8 +37,7 @@ def test_bf16_converges_on_the_demo_task(backend, digits):
     runs = {}
     for precision in ("fp32", "bf16"):
         m = _model(backend)
-        h = tl.fine_tune(m, (xt, yt), val=(xv, yv), epochs=4, batch_size=32, optimizer="adam",
-                         lr=0.003, progress=False, precision=precision)
+        h = tl.fine_tune(m, (xt, yt), val=(xv, yv), epochs=4, batch_size=32, optimizer=tl.optim.Adam(0.003), progress=False, precision=precision)
         assert {str(v.dtype) for v in tl.get_weights(m).values()} == {"float32"}  # master
         runs[precision] = h
     bf16, fp32 = runs["bf16"], runs["fp32"]
@@ -59,8 +58,7 @@ def test_fp16_loss_scaling_skips_overflowing_steps_and_trains(backend, monkeypat
     monkeypatch.setattr(devices, "_ALLOW_CPU_FP16", True)
     x, y = learnable(128, seed=0)
     m = _model(backend)
-    h = tl.fine_tune(m, (x.astype(np.float32), y), epochs=3, batch_size=16, optimizer="adam",
-                     lr=0.01, progress=False, precision="fp16")
+    h = tl.fine_tune(m, (x.astype(np.float32), y), epochs=3, batch_size=16, optimizer=tl.optim.Adam(0.01), progress=False, precision="fp16")
     assert h["loss"][-1] < 0.6 * h["loss"][0]
     assert {str(v.dtype) for v in tl.get_weights(m).values()} == {"float32"}
 
@@ -77,8 +75,7 @@ def test_fp16_loss_scale_matches_torch_gradscaler(monkeypatch):
     losses, scales = {}, {}
     for backend in ("torch", "keras"):
         m = _model(backend)
-        h = tl.fine_tune(m, (x.astype(np.float32), y), epochs=2, batch_size=8, optimizer="sgd",
-                         lr=0.01, progress=False, precision="fp16")
+        h = tl.fine_tune(m, (x.astype(np.float32), y), epochs=2, batch_size=8, optimizer=tl.optim.SGD(0.01), progress=False, precision="fp16")
         losses[backend] = np.array(h["loss"])
         if backend == "keras":
             scales[backend] = float(m.state["_train"].loss_scale.numpy())

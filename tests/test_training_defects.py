@@ -87,7 +87,7 @@ def test_unfreeze_plan_with_string_keys_as_read_from_json(backend):
     runs = []
     for p in (plan, json.loads(json.dumps(plan))):     # JSON turns the keys into "0", "1"
         m = _model(backend)
-        h = tl.fine_tune(m, (x, y), epochs=2, batch_size=8, lr=0.05, unfreeze=p, progress=False)
+        h = tl.fine_tune(m, (x, y), epochs=2, batch_size=8, optimizer=tl.optim.SGD(0.05), unfreeze=p, progress=False)
         runs.append((h["trainable"], tl.get_weights(m)))
     n = len(runs[0][1])
     assert runs[0][0] == runs[1][0] == [2, n]
@@ -173,8 +173,7 @@ def test_divergence_restores_the_epoch_its_message_names(backend, tmp_path):
 
     explode = lambda step, total: 1.0 if step < 2 * steps else 1e200  # noqa: E731  epoch 2
     with pytest.raises(errors.TrainingDivergedError) as e:
-        tl.fine_tune(m, (x, y), epochs=4, batch_size=8, lr=0.05, schedule=explode, progress=False,
-                     checkpoint_dir=tmp_path, feature_cache=False, callbacks=[snap])
+        tl.fine_tune(m, (x, y), epochs=4, batch_size=8, optimizer=tl.optim.SGD(0.05, schedule=explode), progress=False, checkpoint=tmp_path, feature_cache=False, callbacks=[snap])
     assert e.value.epoch == 2
     assert "restored to the end of epoch 1, as saved in the checkpoint" in str(e.value)
     assert _same(tl.get_weights(m), snapshots[1]) and not _same(snapshots[1], snapshots[0])
@@ -183,8 +182,7 @@ def test_divergence_restores_the_epoch_its_message_names(backend, tmp_path):
     m = _model(backend)                                 # diverging in the first epoch
     with pytest.raises(errors.TrainingDivergedError,
                        match="restored to its weights from before training") as e:
-        tl.fine_tune(m, (x, y), epochs=2, batch_size=8, lr=0.05, progress=False,
-                     schedule=lambda step, total: 1e200, feature_cache=False)
+        tl.fine_tune(m, (x, y), epochs=2, batch_size=8, optimizer=tl.optim.SGD(0.05, schedule=lambda step, total: 1e200), progress=False, feature_cache=False)
     assert e.value.epoch == 0 and _same(tl.get_weights(m), w_init)
 
 
@@ -209,15 +207,13 @@ RESUME_CASES = {
     # momentum buffers must carry over: torch's SGD state had no step, so Keras restarted
     # them. 1 epoch on torch + 1 resumed on Keras == 2 epochs on Keras, with train-mode
     # BatchNorm (its running statistics travel in the checkpoint's weights).
-    "sgd-momentum": (0, True, dict(epochs=2, optimizer="sgd", lr=0.05, momentum=0.9,
-                                   nesterov=True)),
+    "sgd-momentum": (0, True, dict(epochs=2, optimizer=tl.optim.SGD(0.05, momentum=0.9, nesterov=True))),
     # early stopping's best value, best epoch, best weights and patience count must carry over:
     # on Keras alone val_loss is best at epoch 1, worse at 2 and 3, so the run stops after
     # epoch 3 and restores epoch 1. Torch trains epochs 0-2 (the checkpoint holds best epoch 1
     # and one epoch without improvement), Keras resumes at 3 and must stop there too. No
     # momentum, so only the early-stopping state is under test.
-    "early-stopping": (2, False, dict(epochs=5, optimizer="sgd", lr=0.1, momentum=0.0,
-                                      early_stopping=tl.EarlyStopping("val_loss", patience=2))),
+    "early-stopping": (2, False, dict(epochs=5, optimizer=tl.optim.SGD(0.1, momentum=0.0), early_stopping=tl.EarlyStopping("val_loss", patience=2))),
 }
 
 
@@ -234,11 +230,11 @@ def test_epochs_on_torch_then_resume_on_keras_equals_keras_throughout(case, tmp_
     h_ref = tl.fine_tune(ref, (x, y), **kw)
     first = _model("torch", batch_norm=batch_norm)
     with pytest.raises(_Interrupt):
-        tl.fine_tune(first, (x, y), checkpoint_dir=tmp_path, callbacks=[_interrupt_after(last)], **kw)
+        tl.fine_tune(first, (x, y), checkpoint=tmp_path, callbacks=[_interrupt_after(last)], **kw)
     assert wio.load_file(tmp_path / "last.safetensors")[1]["epoch"] == str(last)
     resumed = _model("keras", batch_norm=batch_norm)
     steps = _Steps()
-    h = tl.fine_tune(resumed, (x, y), checkpoint_dir=tmp_path, resume=True, callbacks=[steps], **kw)
+    h = tl.fine_tune(resumed, (x, y), checkpoint=tl.Checkpoint(tmp_path, resume=True), callbacks=[steps], **kw)
 
     assert steps.steps[0] == (last + 1, 0)
     assert len(h) == len(h_ref) and h["epoch"] == h_ref["epoch"]
@@ -254,27 +250,23 @@ def test_epochs_on_torch_then_resume_on_keras_equals_keras_throughout(case, tmp_
 
 def test_resume_refuses_other_settings_than_the_checkpoint_was_trained_with(backend, tmp_path):
     x, y = _data(16)
-    kw = dict(epochs=2, batch_size=8, lr=0.05, progress=False, checkpoint_dir=tmp_path)
+    kw = dict(epochs=2, batch_size=8, progress=False, checkpoint=tl.Checkpoint(tmp_path, resume=True))
     with pytest.raises(_Interrupt):
-        tl.fine_tune(_model(backend), (x, y), optimizer="sgd", momentum=0.9, seed=1,
-                     callbacks=[_interrupt_after_first_epoch], **kw)
+        tl.fine_tune(_model(backend), (x, y), optimizer=tl.optim.SGD(0.05, momentum=0.9), seed=1,
+                     callbacks=[_interrupt_after_first_epoch], **{**kw, "checkpoint": tmp_path})
     m = _model(backend)
     w0 = tl.get_weights(m)
     cb = _Steps()
     with pytest.raises(errors.CheckpointError, match=r"name 'sgd' -> 'adam'.*same settings"):
-        tl.fine_tune(m, (x, y), optimizer="adam", seed=1, resume=True, callbacks=[cb], **kw)
+        tl.fine_tune(m, (x, y), optimizer=tl.optim.Adam(0.05), seed=1, callbacks=[cb], **kw)
     with pytest.raises(errors.CheckpointError, match=r"momentum 0.9 -> 0.5"):
-        tl.fine_tune(m, (x, y), optimizer="sgd", momentum=0.5, seed=1, resume=True, callbacks=[cb],
-                     **kw)
+        tl.fine_tune(m, (x, y), optimizer=tl.optim.SGD(0.05, momentum=0.5), seed=1, callbacks=[cb], **kw)
     with pytest.raises(errors.CheckpointError, match=r"Expected seed=1 .*received seed=2"):
-        tl.fine_tune(m, (x, y), optimizer="sgd", momentum=0.9, seed=2, resume=True, callbacks=[cb],
-                     **kw)
+        tl.fine_tune(m, (x, y), optimizer=tl.optim.SGD(0.05, momentum=0.9), seed=2, callbacks=[cb], **kw)
     with pytest.raises(errors.CheckpointError, match=r"early_stopping"):
-        tl.fine_tune(m, (x, y), val=(x, y), optimizer="sgd", momentum=0.9, seed=1, resume=True,
-                     early_stopping=1, callbacks=[cb], **kw)
+        tl.fine_tune(m, (x, y), val=(x, y), optimizer=tl.optim.SGD(0.05, momentum=0.9), seed=1, early_stopping=1, callbacks=[cb], **kw)
     assert cb.steps == [] and _same(tl.get_weights(m), w0)
-    h = tl.fine_tune(m, (x, y), optimizer="sgd", momentum=0.9, seed=1, resume=True, callbacks=[cb],
-                     **kw)
+    h = tl.fine_tune(m, (x, y), optimizer=tl.optim.SGD(0.05, momentum=0.9), seed=1, callbacks=[cb], **kw)
     assert h["epoch"] == [0, 1] and cb.steps[0] == (1, 0)
 
 
@@ -327,8 +319,7 @@ def test_feature_cache_over_an_image_folder_with_undecodable_files(backend, tmp_
         assert ds.num_samples == 24 and ds.skipped == []     # the headers are fine
         m = tl.freeze(_model(backend), "backbone")
         with pytest.warns(UserWarning, match="could not be decoded"):
-            h = tl.fine_tune(m, ds, epochs=2, optimizer="adam", lr=1e-2, progress=False,
-                             feature_cache=cache)
+            h = tl.fine_tune(m, ds, epochs=2, optimizer=tl.optim.Adam(1e-2), progress=False, feature_cache=cache)
         assert h["cached"] == [cache] * 2 and len(ds.skipped) == 2
         results.append(tl.get_weights(m))
         if cache:       # features are computed batch by batch, never from the whole set at once

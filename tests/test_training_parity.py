@@ -16,16 +16,13 @@ SHAPE = (32, 32, 3)
 # 6 steps). Train-mode BatchNorm is covered by resnet18 below, which has no such bias.
 OPTIONS = {"widths": (8, 16), "batch_norm": False}
 CASES = {
-    "sgd-momentum": dict(optimizer="sgd", lr=0.05, schedule="cosine"),
-    "sgd-nesterov-wd": dict(optimizer="sgd", lr=0.05, nesterov=True, weight_decay=1e-2,
-                            schedule=("step", 1, 0.5)),
-    "adam": dict(optimizer="adam", lr=3e-3, weight_decay=1e-3, schedule=("warmup", 1, "cosine")),
-    "adamw": dict(optimizer="adamw", lr=3e-3, weight_decay=1e-1, schedule="cosine"),
-    "discriminative-lrs": dict(optimizer="sgd", lr=0.05, group_lrs={"backbone.*": 1e-3, "head.*": 0.1},
-                               schedule="cosine"),
-    "gradual-unfreeze": dict(optimizer="adam", lr=3e-3, schedule="cosine",
-                             unfreeze={0: "head", 1: "backbone.features.3"}),
-    "l2sp": dict(optimizer="sgd", lr=0.05, regularizer=tl.L2SP(alpha=0.1, beta=0.01), schedule="cosine"),
+    "sgd-momentum": dict(optimizer=tl.optim.SGD(0.05, schedule="cosine")),
+    "sgd-nesterov-wd": dict(optimizer=tl.optim.SGD(0.05, nesterov=True, weight_decay=1e-2, schedule=("step", 1, 0.5))),
+    "adam": dict(optimizer=tl.optim.Adam(3e-3, weight_decay=1e-3, schedule=("warmup", 1, "cosine"))),
+    "adamw": dict(optimizer=tl.optim.AdamW(3e-3, weight_decay=1e-1, schedule="cosine")),
+    "discriminative-lrs": dict(optimizer=tl.optim.SGD(0.05, groups={"backbone.*": 1e-3, "head.*": 0.1}, schedule="cosine")),
+    "gradual-unfreeze": dict(optimizer=tl.optim.Adam(3e-3, schedule="cosine"), unfreeze={0: "head", 1: "backbone.features.3"}),
+    "l2sp": dict(optimizer=tl.optim.SGD(0.05, schedule="cosine", regularizer=tl.L2SP(alpha=0.1, beta=0.01))),
 }
 
 
@@ -65,8 +62,7 @@ def test_two_epochs_give_the_same_weights_on_both_backends(case, frozen):
     assert any(k.startswith("backbone.") for k in moved) == (not frozen)
 
 
-RESNET_CASES = {**CASES, "gradual-unfreeze": dict(optimizer="sgd", lr=0.05, schedule="cosine",
-                                                  unfreeze={0: "head", 1: "backbone.layer4"})}
+RESNET_CASES = {**CASES, "gradual-unfreeze": dict(optimizer=tl.optim.SGD(0.05, schedule="cosine"), unfreeze={0: "head", 1: "backbone.layer4"})}
 RESNET = [("sgd-momentum", False), ("adam", False), ("adamw", False), ("l2sp", False),
           ("gradual-unfreeze", False), ("adam", True)]
 

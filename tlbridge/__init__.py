@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from . import data, errors, losses, optim, parity
 from .api import (bce_loss_and_grads, convert, features, freeze, get_weights, list_backbones,
-                  loss_and_grads, replace_heads, set_precision, to_device,
+                  loss_and_grads, set_precision, to_device,
                   preprocessing_of,
                   load, load_backbone, logits, predict, preprocess, replace_head, save,
                   set_weights, trainable_names, unfreeze)
@@ -17,8 +17,9 @@ from .soup import soup
 from .config import available_backends, get_backend, set_backend, use_backend
 from .history import History
 from .model import TransferModel
-from .optim import OptimizerConfig
-from .training import EarlyStopping, L2SP, evaluate, fine_tune
+from .multitask import replace_heads
+from .optim import L2SP
+from .training import Checkpoint, EarlyStopping, Parallel, evaluate, fine_tune
 
 __version__ = "0.1.0"
 
@@ -28,7 +29,7 @@ __all__ = [
     "features", "logits", "predict", "bce_loss_and_grads", "loss_and_grads",
     "get_weights", "set_weights", "convert", "save", "load", "to_device", "set_precision", "preprocess", "preprocessing_of",
     "fine_tune", "evaluate", "prototype_head", "linear_probe", "few_shot_eval", "transfer_labels",
-    "fuse", "FusedModel", "gate_weights", "soup", "History", "EarlyStopping", "L2SP", "OptimizerConfig",
+    "fuse", "FusedModel", "gate_weights", "soup", "History", "EarlyStopping", "L2SP", "Checkpoint", "Parallel",
     "TransferModel", "data", "errors", "losses", "optim", "parity", "__version__",
 ]
 

@@ -7,15 +7,22 @@ from dataclasses import replace
 
 import numpy as np
 
-from . import (checkpoints, config, devices, freezing, fusion, init, losses, metrics, multitask,
-               registry, validation, weights as wio, zoo)
+from . import (checkpoints, config, devices, freezing, init, kinds, losses, registry, validation,
+               weights as wio, zoo)
 from .errors import (ArgumentTypeError, CheckpointError, DataError, NoHeadError, NotPortableError,
                      ShapeError, WeightsMismatchError)
+from .kinds import Composite
 from .model import TransferModel
 from .specs import TORCHVISION, HeadSpec, ModelSpec, Preprocessing, freeze_options
 
 FORMAT = "tlbridge.model/1"
 _DTYPES = ("float32", "float64")
+_FORMATS: dict = {}     # other file formats tl.load reads: format -> loader(path, tensors, meta, backend)
+
+
+def register_format(name: str, loader) -> None:
+    """A model kind built on the API (fusion) registers how tl.load reads its files."""
+    _FORMATS[name] = loader
 
 
 def _be(name: str):
@@ -115,27 +122,27 @@ def _cast(w: dict, dtype: str) -> dict:
     return {k: np.asarray(v, dtype=dtype) for k, v in w.items()}
 
 
-def _attach(m: TransferModel, head: HeadSpec, seed) -> TransferModel:
+def _attach(m: TransferModel, head: HeadSpec, weights: dict | None) -> TransferModel:
+    """A new model sharing m's backbone with `head`, whose weights start as `weights`
+    (None: left as built, for a caller that sets every weight next)."""
     be = _be(m.backend)
     base = replace(m, spec=replace(m.spec, head=None))
     with be.device_scope(m.device):
         native, state = be.attach_head(base, head)
     new = TransferModel(m.backend, native, replace(m.spec, head=head), m.portable, set(m.frozen), state)
     be.place_built(new, m.device)
-    rng = np.random.default_rng(seed)
-    if head.tasks:          # one head per task, drawn in task order; log-variances start at 0
-        w = {}
-        for name, _, k, _ in head.tasks:
-            w.update(init.linear_head([state["feature_dim"], *head.hidden, k], rng,
-                                      head.layer_names(f"heads.{name}")))
-        w[multitask.LOG_VARS] = np.zeros(len(head.tasks))
-    else:
-        w = init.linear_head(head.dims(state["feature_dim"]), rng, head.layer_names())
-    be.set_weights(new, _cast(w, m.dtype))
-    new.frozen = {n for n in m.frozen if not n.startswith(("head.", "heads."))
-                  and n != multitask.LOG_VARS}
+    if weights is not None:
+        be.set_weights(new, _cast(weights, m.dtype))
+    new.frozen = {n for n in m.frozen if n.startswith("backbone.")}
     be.apply_freeze(new)
     return new
+
+
+def attach_head(m: TransferModel, head: HeadSpec, init) -> TransferModel:
+    """For head kinds built on the API (multi-task heads): `init(feature_dim)` draws the new
+    head's weights."""
+    _check_model(m)
+    return _attach(m, head, init(m.state["feature_dim"]))
 
 
 def replace_head(m: TransferModel, num_outputs: int = 1, *, hidden=(), dropout: float = 0.0,
@@ -157,55 +164,20 @@ def replace_head(m: TransferModel, num_outputs: int = 1, *, hidden=(), dropout: 
     head = HeadSpec(int(num_outputs), _check_hidden(hidden), float(dropout))
     spec = losses.of(head, loss, label_smoothing)
     head = replace(head, loss=spec.name, label_smoothing=spec.label_smoothing)
-    return _attach(m, head, seed)
+    rng = np.random.default_rng(seed)
+    return _attach(m, head, init.linear_head(head.dims(m.state["feature_dim"]), rng,
+                                             head.layer_names()))
 
 
-def replace_heads(m: TransferModel, tasks: dict, *, hidden=(), dropout: float = 0.0,
-                  seed: int | None = None) -> TransferModel:
-    """A new model sharing `m`'s backbone with one head per task: tasks = {name: (loss, K)}
-    or (loss, K, label_smoothing), loss "bce", "ce" or "mse" (tlbridge/losses.py). Canonical
-    names heads.<task>.weight / .bias (hidden layers heads.<task>.0, .3, ...) and the tasks'
-    log-variances `task_log_vars` (T,) for fine_tune(task_weights="uncertainty"). Logits are
-    the tasks' side by side in task order; labels a dict {task: labels}, NaN (or -1 for a CE
-    class index) where missing (tlbridge/multitask.py)."""
-    _check_model(m)
-    checked = multitask.check_tasks(tasks)
-    if not 0.0 <= float(dropout) < 1.0:
-        raise DataError(f"Expected 0 <= dropout < 1; received {dropout}.")
-    head = HeadSpec(sum(t[2] for t in checked), _check_hidden(hidden), float(dropout), "multi",
-                    0.0, checked)
-    return _attach(m, head, seed)
-
-
-def loss_spec(m: TransferModel, loss=None, label_smoothing=None, task_weights=None):
-    """The loss a call trains or scores `m` with: its head's, or the call's overrides."""
-    head = m.spec.head
-    if head.tasks:
-        if loss is not None or label_smoothing is not None:
-            raise DataError(f"A multi-task head's losses are set per task by tl.replace_heads "
-                            f"({', '.join(f'{n}: {lo}' for n, lo, _, _ in head.tasks)}); received "
-                            f"loss={loss!r}, label_smoothing={label_smoothing!r}. Weigh the tasks "
-                            f"with task_weights= instead.")
-        return multitask.of(head, task_weights)
-    if task_weights is not None:
-        raise DataError(f"task_weights weighs the tasks of a multi-task head (tl.replace_heads); "
-                        f"this model has one head ({head.num_outputs} output(s), loss "
-                        f"{head.loss!r}). Drop task_weights=.")
-    return losses.of(head, loss, label_smoothing)
+def loss_spec(m: TransferModel, loss=None):
+    """The loss a call trains or scores `m` with: its head's, or the call's `loss=` (a name,
+    a tl.losses.Loss, or for a multi-task head tl.losses.TaskWeights)."""
+    return losses.of(m.spec.head, loss)
 
 
 def labels_for(m: TransferModel, y, n: int, spec, what: str = "labels y") -> np.ndarray:
     """Labels in the form the loss takes: (N, K) floats (multi-task: packed, NaN missing)."""
-    if isinstance(spec, multitask.MultiLoss):
-        if not isinstance(y, dict):
-            raise DataError(f"Expected {what} as a dict {{task: labels}} for a multi-task head "
-                            f"(tasks {[t[0] for t in spec.tasks]}); received "
-                            f"{type(y).__name__}.")
-        return multitask.pack_labels(y, n, spec.tasks, m.dtype, what)
-    if isinstance(y, dict):
-        raise DataError(f"Expected {what} as an array; received a dict of task labels, which "
-                        f"needs a multi-task head (tl.replace_heads).")
-    return losses.prepare_labels(y, n, m.num_outputs, spec.name, m.dtype, what)
+    return spec.labels(y, n, m.num_outputs, m.dtype, what)
 
 
 def _is_int(v) -> bool:
@@ -266,8 +238,8 @@ def _need_head(m: TransferModel, what: str):
 
 
 def logits(m: TransferModel, x, *, batch_size: int = 64) -> np.ndarray:
-    if isinstance(m, fusion.FusedModel):
-        return fusion.fused_logits(m, x, batch_size)
+    if isinstance(m, Composite):
+        return m._logits(x, batch_size)
     _check_model(m)
     _need_head(m, "logits")
     x = validation.check_images(x, m.input_shape, m.dtype)
@@ -278,12 +250,9 @@ def predict(m: TransferModel, x, *, batch_size: int = 64) -> np.ndarray:
     """Probabilities, in numpy from the logits: sigmoid for a BCE head (and a fused model),
     softmax over the outputs for a CE head; an MSE head's values as they are."""
     z = logits(m, x, batch_size=batch_size)
-    if isinstance(m, fusion.FusedModel):
-        return metrics.sigmoid(z)
-    if m.spec.head.tasks:       # {task: its probabilities (or values)}
-        return {name: losses.probabilities(block, loss) for (name, loss, _, _), block in
-                zip(m.spec.head.tasks, multitask.split(z, m.spec.head.tasks).values())}
-    return losses.probabilities(z, m.spec.head.loss)
+    if isinstance(m, Composite):
+        return m._probabilities(z)
+    return loss_spec(m).probabilities(z)
 
 
 def bce_loss_and_grads(m: TransferModel, x, y, training: bool = False):
@@ -296,19 +265,19 @@ def bce_loss_and_grads(m: TransferModel, x, y, training: bool = False):
     return loss_and_grads(m, x, y, training=training, loss="bce")
 
 
-def loss_and_grads(m: TransferModel, x, y, training: bool = False, *, loss: str | None = None,
-                   label_smoothing: float | None = None, task_weights=None):
-    """The head's loss (or `loss=`: "bce", "ce", "mse"; tlbridge/losses.py) from logits, and
-    its gradient with respect to every trainable parameter (canonical names and layout).
+def loss_and_grads(m: TransferModel, x, y, training: bool = False, *, loss=None):
+    """The head's loss (or `loss=`: "bce", "ce", "mse", a tl.losses.Loss; tlbridge/losses.py)
+    from logits, and its gradient with respect to every trainable parameter (canonical names
+    and layout).
 
     Labels as for fine_tune: bce {0, 1} (N, K); ce class indices (N,) or rows summing to 1;
     mse real (N, K). training=True runs BatchNorm on batch statistics and updates its running
     statistics (frozen BatchNorm excepted), as one training step would. A multi-task head
-    takes y as {task: labels} and task_weights (a dict, or "uncertainty"; tlbridge/multitask.py).
+    takes y as {task: labels} and loss=tl.losses.TaskWeights(...) (tlbridge/multitask.py).
     """
     _check_model(m)
     _need_head(m, "loss_and_grads")
-    spec = loss_spec(m, loss, label_smoothing, task_weights)
+    spec = loss_spec(m, loss)
     x = validation.check_images(x, m.input_shape, m.dtype)
     y = labels_for(m, y, len(x), spec)
     return _be(m.backend).loss_and_grads(m, x, y, bool(training), spec)
@@ -350,10 +319,10 @@ def convert(m: TransferModel, backend: str, *, device: str | None = None) -> Tra
     """The same model (weights, head, freeze state) on the other framework (a FusedModel:
     every member), on `device` (default: the same device name as m's, which the other
     framework must have)."""
-    if isinstance(m, fusion.FusedModel):
-        return fusion.convert(m, backend)
+    if isinstance(m, Composite):
+        return m._convert(backend)
     _check_model(m)
-    _not_a_gate(m, "convert")
+    kinds.of(m).check_rebuildable(m, "convert")
     target = config.validate(backend)
     if not m.portable:
         raise NotPortableError(
@@ -382,21 +351,12 @@ def set_precision(*, tf32: bool) -> dict:
     return devices.set_precision(tf32)
 
 
-def _not_a_gate(m: TransferModel, what: str) -> None:
-    from . import gate
-    if m.backbone_name == gate.NAME:
-        raise ArgumentTypeError(
-            f"Expected a model tl.{what} can rebuild; received the gated model inside a "
-            f"FusedModel (fused.gate), which needs its members. Call tl.{what} on the "
-            f"FusedModel itself.")
-
-
 def _rebuild(spec: ModelSpec, backend: str, tensors: dict, frozen: set,
              device: str = "cpu") -> TransferModel:
     new = _build(replace(spec, head=None), backend, spec.native_backend is None, None, None,
                  init_weights=False, device=device)
     if spec.head is not None:
-        new = _attach(new, spec.head, None)
+        new = _attach(new, spec.head, None)     # every weight is set next
     set_weights(new, tensors)
     unknown = set(frozen) - set(_param_names(new))
     if unknown:
@@ -410,10 +370,10 @@ def _rebuild(spec: ModelSpec, backend: str, tensors: dict, frozen: set,
 def save(m: TransferModel, path) -> None:
     """One safetensors file: canonical weights, plus the model spec as JSON in its metadata
     (a FusedModel: every member and the fusion weights, see tlbridge/fusion.py)."""
-    if isinstance(m, fusion.FusedModel):
-        return fusion.save(m, path)
+    if isinstance(m, Composite):
+        return m._save(path)
     _check_model(m)
-    _not_a_gate(m, "save")
+    kinds.of(m).check_rebuildable(m, "save")
     meta = {"format": FORMAT, "backend": m.backend, "spec": m.spec.to_json(),
             "frozen": json.dumps(sorted(m.frozen))}
     wio.save_file(path, get_weights(m), meta)
@@ -422,8 +382,8 @@ def save(m: TransferModel, path) -> None:
 def load(path, backend: str | None = None, *, device: str = "cpu") -> TransferModel:
     """Rebuild a saved model on `backend` (portable models load on either), on `device`."""
     tensors, meta = wio.load_file(path)
-    if meta.get("format") == fusion.FORMAT:
-        return fusion.load(path, tensors, meta, backend)
+    if meta.get("format") in _FORMATS:
+        return _FORMATS[meta["format"]](path, tensors, meta, backend)
     if meta.get("format") != FORMAT:
         raise CheckpointError(
             f"Expected a tlbridge model file (metadata format {FORMAT!r}); received {path!r} "

@@ -16,6 +16,7 @@ from dataclasses import replace
 
 import numpy as np
 
+from . import optim
 from .errors import ArgumentTypeError, DataError, ShapeError
 from .model import TransferModel
 
@@ -200,7 +201,7 @@ def few_shot_eval(m: TransferModel, episodes, method: str = "prototype", *,
     else:
         from .fusion import _copy
         from .training import fine_tune
-        kw = {"epochs": 10, "lr": 0.01, "batch_size": 32, "progress": False,
+        kw = {"epochs": 10, "optimizer": optim.SGD(0.01), "batch_size": 32, "progress": False,
               **(fine_tune_kwargs or {})}
         for e in episodes:
             c = _copy(m)

@@ -18,20 +18,24 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import metrics
+from . import api, config, gate, losses, metrics, optim, validation
+from . import weights as wio
 from .errors import (ArgumentTypeError, CheckpointError, DataError, NoHeadError, NotPortableError,
                      ShapeError)
+from .kinds import Composite
 from .model import TransferModel
+from .specs import ModelSpec
+from .training import fine_tune, fingerprint
 
 METHODS = ("mean", "weighted", "stack", "gate")
-GATE_RECIPE = {"epochs": 20, "optimizer": "adam", "lr": 1e-2, "batch_size": 64}
+GATE_RECIPE = {"epochs": 20, "optimizer": optim.Adam(1e-2), "batch_size": 64}
 SPACES = ("logit", "prob")
 FORMAT = "tlbridge.fused/1"
 _EPS = 1e-12
 
 
-@dataclass
-class FusedModel:
+@dataclass(repr=False)
+class FusedModel(Composite):
     """Members plus fusion parameters. mean/weighted: `weights` (M,) sum to 1; stack:
     `weights` (M, K) and `bias` (K,), the logistic regression per output; gate: `gate`, the
     native gated model (its members are frozen copies, `members`), and `weights` None: they
@@ -81,6 +85,33 @@ class FusedModel:
         return (f"FusedModel({self.method}, space={self.space!r}, members=[{names}], "
                 f"weights={np.round(self.weights, 4).tolist()}{pre})")
 
+    # the model API's verbs (tlbridge/kinds.py Composite)
+    def _logits(self, x, batch_size: int):
+        return fused_logits(self, x, batch_size)
+
+    def _probabilities(self, z):
+        return metrics.sigmoid(z)
+
+    def _save(self, path) -> None:
+        save(self, path)
+
+    def _convert(self, backend: str):
+        return convert(self, backend)
+
+    def _trained_model(self) -> TransferModel:
+        if self.gate is None:
+            raise DataError(
+                f"fine_tune trains the gate of a gated fusion (method='gate'); received a "
+                f"FusedModel with method={self.method!r}, whose weights tl.fuse fits. "
+                f"Fine-tune the members before fusing them.")
+        return self.gate
+
+    def _evaluation(self, data):
+        """Scored with BCE; images given for per-member preprocessing stay exact 0-255 floats."""
+        if self.preprocess == "images" and isinstance(data, (tuple, list)) and len(data) == 2:
+            data = (np.asarray(data[0]).astype(np.float32), data[1])
+        return losses.Loss(), data
+
 
 # ------------------------------------------------------------------------------- combining
 def _logit(p):
@@ -90,7 +121,6 @@ def _logit(p):
 
 def member_logits(f: FusedModel, x, batch_size: int = 64) -> np.ndarray:
     """(M, N, K) float64: every member's logits on x; NaN or inf is refused, naming the member."""
-    from . import api
     outs = []
     for i, m in enumerate(f.members):
         z = np.asarray(api.logits(m, member_input(f.preprocess, i, m, x), batch_size=batch_size),
@@ -104,7 +134,6 @@ def member_input(preprocess, i: int, m, x):
     """What member i is given for the fused model's input x: x itself (preprocess=None), its
     own normalisation of RGB images (preprocess="images", tl.preprocess(member, images)), or
     preprocess[i](x)."""
-    from . import api
     if preprocess is None:
         return x
     if preprocess == "images":
@@ -158,7 +187,6 @@ def combine(zs: np.ndarray, weights: np.ndarray, space: str, bias=None) -> np.nd
 
 def fused_logits(f: FusedModel, x, batch_size: int = 64) -> np.ndarray:
     if f.gate is not None:
-        from . import api
         return api.logits(f.gate, x, batch_size=batch_size)
     return combine(member_logits(f, x, batch_size), f.weights, f.space, f.bias).astype(f.dtype)
 
@@ -188,7 +216,6 @@ def fit_stacker(zs: np.ndarray, y: np.ndarray, l2: float = 1e-3, iters: int = 10
 
 
 def _copy(m):
-    from . import api
     return api._rebuild(m.spec, m.backend, api.get_weights(m), set(m.frozen), device=m.device)
 
 
@@ -207,8 +234,6 @@ def out_of_fold(members, x, y, folds: int, fine_tune_kwargs, seed: int = 0,
                 batch_size: int = 64, preprocess=None) -> np.ndarray:
     """(M, N, K) logits of every sample from copies of each member fine-tuned without it:
     k folds, a seeded permutation, each copy starting from the member's current weights."""
-    from . import api
-    from .training import fine_tune
     n = len(x)
     if not (isinstance(folds, (int, np.integer)) and not isinstance(folds, bool)
             and 2 <= folds <= n):
@@ -425,8 +450,6 @@ def fuse(members, method: str = "mean", *, val=None, space: str = "logit", weigh
 
 def _stack(members, *, val, train, folds, oof, force, fine_tune_kwargs, l2, seed, batch_size,
            preprocess=None):
-    from . import validation
-    from .training import fine_tune
     given = [k for k, v in (("train", train), ("oof", oof), ("val", val)) if v is not None]
     if len(given) != 1:
         raise DataError(f"Expected exactly one source of out-of-fold outputs for method='stack' "
@@ -471,8 +494,6 @@ def _stack(members, *, val, train, folds, oof, force, fine_tune_kwargs, l2, seed
 
 def _gate(members, *, train, val, gate_on, hidden, dropout, backend, fine_tune_kwargs, force,
           seed, batch_size):
-    from . import config, gate
-    from .training import fine_tune
     gate.check_type(gate_on)
     if backend is None:     # the members' one backend, else the native-only members' one
         backends = {m.backend for m in members} if len({m.backend for m in members}) == 1 \
@@ -511,7 +532,6 @@ def _gate(members, *, train, val, gate_on, hidden, dropout, backend, fine_tune_k
 
 def gate_weights(f: FusedModel, x, batch_size: int = 64) -> np.ndarray:
     """(N, M): the weight a gated fusion gives each member on each input (rows sum to 1)."""
-    from . import gate
     if f.gate is None:
         raise DataError(f"gate_weights needs a gated fusion (method='gate'); received "
                         f"method={f.method!r}, whose weights are f.weights.")
@@ -520,7 +540,6 @@ def gate_weights(f: FusedModel, x, batch_size: int = 64) -> np.ndarray:
 
 def _refuse_own_training_data(members, x, what: str, who: str, force: bool,
                               preprocess=None) -> bool:
-    from .training import fingerprint
     own = [i for i, m in enumerate(members)
            if fingerprint(member_input(preprocess, i, m, x)) in m.report.get("trained_on", [])]
     if own and not force:
@@ -533,7 +552,6 @@ def _refuse_own_training_data(members, x, what: str, who: str, force: bool,
 
 
 def _val_arrays(f: FusedModel, val, what: str = "val"):
-    from . import validation
     if not (isinstance(val, (tuple, list)) and len(val) == 2):
         raise DataError(f"Expected {what} as an (x, y) pair of numpy arrays; received "
                         f"{type(val).__name__}.")
@@ -555,7 +573,6 @@ def _val_arrays(f: FusedModel, val, what: str = "val"):
 
 def _with_gate(members, gate_backbone, spec, head_weights, backend: str, report: dict):
     """A gated FusedModel around members (and gate backbone) already frozen on `backend`."""
-    from . import api, gate
     _, _, g = gate.build(members, backend=backend, gate_on=dict(spec.options)["gate_on"],
                          hidden=spec.head.hidden, dropout=spec.head.dropout, copy=False,
                          gate_backbone=gate_backbone)
@@ -564,7 +581,6 @@ def _with_gate(members, gate_backbone, spec, head_weights, backend: str, report:
 
 
 def convert(f: FusedModel, backend: str) -> FusedModel:
-    from . import api, gate
     if f.gate is not None:
         members = [api.convert(m, backend) for m in f.members]
         gb = None if f.gate_backbone is None else api.convert(f.gate_backbone, backend)
@@ -578,9 +594,6 @@ def convert(f: FusedModel, backend: str) -> FusedModel:
 def save(f: FusedModel, path) -> None:
     """One safetensors file: every member's canonical weights under `member<i>/`, the fusion
     weights under `fusion/weights`, and each member's spec, backend and freeze state."""
-    from . import api
-    from . import weights as wio
-    from . import gate
     if isinstance(f.preprocess, list):
         raise DataError("Expected a fused model whose inputs can be stored (preprocess=None or "
                         "'images'); received one with per-member preprocess callables, which a "
@@ -613,8 +626,6 @@ def save(f: FusedModel, path) -> None:
 
 def load(path, tensors: dict, meta: dict, backend: str | None = None) -> FusedModel:
     """Each member on the backend it was saved from, unless `backend` says otherwise."""
-    from . import api, config
-    from .specs import ModelSpec
     try:
         members = json.loads(meta["members"])
         method, space = meta["method"], meta["space"]
@@ -645,3 +656,6 @@ def load(path, tensors: dict, meta: dict, backend: str | None = None) -> FusedMo
     return FusedModel(built, method, space, weights, report,
                       None if bias is None else np.asarray(bias, np.float64),
                       preprocess=meta.get("preprocess"))
+
+
+api.register_format(FORMAT, load)

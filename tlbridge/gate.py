@@ -11,8 +11,11 @@ it (schedules, checkpoints, early stopping, a feature cache of u) like any head.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
+from . import api, init, kinds
 from .errors import ArgumentTypeError, DataError, NotPortableError, ShapeError
 from .model import TransferModel
 from .specs import HeadSpec, ModelSpec
@@ -28,7 +31,6 @@ def layer_names(hidden: tuple) -> list[str]:
 
 def init_weights(gate_dim: int, members: int, hidden: tuple, rng) -> dict[str, np.ndarray]:
     """torch.nn.Linear's default init for hidden layers; the last layer zero (uniform weights)."""
-    from . import init
     names = layer_names(hidden)
     w = init.linear_head([gate_dim, *hidden, members], rng, names)
     w[names[-1] + ".weight"] = np.zeros_like(w[names[-1] + ".weight"])
@@ -66,9 +68,6 @@ def gate_kind(gate_on) -> str:
 def _frozen_copy(m: TransferModel, backend: str, what: str, head: bool = True) -> TransferModel:
     """An independent copy on `backend`, every parameter frozen (the composite shares its
     native layers, so the caller's model is never touched)."""
-    from dataclasses import replace
-
-    from . import api
     if m.backend != backend and not m.portable:
         raise NotPortableError(
             f"Expected every model of a gated fusion on one backend (the gate runs natively); "
@@ -90,7 +89,6 @@ def build(members: list, *, backend: str, gate_on="logits", hidden=(), dropout: 
           seed: int = 0, copy: bool = True, gate_backbone: TransferModel | None = None):
     """(members on `backend`, the gated TransferModel). copy=False uses the given members
     (already frozen copies on `backend`, as load and convert make them)."""
-    from . import api
     kind = gate_kind(gate_on) if gate_backbone is None else "backbone"
     if kind == "backbone" and gate_backbone is None:
         gate_backbone = gate_on
@@ -128,7 +126,6 @@ def build(members: list, *, backend: str, gate_on="logits", hidden=(), dropout: 
     head = HeadSpec(first.num_outputs, hidden, float(dropout))
     with be.device_scope(device):
         native, state = be.attach_head(base, head)
-    from dataclasses import replace
     g = TransferModel(backend, native, replace(spec, head=head), False, set(), state)
     be.place_built(g, device)
     gi = state["gate"]
@@ -140,13 +137,11 @@ def build(members: list, *, backend: str, gate_on="logits", hidden=(), dropout: 
 
 
 def head_weights(g: TransferModel) -> dict[str, np.ndarray]:
-    from . import api
     return {k: v for k, v in api.get_weights(g).items() if k.startswith(PREFIX + ".")}
 
 
 def weights_per_input(g: TransferModel, x, batch_size: int = 64) -> np.ndarray:
     """(N, M): how much the gate trusts each member on each input (rows sum to 1)."""
-    from . import api
     gi = g.state["gate"]
     u = api.features(g, x, batch_size=batch_size)
     w, _ = forward(u, head_weights(g), gi["gate_dim"], gi["members"], gi["outputs"],
@@ -170,3 +165,25 @@ def check_type(gate_on) -> None:
     if not (isinstance(gate_on, (str, TransferModel))):
         raise ArgumentTypeError(f"Expected gate_on as a string or a tlbridge model; received "
                                 f"{type(gate_on).__name__}.")
+
+
+class GateKind(kinds.Kind):
+    """The gated model inside a FusedModel: only its gate trains, and it is rebuilt (convert,
+    save) only through its FusedModel, which holds the members."""
+
+    name = "gate"
+
+    def claims(self, m) -> bool:
+        return m.backbone_name == NAME
+
+    def check_rebuildable(self, m, what: str) -> None:
+        raise ArgumentTypeError(
+            f"Expected a model tl.{what} can rebuild; received the gated model inside a "
+            f"FusedModel (fused.gate), which needs its members. Call tl.{what} on the "
+            f"FusedModel itself.")
+
+    def check_trainable(self, m, trainable_per_epoch) -> None:
+        check_members_stay_frozen(m, trainable_per_epoch)
+
+
+kinds.register(GateKind())

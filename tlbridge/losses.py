@@ -16,7 +16,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import metrics
 from .errors import DataError, ShapeError
+from .numerics import elementwise, log_softmax as _log_softmax, sigmoid
 
 LOSSES = ("bce", "ce", "mse")
 
@@ -40,9 +42,89 @@ class Loss:
                             f"received label_smoothing={eps} with loss={self.name!r}.")
         object.__setattr__(self, "label_smoothing", float(eps))
 
+    # what the trainer, evaluate and predict ask of any loss (multitask.MultiLoss answers too)
+    needs_weights = False           # scores() needs the model's weights (uncertainty log-vars)
+
+    def labels(self, y, n: int, k: int, dtype: str, what: str = "labels y") -> np.ndarray:
+        if isinstance(y, dict):
+            raise DataError(f"Expected {what} as an array; received a dict of task labels, "
+                            f"which needs a multi-task head (tl.replace_heads).")
+        return prepare_labels(y, n, k, self.name, dtype, what)
+
+    def fit_dataset(self, ds, k: int, what: str):
+        """ds with labels in this loss's form, (N, K) floats; class indices become one-hot
+        rows in a shallow copy (the caller's dataset is left as it was)."""
+        import copy
+        indices = self.name == "ce" and ds.num_outputs == 1
+        if ds.num_outputs != k and not indices:
+            raise DataError(
+                f"Expected {what} labels with {k} column(s) (the model's outputs); received "
+                f"{ds.num_outputs}. Pass labels of shape (N, {k})"
+                f"{' or (N,)' if k == 1 or indices else ''}, or give the model "
+                f"{ds.num_outputs} outputs with tl.replace_head(m, {ds.num_outputs}).")
+        y = prepare_labels(ds.labels, ds.num_samples, k, self.name, "float64", f"{what} labels")
+        ds = copy.copy(ds)
+        ds.labels, ds.num_outputs = y, y.shape[1]
+        return ds
+
+    def scores(self, z, y, weights: dict | None = None) -> dict:
+        return scores(z, y, self)
+
+    def score_names(self, k: int) -> list[str]:
+        return score_names(k, self.name)
+
+    def history_names(self) -> list[str]:
+        """Training-side keys fine_tune adds per epoch beside "loss"."""
+        return []
+
+    def epoch_record(self, parts, weights: dict | None = None) -> dict:
+        return {}
+
+    def unused_params(self) -> set:
+        """Parameters this loss leaves without a gradient (they need not train)."""
+        return set()
+
+    def probabilities(self, z):
+        return probabilities(z, self.name)
+
+
+@dataclass(frozen=True)
+class TaskWeights:
+    """How a multi-task head (tl.replace_heads) weighs its tasks: {task: weight} (the others
+    1), or "uncertainty" (Kendall et al. 2018; tlbridge/multitask.py)."""
+
+    weights: object = None
+
+    def __post_init__(self):
+        w = self.weights
+        if isinstance(w, dict):
+            object.__setattr__(self, "weights", tuple(w.items()))
+        elif not (w is None or isinstance(w, (str, tuple))):
+            raise DataError(f"Expected task weights as a dict {{task: weight}} or "
+                            f"'uncertainty'; received {type(w).__name__}.")
+
+    def as_given(self):
+        """The dict (or "uncertainty", or None) the caller wrote."""
+        return dict(self.weights) if isinstance(self.weights, tuple) else self.weights
+
+
+_HEAD_KINDS: dict = {}      # head.loss -> loss builder, for kinds built on the API (multitask)
+
+
+def register_head_loss(name: str, build) -> None:
+    """A head kind whose loss is its own (multi-task: "multi") registers how to build it."""
+    _HEAD_KINDS[name] = build
+
 
 def of(head, loss=None, label_smoothing=None) -> Loss:
-    """The loss a call uses: its own `loss=` / `label_smoothing=`, else the head's."""
+    """The loss a call uses: its own `loss=` (a name, a Loss, or a head kind's value such as
+    TaskWeights) / `label_smoothing=`, else the head's."""
+    if head.loss in _HEAD_KINDS:
+        return _HEAD_KINDS[head.loss](head, loss)
+    if isinstance(loss, TaskWeights):
+        raise DataError(f"tl.losses.TaskWeights weighs the tasks of a multi-task head (tl.replace_heads); "
+                        f"this model has one head ({head.num_outputs} output(s), loss "
+                        f"{head.loss!r}). Drop the TaskWeights.")
     name = head.loss if loss is None else loss
     if isinstance(name, Loss):
         return name
@@ -59,18 +141,6 @@ def of(head, loss=None, label_smoothing=None) -> Loss:
 
 
 # ------------------------------------------------------------------------------- formulas
-def _log_softmax(z):
-    z = z - z.max(axis=1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-
-
-def elementwise(z, y, name: str) -> np.ndarray:
-    """BCE (stable, from logits) or squared error per entry: what "bce" and "mse" average."""
-    if name == "bce":
-        return np.maximum(z, 0) - z * y + np.log1p(np.exp(-np.abs(z)))
-    return (z - y) ** 2
-
-
 def value(z, y, loss: Loss) -> float:
     z, y = np.asarray(z, np.float64), np.asarray(y, np.float64)
     if loss.name == "ce":
@@ -83,7 +153,6 @@ def grad_logits(z, y, loss: Loss) -> np.ndarray:
     """d loss / d z: (sigmoid(z) - y)/(N K), (softmax(z) - q)/N, 2 (z - y)/(N K)."""
     z, y = np.asarray(z, np.float64), np.asarray(y, np.float64)
     if loss.name == "bce":
-        from .metrics import sigmoid
         return (sigmoid(z) - y) / z.size
     if loss.name == "ce":
         q = (1.0 - loss.label_smoothing) * y + loss.label_smoothing / z.shape[1]
@@ -95,7 +164,6 @@ def probabilities(z, loss_name: str) -> np.ndarray:
     """What tl.predict returns: sigmoid (bce), softmax over outputs (ce), the values (mse)."""
     z = np.asarray(z)
     if loss_name == "bce":
-        from .metrics import sigmoid
         return sigmoid(z)
     if loss_name == "ce":
         return np.exp(_log_softmax(np.asarray(z, np.float64))).astype(z.dtype)
@@ -164,14 +232,12 @@ def score_names(k: int, loss_name: str = "bce") -> list[str]:
         return ["loss", "mae"]
     if loss_name == "ce":
         return ["loss", "accuracy"] + (["top5"] if k > 5 else [])
-    from . import metrics
     return metrics.score_names(k)
 
 
 def scores(z, y, loss: Loss) -> dict:
     """loss; bce: accuracy (logit 0 / argmax), ROC AUC for one output; ce: accuracy (argmax of
     z against argmax of y) and top-5 accuracy when K > 5; mse: mean absolute error."""
-    from . import metrics
     if loss.name == "bce":
         return metrics.scores(z, y)
     z, y = metrics.same_shape(z, y)

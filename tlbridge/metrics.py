@@ -4,17 +4,14 @@ from __future__ import annotations
 import numpy as np
 
 from .errors import ShapeError
+from .numerics import elementwise, sigmoid
 
-
-def sigmoid(z: np.ndarray) -> np.ndarray:
-    """1 / (1 + e^-z) without overflow for large |z|."""
-    e = np.exp(-np.abs(z))
-    return np.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+__all__ = ["sigmoid", "bce_from_logits", "accuracy", "roc_auc", "score_names", "same_shape",
+           "scores"]
 
 
 def bce_from_logits(z: np.ndarray, y: np.ndarray) -> float:
     """Mean over all entries of max(z, 0) - z*y + log(1 + exp(-|z|)) (stable)."""
-    from .losses import elementwise
     return float(np.mean(elementwise(np.asarray(z, np.float64), y, "bce")))
 
 

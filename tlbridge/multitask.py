@@ -18,12 +18,14 @@ from pulling s_t down (d/ds_t of a bare s_t is 1).
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 
-from . import losses
+from . import api, init, losses
 from .errors import DataError, ShapeError
+from .specs import HeadSpec
 
 LOG_VARS = "task_log_vars"
 
@@ -52,6 +54,80 @@ class MultiLoss:
         _, loss, _, eps = self.tasks[t]
         return losses.Loss(loss, eps)
 
+    # what the trainer, evaluate and predict ask of any loss (as losses.Loss answers them)
+    @property
+    def needs_weights(self) -> bool:
+        return self.uncertainty
+
+    def labels(self, y, n: int, k: int, dtype: str, what: str = "labels y") -> np.ndarray:
+        if not isinstance(y, dict):
+            raise DataError(f"Expected {what} as a dict {{task: labels}} for a multi-task head "
+                            f"(tasks {[t[0] for t in self.tasks]}); received "
+                            f"{type(y).__name__}.")
+        return pack_labels(y, n, self.tasks, dtype, what)
+
+    def fit_dataset(self, ds, k: int, what: str):
+        if ds.num_outputs != k:
+            raise DataError(f"Expected {what} labels with {k} columns (the tasks' outputs side "
+                            f"by side); received {ds.num_outputs}. Pass labels as a dict "
+                            f"{{task: labels}}.")
+        check_packed(ds.labels, self, f"{what} labels")
+        return ds
+
+    def scores(self, z, y, weights: dict | None = None) -> dict:
+        return scores(z, y, self, None if weights is None else weights[LOG_VARS])
+
+    def score_names(self, k: int) -> list[str]:
+        return score_names(self)
+
+    def history_names(self) -> list[str]:
+        return history_names(self)
+
+    def epoch_record(self, parts, weights: dict | None = None) -> dict:
+        """Per-task training losses of the epoch (NaN where no batch had a task's labels) and,
+        under uncertainty weighting, each task's log-variance."""
+        if not len(parts):
+            return {}
+        with np.errstate(invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            means = np.nanmean(np.asarray(parts), axis=0)
+        out = {f"loss_{t[0]}": float(v) for t, v in zip(self.tasks, means)}
+        if self.uncertainty:
+            out.update({f"log_var_{t[0]}": float(v) for t, v in zip(self.tasks, weights[LOG_VARS])})
+        return out
+
+    def unused_params(self) -> set:
+        return set() if self.uncertainty else {LOG_VARS}
+
+    def probabilities(self, z) -> dict:
+        """{task: its probabilities (or values)}."""
+        return {name: losses.probabilities(block, loss) for (name, loss, _, _), block in
+                zip(self.tasks, split(z, self.tasks).values())}
+
+
+def replace_heads(m, tasks: dict, *, hidden=(), dropout: float = 0.0, seed: int | None = None):
+    """A new model sharing `m`'s backbone with one head per task: tasks = {name: (loss, K)}
+    or (loss, K, label_smoothing), loss "bce", "ce" or "mse" (tlbridge/losses.py). Canonical
+    names heads.<task>.weight / .bias (hidden layers heads.<task>.0, .3, ...) and the tasks'
+    log-variances `task_log_vars` (T,) for loss=tl.losses.TaskWeights("uncertainty"). Logits
+    are the tasks' side by side in task order; labels a dict {task: labels}, NaN (or -1 for a
+    CE class index) where missing."""
+    api._check_model(m)
+    checked = check_tasks(tasks)
+    if not 0.0 <= float(dropout) < 1.0:
+        raise DataError(f"Expected 0 <= dropout < 1; received {dropout}.")
+    head = HeadSpec(sum(t[2] for t in checked), api._check_hidden(hidden), float(dropout), "multi",
+                    0.0, checked)
+
+    def draw(feature_dim: int) -> dict:     # one head per task, in task order; log-variances 0
+        rng, w = np.random.default_rng(seed), {}
+        for name, _, k, _ in head.tasks:
+            w.update(init.linear_head([feature_dim, *head.hidden, k], rng,
+                                      head.layer_names(f"heads.{name}")))
+        w[LOG_VARS] = np.zeros(len(head.tasks))
+        return w
+    return api.attach_head(m, head, draw)
+
 
 def check_tasks(tasks) -> tuple:
     """{name: (loss, K)} (or (loss, K, label_smoothing)) -> ((name, loss, K, eps), ...)."""
@@ -78,9 +154,15 @@ def check_tasks(tasks) -> tuple:
     return tuple(out)
 
 
-def of(head, task_weights=None) -> MultiLoss:
-    """The loss of a multi-task head under `task_weights` (None: 1 each; a dict {task: w};
-    "uncertainty")."""
+def of(head, loss=None) -> MultiLoss:
+    """The loss of a multi-task head under `loss`: None (every task weighs 1) or
+    losses.TaskWeights (a dict {task: w}, or "uncertainty")."""
+    if loss is not None and not isinstance(loss, losses.TaskWeights):
+        raise DataError(f"A multi-task head's losses are set per task by tl.replace_heads "
+                        f"({', '.join(f'{n}: {lo}' for n, lo, _, _ in head.tasks)}); received "
+                        f"loss={loss!r}. Weigh the tasks with "
+                        f"loss=tl.losses.TaskWeights({{task: weight}} or 'uncertainty') instead.")
+    task_weights = None if loss is None else loss.as_given()
     names = [t[0] for t in head.tasks]
     if task_weights is None:
         return MultiLoss(head.tasks, tuple(1.0 for _ in names))
@@ -94,7 +176,7 @@ def of(head, task_weights=None) -> MultiLoss:
                         f"received {type(task_weights).__name__}.")
     unknown = [t for t in task_weights if t not in names]
     if unknown:
-        raise DataError(f"Unknown task(s) {unknown} in task_weights. Expected names among "
+        raise DataError(f"Unknown task(s) {unknown} in TaskWeights. Expected names among "
                         f"{names}.")
     weights = []
     for t in names:
@@ -259,3 +341,6 @@ def score_names(ml: MultiLoss) -> list[str]:
     for t, (name, loss, k, _) in enumerate(ml.tasks):
         names += [f"{name}_{key}" for key in losses.score_names(k, loss)]
     return names
+
+
+losses.register_head_loss("multi", of)

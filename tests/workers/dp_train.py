@@ -61,10 +61,10 @@ def train(backend, run, replicas=None, epochs=2, ckpt=None, resume=False, callba
     optimizer, bn_sync, *options = run.split(":")
     multi = "multi" in options
     m = model(backend, multi, "float32" if "bf16" in options else "float64")
-    kw = dict(epochs=epochs, batch_size=10, optimizer=optimizer,
-              lr=0.05 if optimizer == "sgd" else 0.01, seed=7, progress=False, bn_sync=bn_sync,
-              checkpoint_dir=ckpt, resume=resume, callbacks=list(callbacks),
-              feature_cache="auto" if "cache" in options else False)
+    opt = tl.optim.SGD(0.05) if optimizer == "sgd" else tl.optim.Adam(0.01)
+    kw = dict(epochs=epochs, batch_size=10, optimizer=opt, seed=7, progress=False,
+              checkpoint=None if ckpt is None else tl.Checkpoint(ckpt, resume=resume),
+              callbacks=list(callbacks), feature_cache="auto" if "cache" in options else False)
     if "bf16" in options:
         kw["precision"] = "bf16"
     if "freeze_bn_biases" in options:
@@ -72,14 +72,13 @@ def train(backend, run, replicas=None, epochs=2, ckpt=None, resume=False, callba
     if "unfreeze" in options:
         tl.freeze(m, "backbone")
         kw["unfreeze"] = {0: "head", 1: "all"}
-    if replicas:
-        kw["replicas"] = replicas
+    kw["parallel"] = tl.Parallel(replicas=replicas or None, bn_sync=bn_sync)
     x, y = data()
     if "bf16" in options:
         x, y = x.astype(np.float32), y.astype(np.float32)
     if multi:
         y = multi_labels(x, y)
-        kw["task_weights"] = "uncertainty"
+        kw["loss"] = tl.losses.TaskWeights("uncertainty")
     return m, tl.fine_tune(m, (x, y), **kw)
 
 

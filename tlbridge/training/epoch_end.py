@@ -1,0 +1,71 @@
+"""The end of an epoch (validation metrics, the EMA's metrics, early stopping, the
+checkpoint, callbacks) and of the run (best or averaged weights, what it was trained on)."""
+from __future__ import annotations
+
+import time
+
+from .. import api
+from . import checkpoint
+from .evaluation import evaluate_dataset
+from .inputs import fingerprint
+from .state import Run
+
+
+def _validate(run: Run, record: dict) -> None:
+    vds, m = run.vds, run.m
+    record.update({f"val_{k}": v for k, v in
+                   evaluate_dataset(m, vds, vds.batch_size, run.loss).items()})
+    if run.ema_w is None:
+        return
+    current = api.get_weights(m)
+    api.set_weights(m, run.ema_w)
+    try:
+        record.update({f"val_{k}_ema": v for k, v in
+                       evaluate_dataset(m, vds, vds.batch_size, run.loss).items()})
+    finally:
+        api.set_weights(m, current)
+
+
+def _early_stopping(run: Run, record: dict, epoch: int) -> None:
+    stop = run.stop
+    value = record[stop.monitor]
+    if stop.better(value, run.best["value"]):
+        run.best = {"value": value, "weights": run.good if stop.restore_best else None,
+                    "epoch": epoch}
+    elif epoch - run.best["epoch"] >= stop.patience:
+        run.stopped = True
+
+
+def end_epoch(run: Run, epoch: int, record: dict, bar) -> None:
+    if run.vds is not None:
+        _validate(run, record)
+    record["seconds"] = time.perf_counter() - record.pop("_t0")
+    run.history.append(record)
+    bar.close(**{k: v for k, v in record.items() if k in ("loss", "val_loss", "val_accuracy")})
+    run.good, run.good_epoch = (api.get_weights(run.m), set(run.m.frozen)), epoch
+    if run.stop is not None:
+        _early_stopping(run, record, epoch)
+    if run.checkpoint is not None:
+        if run.writer:
+            checkpoint.save(run, epoch)
+        run.ckpt_epoch = epoch
+    for cb in run.callbacks:
+        cb("epoch", record)
+
+
+def finish(run: Run, train):
+    """The final weights (the best epoch's, or the average's), and the training data's
+    fingerprint (tl.fuse refuses to fit a stacker or a gate on it)."""
+    run.trainer.close()
+    m, stop = run.m, run.stop
+    if stop is not None and stop.restore_best and run.best["weights"] is not None:
+        api.set_weights(m, run.best["weights"][0])
+        m.frozen = set(run.best["weights"][1])
+        run.be.apply_freeze(m)
+        run.history.best_epoch = run.best["epoch"]
+    if run.ema_w is not None and run.ema.swap:
+        api.set_weights(m, run.ema_w)
+    if isinstance(train, (tuple, list)) and len(train) == 2:
+        trained_on = set(m.report.get("trained_on", []))
+        m.report["trained_on"] = sorted(trained_on | {fingerprint(train[0])})
+    return run.history
