@@ -9,6 +9,8 @@ the last batch (7) splits 4/3: no sample may be dropped or counted twice.
   3  sgd:global:unfreeze:cache     run 0 with the feature cache in epoch 0 (head steps sharded)
   4  sgd:global:multi              two task heads, missing labels, uncertainty weighting
   5  sgd:global:bf16               a float32 model in mixed precision (bf16)
+  6  sgd:global:tokens:unfreeze:cache  the two-input text model (token ids + attention masks,
+                                   padded), head on cached features in epoch 0, all in epoch 1
 """
 from __future__ import annotations
 
@@ -29,7 +31,8 @@ from helpers import both_backends
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "workers" / "dp_train.py"
 RUNS = ["sgd:global:unfreeze", "adam:global:freeze_bn_biases", "sgd:local",
-        "sgd:global:unfreeze:cache", "sgd:global:multi", "sgd:global:bf16"]
+        "sgd:global:unfreeze:cache", "sgd:global:multi", "sgd:global:bf16",
+        "sgd:global:tokens:unfreeze:cache"]
 
 pytestmark = [both_backends, pytest.mark.slow]
 
@@ -98,7 +101,7 @@ def one_process():
     import tlbridge as tl
     out = {}
     for backend in ("torch", "keras"):
-        for i in (0, 1, 2, 4, 5) if backend == "torch" else (0, 1, 4, 5):
+        for i in (0, 1, 2, 4, 5, 6) if backend == "torch" else (0, 1, 4, 5, 6):
             m, h = dp_train.train(backend, RUNS[i])
             out[backend, i] = tl.get_weights(m), dp_train.losses_of(h)
     return out
@@ -115,16 +118,16 @@ def test_shards_cover_every_row_once():
             assert max(sizes) - min(sizes) <= 1
 
 
-@pytest.mark.parametrize("i", [0, 1, 4], ids=[RUNS[0], RUNS[1], RUNS[4]])
+@pytest.mark.parametrize("i", [0, 1, 4, 6], ids=[RUNS[0], RUNS[1], RUNS[4], RUNS[6]])
 def test_torch_two_ranks_equal_one_process(torch_ranks, one_process, i):
     (w2, loss2), (w1, loss1) = torch_ranks[i], one_process["torch", i]
     assert _max_diff(w2, w1) <= 1e-12
     assert np.max(np.abs(np.array(loss2) - np.array(loss1))) <= 1e-12
-    assert _max_diff(w1, _initial("torch", i == 4)) > 1e-3          # it trained
+    assert _max_diff(w1, _initial("torch", i == 4, i == 6)) > 1e-3  # it trained
     assert len(loss1) == (6 if i == 4 else 2)       # multi-task: loss, loss_sign, loss_green
 
 
-@pytest.mark.parametrize("i", [0, 1, 4], ids=[RUNS[0], RUNS[1], RUNS[4]])
+@pytest.mark.parametrize("i", [0, 1, 4, 6], ids=[RUNS[0], RUNS[1], RUNS[4], RUNS[6]])
 def test_keras_two_replicas_equal_one_process(keras_replicas, one_process, i):
     (w2, loss2), (w1, loss1) = keras_replicas[i], one_process["keras", i]
     assert _max_diff(w2, w1) <= 1e-12
@@ -136,7 +139,7 @@ def test_feature_cache_shards_head_steps(torch_ranks, keras_replicas):
         assert _max_diff(ranks[3][0], ranks[0][0]) <= 1e-12
 
 
-@pytest.mark.parametrize("i", range(5), ids=RUNS[:5])
+@pytest.mark.parametrize("i", [0, 1, 2, 3, 4, 6], ids=RUNS[:5] + RUNS[6:])
 def test_torch_ranks_equal_keras_replicas(torch_ranks, keras_replicas, i):
     (wt, lt), (wk, lk) = torch_ranks[i], keras_replicas[i]
     assert _max_diff(wt, wk) <= 1e-9
@@ -161,10 +164,10 @@ def test_local_batchnorm_is_not_global(torch_ranks, keras_replicas, one_process)
         assert _max_diff(ranks[2][0], one_process["torch", 2][0]) > 1e-3
 
 
-def _initial(backend, multi=False):
+def _initial(backend, multi=False, text=False):
     dp_train = _worker()
     import tlbridge as tl
-    return tl.get_weights(dp_train.model(backend, multi))
+    return tl.get_weights(dp_train.model(backend, multi, text=text))
 
 
 def test_dying_rank_stops_the_run_and_resume_continues(tmp_path, torch_ranks):

@@ -12,7 +12,7 @@ import pytest
 from helpers import both_backends
 
 import tlbridge as tl
-from tlbridge import parity, zoo
+from tlbridge import inputs, parity, zoo
 
 pytestmark = both_backends
 
@@ -28,6 +28,7 @@ class Models:
     def __init__(self, name, options):
         self.name, self.options = name, options
         self.config = parity.config(name, **options)
+        self.inputs = zoo.signature(name, self.config.shape, options)   # the declared inputs
         self._suites = {}
 
     def suite(self, k):
@@ -58,7 +59,7 @@ def test_float64_loss_every_gradient_and_bn_stats_agree(bb, training, frozen, k)
     s = bb.suite(k)
     s.reset(frozen)
     mt, mk = s.models["torch", "float64"], s.models["keras", "float64"]
-    x, y = parity.batch(bb.config.shape, bb.config.batch64, k, seed=parity.SEED_BATCH)
+    x, y = parity.batch(bb.inputs, bb.config.batch64, k, seed=parity.SEED_BATCH)
     r = parity.compare(mt, mk, x, y, training=training)
     expected = len(tl.trainable_names(mt))
     assert r.n_grads == expected and expected > 0
@@ -88,10 +89,11 @@ def test_float32_keras_is_as_accurate_as_torch_per_tensor(bb, mode, frozen):
     training = mode == "train"
     s = bb.suite(3)
     s.reset(frozen)
-    x, y = parity.batch(cfg.shape, cfg.batch32, 3, seed=cfg.seed32, dtype="float32")
+    x, y = parity.batch(bb.inputs, cfg.batch32, 3, seed=cfg.seed32, dtype="float32")
     m64 = s.models["torch", "float64"]
     if not frozen:   # the certificate is about the backbone; a frozen one leaves a linear head
-        sens, at = parity.sensitivity(m64, x.astype("float64"), y.astype("float64"), training=training)
+        sens, at = parity.sensitivity(m64, inputs.cast(x, "float64"), y.astype("float64"),
+                                      training=training)
         assert sens <= parity.SENSITIVITY_MAX, (
             f"the configuration is no longer well conditioned: float64 gradient {at} moves by {sens:.2g} "
             f"under the certificate's probes (choose another one in tlbridge.parity.CONFIGS)")
@@ -111,8 +113,8 @@ def test_configurations_left_out_of_float32_are_ill_conditioned(bb, mode):
     s = bb.suite(3)
     s.reset(False)
     assert cfg.why_not
-    x, y = parity.batch(cfg.shape, cfg.batch32, 3, seed=cfg.seed32, dtype="float32")
-    sens, _ = parity.sensitivity(s.models["torch", "float64"], x.astype("float64"), y.astype("float64"),
+    x, y = parity.batch(bb.inputs, cfg.batch32, 3, seed=cfg.seed32, dtype="float32")
+    sens, _ = parity.sensitivity(s.models["torch", "float64"], inputs.cast(x, "float64"), y.astype("float64"),
                                  training=mode == "train")
     assert sens > parity.SENSITIVITY_MAX
 

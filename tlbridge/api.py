@@ -7,8 +7,8 @@ from dataclasses import replace
 
 import numpy as np
 
-from . import (checkpoints, config, devices, freezing, init, kinds, losses, registry, validation,
-               weights as wio, zoo)
+from . import (checkpoints, config, devices, freezing, init, inputs, kinds, losses, registry,
+               validation, weights as wio, zoo)
 from .errors import (ArgumentTypeError, CheckpointError, DataError, NoHeadError, NotPortableError,
                      ShapeError, WeightsMismatchError)
 from .kinds import Composite
@@ -47,18 +47,7 @@ def list_backbones(backend: str | None = None, portable: bool | None = None) -> 
     return sorted(names)
 
 
-def _check_input_shape(input_shape) -> tuple:
-    try:
-        shape = tuple(int(d) for d in input_shape)
-    except (TypeError, ValueError):
-        shape = ()
-    if len(shape) != 3 or min(shape) < 1:
-        raise ShapeError(f"Expected input_shape as (height, width, channels) of positive ints; "
-                         f"received {input_shape!r}.")
-    return shape
-
-
-def load_backbone(name: str, *, weights=None, input_shape=(224, 224, 3), backend: str | None = None,
+def load_backbone(name: str, *, weights=None, input_shape=None, backend: str | None = None,
                   dtype: str = "float32", seed: int | None = None, device: str = "cpu",
                   **options) -> TransferModel:
     """A pretrained (or seeded random) backbone, without a head.
@@ -74,7 +63,7 @@ def load_backbone(name: str, *, weights=None, input_shape=(224, 224, 3), backend
     be = _be(be_name)
     device = be.resolve_device(devices.normalize(device))
     info = zoo.info(name, be.native_backbones(), be_name)
-    shape = _check_input_shape(input_shape)
+    shape = zoo.check_input_shape(name, input_shape)
     if dtype not in _DTYPES:
         raise DataError(f"Expected dtype one of {list(_DTYPES)}; received {dtype!r}.")
     if weights not in (None, "imagenet") and not isinstance(weights, (str, os.PathLike)):
@@ -226,7 +215,7 @@ def trainable_names(m: TransferModel) -> list[str]:
 def features(m: TransferModel, x, *, batch_size: int = 64) -> np.ndarray:
     """(N, D): exactly what enters the head."""
     _check_model(m)
-    x = validation.check_images(x, m.input_shape, m.dtype)
+    x = validation.check_inputs(x, m.inputs, m.dtype)
     return _be(m.backend).features(m, x, batch_size)
 
 
@@ -242,7 +231,7 @@ def logits(m: TransferModel, x, *, batch_size: int = 64) -> np.ndarray:
         return m._logits(x, batch_size)
     _check_model(m)
     _need_head(m, "logits")
-    x = validation.check_images(x, m.input_shape, m.dtype)
+    x = validation.check_inputs(x, m.inputs, m.dtype)
     return _be(m.backend).logits(m, x, batch_size)
 
 
@@ -278,8 +267,8 @@ def loss_and_grads(m: TransferModel, x, y, training: bool = False, *, loss=None)
     _check_model(m)
     _need_head(m, "loss_and_grads")
     spec = loss_spec(m, loss)
-    x = validation.check_images(x, m.input_shape, m.dtype)
-    y = labels_for(m, y, len(x), spec)
+    x = validation.check_inputs(x, m.inputs, m.dtype)
+    y = labels_for(m, y, inputs.length(x), spec)
     return _be(m.backend).loss_and_grads(m, x, y, bool(training), spec)
 
 

@@ -30,6 +30,7 @@ from itertools import islice
 
 import numpy as np
 
+from . import inputs
 from .errors import ArgumentTypeError, BackendNotInstalledError, DataError, ShapeError
 
 __all__ = ["Augment", "Dataset", "arrays", "image_folder", "IMG_EXTENSIONS"]
@@ -191,14 +192,16 @@ def _warp(images: np.ndarray, p: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------- sources
 
 class _ArraySource:
+    """In-memory inputs: one array, or a dict of named arrays (tlbridge/inputs.py)."""
+
     def __init__(self, x):
         self.x = x
 
     def load(self, idx, dtype):
-        return self.x[idx].astype(dtype, copy=False), None, []
+        return inputs.cast(inputs.rows(self.x, idx), dtype), None, []
 
     def finish(self, x, dtype):
-        return x.astype(dtype, copy=False)
+        return inputs.cast(x, dtype)
 
 
 class _FolderSource:
@@ -270,7 +273,8 @@ def _check_header(path):
 # ----------------------------------------------------------------------------- dataset
 
 class Dataset:
-    """Batches of (x float NHWC, y float (B, K)) in a seeded order; see `arrays`, `image_folder`.
+    """Batches of (x, y float (B, K)) in a seeded order, x float NHWC images or a dict of named
+    inputs (token ids and masks stay int64); see `arrays`, `image_folder`.
 
     len(ds) is the number of batches per epoch; iterate an epoch with ``ds.epoch(e)``.
     """
@@ -279,7 +283,12 @@ class Dataset:
                  drop_last, dtype, prefetch, workers, classes=None, files=None, skipped=()):
         self._source = source
         self.labels = labels
-        self.image_shape = tuple(int(d) for d in image_shape)
+        if isinstance(image_shape, dict):       # several named inputs: no image to augment
+            self.input_shapes = {k: tuple(v) for k, v in image_shape.items()}
+            self.image_shape = None
+        else:
+            self.image_shape = tuple(int(d) for d in image_shape)
+            self.input_shapes = {"x": self.image_shape}
         self.num_samples, self.num_outputs = labels.shape
         self.batch_size = _positive_int(batch_size, "batch_size")
         self.shuffle = bool(shuffle)
@@ -290,6 +299,10 @@ class Dataset:
             raise DataError(f"Expected augment as a tl.data.Augment (or None / True); received "
                             f"{type(augment).__name__}.")
         self.augment = None if augment is None or augment.is_identity else augment
+        if self.augment is not None and self.image_shape is None:
+            raise DataError(f"Expected augment=None for inputs other than one image array; "
+                            f"received augment={self.augment!r} with inputs "
+                            f"{sorted(self.input_shapes)}. Augment the images before batching.")
         self.drop_last = bool(drop_last)
         self.dtype = dtype
         self.prefetch = _nonneg_int(prefetch, "prefetch")
@@ -329,7 +342,8 @@ class Dataset:
 
     def __repr__(self) -> str:
         return (f"Dataset(num_samples={self.num_samples}, num_outputs={self.num_outputs}, "
-                f"image_shape={self.image_shape}, batch_size={self.batch_size}, "
+                f"{'image_shape=' + str(self.image_shape) if self.image_shape else 'inputs=' + str(self.input_shapes)}, "
+                f"batch_size={self.batch_size}, "
                 f"batches={len(self)}, shuffle={self.shuffle}, seed={self.seed}, "
                 f"augment={self.augment!r}, dtype={self.dtype!r})")
 
@@ -372,7 +386,7 @@ class Dataset:
             raise DataError(f"Expected at least one readable image; received none of "
                             f"{self.num_samples} (see ds.skipped).")
         xs, ys = zip(*batches)
-        return np.concatenate(xs), np.concatenate(ys)
+        return inputs.concat(list(xs)), np.concatenate(ys)
 
     def indexed_batches(self):
         """(indices, x, y) per batch of the whole set, un-augmented, in its stored order:
@@ -389,7 +403,7 @@ class Dataset:
         if keep is not None:
             idx, y = idx[keep], y[keep]
             params = None if params is None else params[keep]
-        if not len(x):  # every image of the batch failed to decode (on_error="skip")
+        if not inputs.length(x):  # every image of the batch failed to decode (on_error="skip")
             return idx, x, y, failed
         if augment and params is not None:
             x = self.augment.apply(x.astype(self.dtype, copy=False), params)
@@ -412,7 +426,7 @@ class Dataset:
             for idx, params in jobs:
                 kept, x, y, failed = self._batch(idx, params, augment)
                 note(failed)
-                if len(x):
+                if inputs.length(x):
                     yield (kept, x, y) if with_index else (x, y)
             return
         pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="tlbridge-data")
@@ -428,7 +442,7 @@ class Dataset:
                     pending.append(pool.submit(self._batch, nxt[0], nxt[1], augment))
                 kept, x, y, failed = fut.result()
                 note(failed)
-                if len(x):
+                if inputs.length(x):
                     yield (kept, x, y) if with_index else (x, y)
         finally:
             for fut in pending:
@@ -456,10 +470,24 @@ def _seed(v) -> int:
 
 def arrays(x, y, *, batch_size=32, shuffle=True, seed=0, augment=None, drop_last=False,
            dtype="float32", prefetch=2, workers=2) -> Dataset:
-    """A Dataset over in-memory NHWC float images x (N, H, W, C) and labels y (N,) or (N, K):
-    {0, 1} for BCE, class indices or one-hot rows for CE, real values for MSE (checked against
-    the model's loss by fine_tune and evaluate). x is not copied; batches are cast to `dtype`.
-    Augmentation zero-fills in the space x is in (after any normalisation)."""
+    """A Dataset over in-memory inputs and labels y (N,) or (N, K): {0, 1} for BCE, class
+    indices or one-hot rows for CE, real values for MSE (checked against the model's loss by
+    fine_tune and evaluate). x: NHWC float images (N, H, W, C), or a dict of named inputs of a
+    model with several ({"input_ids": (N, L) ints, "attention_mask": (N, L) 0/1}). x is not
+    copied; float batches are cast to `dtype`, integer ones stay int64. Augmentation (images
+    only) zero-fills in the space x is in (after any normalisation)."""
+    if isinstance(x, dict):
+        x, shape = _named_inputs(x)
+    else:
+        x = _image_array(x)
+        shape = x.shape[1:]
+    y = _labels(y, inputs.length(x))
+    return Dataset(_ArraySource(x), y.astype(np.float64), shape, batch_size=batch_size,
+                   shuffle=shuffle, seed=seed, augment=augment, drop_last=drop_last, dtype=dtype,
+                   prefetch=prefetch, workers=workers)
+
+
+def _image_array(x) -> np.ndarray:
     if not isinstance(x, np.ndarray):
         x = np.asarray(x)
     if x.ndim != 4:
@@ -471,28 +499,52 @@ def arrays(x, y, *, batch_size=32, shuffle=True, seed=0, augment=None, drop_last
         raise DataError(f"Expected x as float images already normalised for the backbone; "
                         f"received dtype {x.dtype}. Use tl.preprocess(model, images) for uint8 "
                         f"images.")
+    _check_finite(x, "x")
+    return x
+
+
+def _check_finite(x, what) -> None:
     step = max(1, (1 << 22) // max(1, x[0].size))  # blocks of ~4M values: no full-size temporary
     bad = sum(int(x[i:i + step].size - np.count_nonzero(np.isfinite(x[i:i + step])))
               for i in range(0, len(x), step))
     if bad:
-        raise DataError(f"Expected finite values in x; received {bad} NaN/inf value(s). "
+        raise DataError(f"Expected finite values in {what}; received {bad} NaN/inf value(s). "
                         f"Clean or drop those images first.")
+
+
+def _named_inputs(x: dict):
+    """A dict of named input arrays, one row per sample in each: (x, {name: sample shape})."""
+    if not x or not all(isinstance(k, str) for k in x):
+        raise DataError(f"Expected x as a dict {{input name: array}}, e.g. {{'input_ids': ..., "
+                        f"'attention_mask': ...}}; received keys {list(x)}.")
+    out = {k: np.asarray(v) for k, v in x.items()}
+    counts = {k: (len(v) if v.ndim else 0) for k, v in out.items()}
+    if len(set(counts.values())) != 1 or 0 in counts.values():
+        raise ShapeError(f"Expected every input of x with the same number of samples (>= 1); "
+                         f"received {counts}.")
+    for k, v in out.items():
+        if not (np.issubdtype(v.dtype, np.number) or v.dtype == bool):
+            raise DataError(f"Expected numeric x[{k!r}]; received dtype {v.dtype}.")
+        if np.issubdtype(v.dtype, np.floating):
+            _check_finite(v, f"x[{k!r}]")
+    return out, {k: v.shape[1:] for k, v in out.items()}
+
+
+def _labels(y, n: int) -> np.ndarray:
     y = np.asarray(y)
     if y.ndim == 1:
         y = y[:, None]
     if y.ndim != 2 or y.shape[1] < 1:
         raise ShapeError(f"Expected labels y of shape (N,) or (N, K); received {y.shape}.")
-    if y.shape[0] != x.shape[0]:
-        raise ShapeError(f"Expected one label row per image; received {x.shape[0]} image(s) in x "
+    if y.shape[0] != n:
+        raise ShapeError(f"Expected one label row per image; received {n} image(s) in x "
                          f"but {y.shape[0]} label row(s) in y. Pass x and y of the same length.")
     if not (np.issubdtype(y.dtype, np.number) or y.dtype == bool):
         raise DataError(f"Expected numeric labels; received dtype {y.dtype}.")
     if np.isinf(y.astype(np.float64)).any():     # NaN marks a missing label (multi-task heads)
         raise DataError(f"Expected finite labels (NaN for a missing one); received "
                         f"{int(np.sum(np.isinf(y.astype(np.float64))))} inf value(s).")
-    return Dataset(_ArraySource(x), y.astype(np.float64), x.shape[1:], batch_size=batch_size,
-                   shuffle=shuffle, seed=seed, augment=augment, drop_last=drop_last, dtype=dtype,
-                   prefetch=prefetch, workers=workers)
+    return y
 
 
 def image_folder(root, image_size, *, classes=None, on_error="raise", batch_size=32,

@@ -16,7 +16,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from . import optim
+from . import inputs, optim
 from .errors import ArgumentTypeError, DataError, ShapeError
 from .model import TransferModel
 
@@ -98,8 +98,8 @@ def prototype_head(m: TransferModel, support_x, support_y, *, metric: str = "euc
     from . import api, validation
     api._check_model(m)
     _check_metric(metric, scale)
-    x = validation.check_images(support_x, m.input_shape, m.dtype, "support_x")
-    y, k = _class_indices(support_y, len(x), "support_y", num_classes)
+    x = validation.check_inputs(support_x, m.inputs, m.dtype, "support_x")
+    y, k = _class_indices(support_y, inputs.length(x), "support_y", num_classes)
     if k < 2:
         raise DataError(f"Expected at least 2 classes in the support set; received {k}.")
     w, b = prototype_weights(prototypes(_features(m, x), y, k), metric, float(scale))
@@ -138,12 +138,12 @@ def linear_probe(m: TransferModel, x, y, *, l2: float = 1e-3, loss: str | None =
     api._check_model(m)
     if isinstance(l2, bool) or not isinstance(l2, (int, float)) or not l2 > 0:
         raise DataError(f"Expected l2 as a positive number; received {l2!r}.")
-    x = validation.check_images(x, m.input_shape, m.dtype, "x")
+    x = validation.check_inputs(x, m.inputs, m.dtype, "x")
     y_arr = np.asarray(y)
     if loss is None:
         loss = "ce"
     if loss == "bce":
-        yb = validation.check_labels(y_arr, len(x), 1, "float64")[:, 0]
+        yb = validation.check_labels(y_arr, inputs.length(x), 1, "float64")[:, 0]
         if len(np.unique(yb)) < 2:
             raise DataError("Expected both classes 0 and 1 among the labels for a binary probe.")
         w, b = fit_probe(_features(m, x), yb.astype(np.int64), 2, float(l2), binary=True)
@@ -151,7 +151,7 @@ def linear_probe(m: TransferModel, x, y, *, l2: float = 1e-3, loss: str | None =
     if loss != "ce":
         raise DataError(f"Expected loss 'ce' (classes) or 'bce' (one binary output) for a "
                         f"linear probe; received {loss!r}.")
-    yi, k = _class_indices(y_arr, len(x), "y", num_classes)
+    yi, k = _class_indices(y_arr, inputs.length(x), "y", num_classes)
     if k < 2:
         raise DataError(f"Expected at least 2 classes for a probe; received {k}.")
     w, b = fit_probe(_features(m, x), yi, k, float(l2))
@@ -188,7 +188,7 @@ def few_shot_eval(m: TransferModel, episodes, method: str = "prototype", *,
     if method in ("prototype", "probe"):
         used = np.unique(np.concatenate([np.concatenate([e.support, e.query])
                                          for e in episodes]))
-        got = _features(m, episodes.x[used].astype(m.dtype, copy=False), batch_size)
+        got = _features(m, inputs.cast(inputs.rows(episodes.x, used), m.dtype), batch_size)
         feats = np.zeros((len(episodes.x), got.shape[1]))
         feats[used] = got
         for e in episodes:
@@ -205,12 +205,12 @@ def few_shot_eval(m: TransferModel, episodes, method: str = "prototype", *,
               **(fine_tune_kwargs or {})}
         for e in episodes:
             c = _copy(m)
-            xs = episodes.x[e.support].astype(m.dtype, copy=False)
+            xs = inputs.cast(inputs.rows(episodes.x, e.support), m.dtype)
             h = prototype_head(c, xs, e.support_y, metric=metric, scale=scale)
             if "unfreeze" not in kw:
                 api.freeze(h, "backbone")
             fine_tune(h, (xs, e.support_y), **kw)
-            z = api.logits(h, episodes.x[e.query].astype(m.dtype, copy=False),
+            z = api.logits(h, inputs.cast(inputs.rows(episodes.x, e.query), m.dtype),
                            batch_size=batch_size)
             accs.append(float(np.mean(np.argmax(z, axis=1) == e.query_y)))
     accs = np.asarray(accs)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import api, config, gate, losses, metrics, optim, validation
+from . import api, config, gate, inputs, losses, metrics, optim, validation
 from . import weights as wio
 from .errors import (ArgumentTypeError, CheckpointError, DataError, NoHeadError, NotPortableError,
                      ShapeError)
@@ -60,6 +60,11 @@ class FusedModel(Composite):
     def input_shape(self) -> tuple | None:
         """None when each member maps the input itself (preprocess= callables)."""
         return None if isinstance(self.preprocess, list) else self.members[0].input_shape
+
+    @property
+    def inputs(self) -> tuple | None:
+        """The members' declared inputs (None when each member maps the input itself)."""
+        return None if isinstance(self.preprocess, list) else self.members[0].inputs
 
     @property
     def dtype(self) -> str:
@@ -234,7 +239,7 @@ def out_of_fold(members, x, y, folds: int, fine_tune_kwargs, seed: int = 0,
                 batch_size: int = 64, preprocess=None) -> np.ndarray:
     """(M, N, K) logits of every sample from copies of each member fine-tuned without it:
     k folds, a seeded permutation, each copy starting from the member's current weights."""
-    n = len(x)
+    n = inputs.length(x)
     if not (isinstance(folds, (int, np.integer)) and not isinstance(folds, bool)
             and 2 <= folds <= n):
         raise DataError(f"Expected folds as an int in [2, {n}] (samples); received {folds!r}.")
@@ -246,8 +251,8 @@ def out_of_fold(members, x, y, folds: int, fine_tune_kwargs, seed: int = 0,
         for held in parts:
             keep = np.setdiff1d(np.arange(n), held)
             c = _copy(m)
-            fine_tune(c, (xi[keep], y[keep]), **{"progress": False, **kw})
-            out[i, held] = api.logits(c, xi[held], batch_size=batch_size)
+            fine_tune(c, (inputs.rows(xi, keep), y[keep]), **{"progress": False, **kw})
+            out[i, held] = api.logits(c, inputs.rows(xi, held), batch_size=batch_size)
         _check_finite(out[i], i, m)
     return out
 
@@ -463,7 +468,7 @@ def _stack(members, *, val, train, folds, oof, force, fine_tune_kwargs, l2, seed
         zs = out_of_fold(members, x, y, folds, recipes, seed, batch_size, preprocess)
         for i, (m, kw) in enumerate(zip(members, recipes)):   # the final members: all of train
             fine_tune(m, (member_input(preprocess, i, m, x), y), **{"progress": False, **kw})
-        source = f"out-of-fold ({folds} folds of {len(x)} samples)"
+        source = f"out-of-fold ({folds} folds of {inputs.length(x)} samples)"
     elif oof is not None:
         if not (isinstance(oof, (tuple, list)) and len(oof) == 2):
             raise DataError("Expected oof as (outputs, y): outputs (M, N, K) logits, one (N, K) "
@@ -556,7 +561,7 @@ def _val_arrays(f: FusedModel, val, what: str = "val"):
         raise DataError(f"Expected {what} as an (x, y) pair of numpy arrays; received "
                         f"{type(val).__name__}.")
     if f.preprocess is None:
-        x = validation.check_images(val[0], f.input_shape, f.dtype, f"{what} x")
+        x = validation.check_inputs(val[0], f.inputs, f.dtype, f"{what} x")
     elif f.preprocess == "images":
         x = _as_uint8(val[0])
         if x.ndim != 4 or x.shape[1:] != tuple(f.input_shape) or not len(x):
@@ -567,7 +572,7 @@ def _val_arrays(f: FusedModel, val, what: str = "val"):
         x = np.asarray(val[0])
         if x.ndim == 0 or not len(x):
             raise ShapeError(f"Expected {what} x with N >= 1 samples; received shape {x.shape}.")
-    y = validation.check_labels(val[1], len(x), f.num_outputs, "float64")
+    y = validation.check_labels(val[1], inputs.length(x), f.num_outputs, "float64")
     return x, np.asarray(y, np.float64)
 
 

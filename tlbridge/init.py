@@ -23,6 +23,8 @@ def torchvision_style(shapes: dict[str, tuple], rng: np.random.Generator) -> dic
         elif len(shape) == 4:  # conv OIHW (depthwise: O, 1, kh, kw)
             fan_out = shape[0] * shape[2] * shape[3]
             out[name] = rng.normal(0.0, np.sqrt(2.0 / fan_out), size=shape)
+        elif len(shape) == 2 and name.endswith("embeddings.weight"):  # nn.Embedding: N(0, 1)
+            out[name] = rng.normal(0.0, 1.0, size=shape)
         elif len(shape) == 2:  # linear (out, in)
             bound = 1.0 / np.sqrt(shape[1])
             out[name] = rng.uniform(-bound, bound, size=shape)

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from . import zoo
 from .specs import HeadSpec, ModelSpec
 
 
@@ -43,6 +44,11 @@ class TransferModel:
     @property
     def dtype(self) -> str:
         return self.spec.dtype
+
+    @property
+    def inputs(self) -> tuple:
+        """The declared inputs (specs.InputSpec): name, per-sample shape, dtype and kind."""
+        return zoo.signature(self.spec.backbone, self.spec.input_shape, self.spec.options)
 
     def with_head(self, head: HeadSpec) -> ModelSpec:
         return replace(self.spec, head=head)

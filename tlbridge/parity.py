@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import api, devices
+from . import api, devices, inputs, zoo
+from .specs import InputSpec
 
 
 def rel_diff(a, b, floor: float = 0.0) -> float:
@@ -99,6 +100,7 @@ CONFIGS = {
         "3e-3-0.5 in eval mode", "4, 8, 16", "1-4", "no kinks (SiLU), but the calibrated eval-mode "
         "network amplifies rounding ~1e4-fold, putting fp32 error near the 1e-2 ceiling")),
     "convnext_tiny": Config(),
+    "token_bag": Config(shape=(16,)),       # token ids (any length; batches of 12) + masks
 }
 
 
@@ -179,25 +181,42 @@ def calibrate(m, x, y, passes: int = CALIBRATE) -> None:
 _calibrate = calibrate   # pair() takes a `calibrate` argument of the same name
 
 
-def pair(backbone: str, *, dtype="float64", num_outputs=1, input_shape=(32, 32, 3), seed=0,
+def pair(backbone: str, *, dtype="float64", num_outputs=1, input_shape=None, seed=0,
          hidden=(), calibrate: int = 0, **options):
     """The same seeded model on torch and Keras (identical canonical weights); calibrate=n
-    first calibrates BatchNorm with n passes (see `calibrate`)."""
+    first calibrates BatchNorm with n passes (see `calibrate`). input_shape: (32, 32, 3) for
+    images, (16,) for token backbones, unless given."""
+    if input_shape is None:
+        input_shape = (16,) if zoo.signature(backbone, (1,))[0].kind == "tokens" else (32, 32, 3)
     mt = api.load_backbone(backbone, backend="torch", input_shape=input_shape, dtype=dtype,
                            seed=seed, **options)
     mt = api.replace_head(mt, num_outputs, hidden=hidden, seed=seed + 1)
     if calibrate:
-        x, y = batch(input_shape, 8, num_outputs, seed=seed + 100, dtype=dtype)
+        x, y = batch(mt.inputs, 8, num_outputs, seed=seed + 100, dtype=dtype)
         _calibrate(mt, x, y, calibrate)
     mk = api.convert(mt, "keras")
     return mt, mk
 
 
-def batch(input_shape, n, num_outputs, seed=0, dtype="float64"):
+def batch(inputs, n, num_outputs, seed=0, dtype="float64", length: int = 12):
+    """A seeded batch (x, y) for a model's declared inputs (m.inputs), or for images of shape
+    `inputs` (H, W, C): float inputs normal, token ids uniform below the vocabulary, attention
+    masks right-padded to random lengths (every row keeps a token); `length` for any-length
+    sequences. BCE labels in {0, 1}."""
     rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n, *input_shape)).astype(dtype)
+    if not (inputs and isinstance(inputs[0], InputSpec)):
+        inputs = (InputSpec("images", tuple(inputs)),)
+    x = {}
+    for spec in inputs:
+        shape = (n, *(length if d is None else d for d in spec.shape))
+        if spec.kind == "tokens":
+            x[spec.name] = rng.integers(0, spec.high or 100, size=shape)
+        elif spec.kind == "mask":
+            x[spec.name] = (np.arange(shape[-1]) < rng.integers(1, shape[-1] + 1, (n, 1))).astype(np.int64)
+        else:
+            x[spec.name] = rng.normal(size=shape).astype(dtype)
     y = (rng.random((n, num_outputs)) > 0.5).astype(dtype)
-    return x, y
+    return (x if len(x) > 1 else next(iter(x.values()))), y
 
 
 @dataclass
@@ -295,9 +314,9 @@ def fp32_vs_fp64(s: Suite, x, y, *, training: bool) -> Fp32Result:
 
 
 def _fp32_vs_fp64(s: Suite, x, y, *, training: bool) -> Fp32Result:
-    x = x.astype(np.float32)
+    x = inputs.cast(x, "float32")
     y = y.astype(np.float32)
-    l64, g64 = api.bce_loss_and_grads(s.models["torch", "float64"], x.astype(np.float64),
+    l64, g64 = api.bce_loss_and_grads(s.models["torch", "float64"], inputs.cast(x, "float64"),
                                       y.astype(np.float64), training=training)
     w64 = api.get_weights(s.models["torch", "float64"])
     zeros = zero_set(g64)
@@ -343,11 +362,17 @@ def sensitivity(m64, x, y, *, training: bool, kink: float = None, seed: int = 0)
     w = api.get_weights(m64)
     rng = np.random.default_rng(seed)
     uw = {k: rng.choice([-1.0, 1.0], size=np.shape(v)) for k, v in w.items()}
-    ux = rng.choice([-1.0, 1.0], size=x.shape)
+    named = x if isinstance(x, dict) else {"x": x}
+    ux = {k: rng.choice([-1.0, 1.0], size=v.shape) for k, v in named.items()
+          if np.issubdtype(v.dtype, np.floating)}       # token ids and masks stay as they are
+
+    def moved(eps):
+        out = {k: v * (1.0 + eps * ux[k]) if k in ux else v for k, v in named.items()}
+        return out if isinstance(x, dict) else out["x"]
 
     def grads(eps):
         api.set_weights(m64, {k: v * (1.0 + eps * uw[k]) for k, v in w.items()})
-        _, g = api.bce_loss_and_grads(m64, x * (1.0 + eps * ux), y, training=training)
+        _, g = api.bce_loss_and_grads(m64, moved(eps), y, training=training)
         api.set_weights(m64, w)
         return g
 

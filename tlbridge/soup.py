@@ -7,7 +7,7 @@ import warnings
 
 import numpy as np
 
-from . import losses
+from . import inputs, losses
 from .errors import DataError, WeightsMismatchError
 from .fusion import check_model_list
 
@@ -36,7 +36,7 @@ def _check_ingredients(models) -> list:
 def _images(data, m):
     from . import validation
     x = data[0] if isinstance(data, (tuple, list)) and len(data) == 2 else data
-    return validation.check_images(x, m.input_shape, m.dtype, "data")
+    return validation.check_inputs(x, m.inputs, m.dtype, "data")
 
 
 def recompute_batchnorm(m: TransferModel, data, batch_size: int = 64) -> None:
@@ -51,11 +51,12 @@ def recompute_batchnorm(m: TransferModel, data, batch_size: int = 64) -> None:
     be.apply_freeze(m)
     saved = be.swap_batchnorm_momentum(m, 1.0)
     try:
-        for k, i in enumerate(range(0, len(x), batch_size), 1):
+        for k, i in enumerate(range(0, inputs.length(x), batch_size), 1):
             be.swap_batchnorm_momentum(m, 1.0 / k)
-            xb = x[i:i + batch_size]        # labels do not matter: only the forward pass counts
-            be.loss_and_grads(m, api.validation.check_images(xb, m.input_shape, m.dtype),
-                              np.zeros((len(xb), m.num_outputs), m.dtype), True, losses.Loss())
+            xb = inputs.rows(x, slice(i, i + batch_size))   # labels do not matter: only the
+            be.loss_and_grads(m, api.validation.check_inputs(xb, m.inputs, m.dtype),  # forward
+                              np.zeros((inputs.length(xb), m.num_outputs), m.dtype), True,
+                              losses.Loss())
     finally:
         be.swap_batchnorm_momentum(m, saved)
         stats = {k: v for k, v in api.get_weights(m).items()

@@ -37,6 +37,23 @@ CAFFE = Preprocessing(mean=(103.939, 116.779, 123.68), std=(1.0, 1.0, 1.0), colo
 
 
 @dataclass(frozen=True)
+class InputSpec:
+    """One named input of a model: its per-sample shape (None: any length) and dtype ("float":
+    the model's float dtype; "int64" for token ids and masks) and kind, which says which checks
+    apply ("image": NHWC, finite, already normalised; "tokens": ids in [0, vocab); "mask": 0/1)."""
+
+    name: str
+    shape: tuple
+    dtype: str = "float"
+    kind: str = "image"
+    high: int | None = None       # tokens: the vocabulary size (ids must be below it)
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype == "float"
+
+
+@dataclass(frozen=True)
 class BackboneInfo:
     """A catalog entry. `portable` entries exist on both backends with identical function."""
 
@@ -47,6 +64,7 @@ class BackboneInfo:
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
     doc: str = ""
     pretrained: bool = True       # weights="imagenet" exists for it
+    inputs: str = "image"         # "image": one NHWC input; "tokens": input_ids + attention_mask
 
     def options(self, overrides: dict | None = None) -> dict:
         opts = dict(self.defaults)

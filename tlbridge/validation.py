@@ -64,3 +64,58 @@ def check_labels(y, n: int, k: int, dtype: str) -> np.ndarray:
             f"Expected labels in {{0, 1}} for binary cross-entropy; received {int(bad.sum())} "
             f"value(s) outside it, e.g. {sample}. One-hot encode class indices first.")
     return np.ascontiguousarray(y)
+
+
+def check_inputs(x, signature: tuple, dtype: str, what: str = "x"):
+    """x in the form the backend takes for a model with these declared inputs
+    (specs.InputSpec): one array for a single input (a dict {name: array} is accepted too),
+    a dict of every named input otherwise; each checked by its kind, floats cast to `dtype`."""
+    if len(signature) == 1:
+        spec = signature[0]
+        if isinstance(x, dict):
+            if set(x) != {spec.name}:
+                raise DataError(f"Expected {what} as an array, or a dict with the one input "
+                                f"{spec.name!r}; received a dict of {sorted(x)}.")
+            x = x[spec.name]
+        return _check_one(x, spec, dtype, what)
+    names = [s.name for s in signature]
+    if not isinstance(x, dict):
+        raise DataError(f"Expected {what} as a dict of the model's inputs {names}; received "
+                        f"{type(x).__name__}. Pass {{{', '.join(repr(n) + ': ...' for n in names)}}}.")
+    missing, unknown = [n for n in names if n not in x], sorted(set(x) - set(names))
+    if missing or unknown:
+        raise DataError(f"Expected {what} with exactly the model's inputs {names}; received "
+                        f"{sorted(x)} (missing {missing}, unknown {unknown}).")
+    out = {s.name: _check_one(x[s.name], s, dtype, f"{what}[{s.name!r}]") for s in signature}
+    n = {len(v) for v in out.values()}
+    if len(n) != 1:
+        raise ShapeError(f"Expected one row per sample in every input of {what}; received "
+                         f"{ {k: len(v) for k, v in out.items()} } rows.")
+    return out
+
+
+def _check_one(x, spec, dtype: str, what: str) -> np.ndarray:
+    if spec.kind == "image":
+        return check_images(x, spec.shape, dtype, what)
+    x = np.asarray(x)
+    want = f"(N, {', '.join('L' if d is None else str(d) for d in spec.shape)})"
+    if x.ndim != len(spec.shape) + 1 or x.shape[0] == 0 or any(
+            d is not None and d != got for d, got in zip(spec.shape, x.shape[1:])):
+        raise ShapeError(f"Expected {what} of shape {want} with N >= 1; received {x.shape}.")
+    if not (np.issubdtype(x.dtype, np.integer) or x.dtype == bool):
+        raise DataError(f"Expected {what} as integers ({spec.kind}); received dtype {x.dtype}. "
+                        f"Tokenize the texts first (token ids and a 0/1 attention mask).")
+    x = x.astype(np.int64)
+    if spec.kind == "mask":
+        bad = (x != 0) & (x != 1)
+        if bad.any():
+            raise DataError(f"Expected {what} in {{0, 1}} (1 for a real token, 0 for padding); "
+                            f"received {np.unique(x[bad])[:5].tolist()}.")
+        if not x.any(axis=tuple(range(1, x.ndim))).all():
+            raise DataError(f"Expected at least one real token (mask 1) in every row of {what}; "
+                            f"received {int((~x.any(axis=1)).sum())} row(s) of padding only.")
+    elif x.min() < 0 or (spec.high is not None and x.max() >= spec.high):
+        bad = x[(x < 0) | (x >= (spec.high or np.iinfo(np.int64).max))]
+        raise DataError(f"Expected {what} as token ids in [0, {spec.high}); received "
+                        f"{np.unique(bad)[:5].tolist()}. Use the model's own tokenizer.")
+    return np.ascontiguousarray(x)

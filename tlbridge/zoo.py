@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 
 from .errors import NoPretrainedWeightsError, ShapeError, UnknownBackboneError
-from .specs import BackboneInfo, Preprocessing
+from .specs import BackboneInfo, InputSpec, Preprocessing
 
 _RGB01 = Preprocessing()
 
@@ -56,8 +56,49 @@ PORTABLE: dict[str, BackboneInfo] = {
                 "LayerNorm2d + flatten (768 features). Stochastic depth off by default, as for "
                 "efficientnet_b0 (torchvision trains with 0.1).",
         ),
+        BackboneInfo(
+            "token_bag", True, "text", inputs="tokens", pretrained=False,
+            defaults=(("vocab_size", 1000), ("dim", 64)),
+            doc="A small text encoder with two inputs (input_ids, attention_mask): token "
+                "embeddings (nn.Embedding), their mean over the attention mask, then Linear + "
+                "tanh (`dim` features). The house's two-input model: text pipelines, sharding "
+                "and checkpoints run on it without a transformer's cost.",
+        ),
     ]
 }
+
+GATE = "fused_gate"     # the gated model inside a fusion takes its members' images
+
+
+def signature(backbone: str, input_shape: tuple, options: tuple | dict = ()) -> tuple:
+    """The model's declared inputs (InputSpec, in order): one "images" (H, W, C) float input for
+    image backbones; "input_ids" and "attention_mask" (L,) int64 for token backbones, whose
+    input_shape is (L,) (the longest sequence they take; batches may be shorter)."""
+    info = PORTABLE.get(backbone)
+    if info is not None and info.inputs == "tokens":
+        vocab = dict(options).get("vocab_size")
+        return (InputSpec("input_ids", (None,), "int64", "tokens", vocab),
+                InputSpec("attention_mask", (None,), "int64", "mask"))
+    return (InputSpec("images", tuple(input_shape), "float", "image"),)
+
+
+def check_input_shape(backbone: str, input_shape) -> tuple:
+    """input_shape as the backbone's kind of input takes it: (H, W, C) for images (default
+    (224, 224, 3)), (L,) for tokens (default (128,))."""
+    tokens = backbone in PORTABLE and PORTABLE[backbone].inputs == "tokens"
+    if input_shape is None:                 # the kind's default
+        input_shape = (128,) if tokens else (224, 224, 3)
+    try:
+        shape = tuple(int(d) for d in input_shape)
+    except (TypeError, ValueError):
+        shape = ()
+    if tokens and (len(shape) != 1 or shape[0] < 1):
+        raise ShapeError(f"Expected input_shape as (max_length,) for the token backbone "
+                         f"{backbone!r}; received {input_shape!r}.")
+    if not tokens and (len(shape) != 3 or min(shape) < 1):
+        raise ShapeError(f"Expected input_shape as (height, width, channels) of positive ints; "
+                         f"received {input_shape!r}.")
+    return shape
 
 
 def is_portable(name: str) -> bool:
@@ -126,6 +167,8 @@ def min_input_side(name: str, options: dict) -> int:
 def check_portable_input(name: str, options: dict, input_shape: tuple) -> None:
     """Refuse, before anything is built, an input shape a portable backbone cannot take:
     too small for its downsampling, or not RGB."""
+    if PORTABLE[name].inputs != "image":
+        return
     h, w, c = input_shape
     side = min_input_side(name, options)
     if h < side or w < side:

@@ -99,6 +99,7 @@ import numpy as np  # noqa: E402
 
 from tlbridge.errors import BackendNotInstalledError, DistributedError  # noqa: E402
 from tlbridge.model import TransferModel  # noqa: E402
+from tlbridge import zoo  # noqa: E402
 from tlbridge.specs import HeadSpec, ModelSpec  # noqa: E402
 
 from . import backbones, compute, devices, gate, network, parallel, training, weights  # noqa: E402
@@ -142,7 +143,7 @@ def build_backbone(spec: ModelSpec, portable: bool, pretrained: bool, seed: int 
         keras.utils.set_random_seed(seed)
     options = dict(spec.options)
     if portable:
-        inputs = keras.Input(shape=tuple(spec.input_shape), dtype=spec.dtype, name="images")
+        inputs = _inputs(spec)
         mirror = network.Mirror(spec.dtype, scope="backbone.")
         feats = backbones.PORTABLE[spec.backbone](mirror, inputs, pretrained, **options)
         backbone_slots = weights.slots_for(mirror.entries)
@@ -162,6 +163,15 @@ def build_backbone(spec: ModelSpec, portable: bool, pretrained: bool, seed: int 
              "backbone_slots": backbone_slots, "slots": backbone_slots, "layers": layers,
              "feature_dim": int(feats.shape[-1])}
     return feature_model, state
+
+
+def _inputs(spec: ModelSpec):
+    """keras.Input for each declared input (tlbridge/zoo.py signature): one for images, a dict
+    {name: Input} for a model with several."""
+    sig = zoo.signature(spec.backbone, spec.input_shape, spec.options)
+    made = {s.name: keras.Input(shape=s.shape, dtype=spec.dtype if s.is_float else s.dtype,
+                                name=s.name) for s in sig}
+    return made[sig[0].name] if len(sig) == 1 else made
 
 
 def build_gate(members: list, gate_on: str, gate_backbone=None):

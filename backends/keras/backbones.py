@@ -87,8 +87,16 @@ def resnet50(mirror: Mirror, x, pretrained: bool):
     return _resnet(mirror, x, _bottleneck, (3, 4, 6, 3))
 
 
+def token_bag(mirror: Mirror, x, pretrained: bool, vocab_size=1000, dim=64):
+    """backends/torch/backbones.py TokenBag: embeddings, masked mean, Linear + tanh; x is the
+    dict of keras.Input {"input_ids", "attention_mask"}."""
+    e = mirror.embedding(x["input_ids"], "embeddings", vocab_size, dim)
+    pooled = mirror.masked_mean(e, x["attention_mask"])
+    return mirror.act(mirror.dense(pooled, "dense", int(dim)), "tanh")
+
+
 PORTABLE = {"seed_vgg": seed_vgg, "vgg16": vgg16, "resnet18": resnet18, "resnet50": resnet50,
-            **mobile.PORTABLE}
+            "token_bag": token_bag, **mobile.PORTABLE}
 
 
 def native_names() -> list[str]:

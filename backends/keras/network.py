@@ -364,8 +364,27 @@ class Mirror:
     def add(self, a, b):
         return layers.Add(dtype=self.dtype)([a, b])
 
+    def embedding(self, ids, prefix, vocab_size, dim):
+        """nn.Embedding: the same (vocab, dim) table in both layouts."""
+        layer = layers.Embedding(int(vocab_size), int(dim), name=self.scope + prefix,
+                                 dtype=self.dtype)
+        return self._record(self.scope + prefix, "embedding", layer)(ids)
+
+    def masked_mean(self, x, mask):
+        return MaskedMean(dtype=self.dtype)(x, mask)
+
     def multiply(self, a, b):
         return layers.Multiply(dtype=self.dtype)([a, b])
+
+
+@keras.saving.register_keras_serializable("tlbridge")
+class MaskedMean(layers.Layer):
+    """The mean of (N, L, D) over the positions whose mask is 1, written as sum / count (a
+    Keras mean would round float64 through float32 on other engines: docs/parity.md)."""
+
+    def call(self, x, mask):
+        m = ops.expand_dims(ops.cast(mask, x.dtype), -1)
+        return ops.sum(x * m, axis=1) / ops.maximum(ops.sum(m, axis=1), 1.0)
 
 
 @keras.saving.register_keras_serializable("tlbridge")

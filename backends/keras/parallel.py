@@ -122,8 +122,16 @@ def first_replica(ctx) -> tf.Tensor:
     return tf.equal(tf.cast(ctx.replica_id_in_sync_group, tf.int32), 0)
 
 
+def rows(x):
+    """The number of rows of a batch (a tensor, or a dict of them)."""
+    return tf.shape(next(iter(x.values())) if isinstance(x, dict) else x)[0]
+
+
 def share(x, ctx):
-    """This replica's rows of the global batch x (tlbridge/parallel.py's shard_bounds)."""
+    """This replica's rows of the global batch x (tlbridge/parallel.py's shard_bounds); a
+    dict of named inputs is shared input by input."""
+    if isinstance(x, dict):
+        return {k: share(v, ctx) for k, v in x.items()}
     n = tf.shape(x)[0]
     world = ctx.num_replicas_in_sync
     r = tf.cast(ctx.replica_id_in_sync_group, tf.int32)

@@ -23,7 +23,7 @@ from tlbridge.losses import Loss
 from tlbridge.optim import OptimizerConfig
 
 from . import devices, parallel as par
-from .compute import loss_fn, multi_loss, task_counts
+from .compute import constant, input_spec, loss_fn, multi_loss, task_counts
 from .network import TorchBatchNorm
 
 _POLICY = {"bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
@@ -185,8 +185,8 @@ class Trainer:
             denom = tf.sqrt(v_) / b + cfg.eps
             var.assign(p + (-a) * (m_ / denom))
 
-        x_shape = (None, *model.inputs[0].shape[1:])     # any batch size: one trace, also for
-        signature = [tf.TensorSpec(x_shape, self.m.dtype),  # a ragged last batch
+        x_spec = input_spec(model.inputs[0] if head_only else self.m.state["inputs"])
+        signature = [x_spec,        # any batch size: one trace, also for a ragged last batch
                      tf.TensorSpec((None, *model.outputs[0].shape[1:]), self.m.dtype),
                      tf.TensorSpec((len(slots), 4), self.m.dtype)]
         variables = [s.variable.value for s in slots]
@@ -205,7 +205,8 @@ class Trainer:
             return value * tf.cast(scale, value.dtype) if precision == "fp16" else value
 
         def grads_of(tape, value):
-            grads = tape.gradient(value, variables)
+            grads = [None if g is None else tf.convert_to_tensor(g)    # embeddings: dense
+                     for g in tape.gradient(value, variables)]
             if precision != "fp16":
                 return grads
             return [None if g is None else g / tf.cast(scale, g.dtype) for g in grads]
@@ -262,7 +263,7 @@ class Trainer:
                 for v in variables:
                     tape.watch(v)
                 loss, parts = forward_loss(par.share(x, ctx), par.share(y, ctx),
-                                           tf.shape(x)[0], counts, first)
+                                           par.rows(x), counts, first)
                 total = scaled(loss)
             grads = grads_of(tape, total)
             return loss, parts, [tf.zeros_like(v) if g is None else g
@@ -308,7 +309,7 @@ class Trainer:
         where = (contextlib.nullcontext() if self.parallel is not None
                  else devices.scope(self.m.state.get("device", "cpu")))
         with where:
-            loss, reg, parts, applied = steps[key](tf.constant(x), tf.constant(y), rows)
+            loss, reg, parts, applied = steps[key](constant(x), tf.constant(y), rows)
         if self.loss.name == "multi":
             self.last_parts = np.asarray(parts, np.float64)
         if bool(applied):                   # fp16: a step skipped for inf/NaN counts no update

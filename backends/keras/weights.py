@@ -55,6 +55,7 @@ _KINDS = {
            ("moving_variance", "running_var", _same, _same, False)],
     "layernorm": [("gamma", "weight", _same, _same, True), ("beta", "bias", _same, _same, True)],
     "layer_scale": [("gamma", "layer_scale", _scale_to, _scale_from, True)],
+    "embedding": [("embeddings", "weight", _same, _same, True)],
 }
 
 

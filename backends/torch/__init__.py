@@ -43,9 +43,8 @@ def build_backbone(spec: ModelSpec, portable: bool, pretrained: bool, seed: int 
     else:
         module = backbones.build_native(spec.backbone, pretrained, options)
     net = network.TLNet(module).to(network.DTYPES[spec.dtype]).eval()
-    h, w, c = spec.input_shape
     with torch.no_grad():
-        dim = net.backbone(torch.zeros(1, c, h, w, dtype=network.DTYPES[spec.dtype])).shape[-1]
+        dim = net.backbone(compute.example(spec)).shape[-1]
     return net, {"feature_dim": int(dim)}
 
 

@@ -70,6 +70,26 @@ def _convnext_tiny(pretrained: bool, stochastic_depth_prob=0.0):
     return model
 
 
+class TokenBag(nn.Module):
+    """tlbridge's two-input text encoder (tlbridge/zoo.py "token_bag"): token embeddings, their
+    mean over the attention mask, Linear + tanh. Takes {"input_ids", "attention_mask"}."""
+
+    def __init__(self, vocab_size=1000, dim=64):
+        super().__init__()
+        self.embeddings = nn.Embedding(int(vocab_size), int(dim))
+        self.dense = nn.Linear(int(dim), int(dim))
+
+    def forward(self, inputs: dict):
+        e = self.embeddings(inputs["input_ids"])
+        mask = inputs["attention_mask"].to(e.dtype).unsqueeze(-1)
+        pooled = (e * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+        return torch.tanh(self.dense(pooled))
+
+
+def _token_bag(pretrained: bool, vocab_size=1000, dim=64):
+    return TokenBag(vocab_size, dim)
+
+
 PORTABLE = {
     "seed_vgg": _seed_vgg,
     "vgg16": lambda pretrained: _strip(torchvision.models.vgg16(weights=_tv_weights("vgg16", pretrained)), "classifier"),
@@ -78,6 +98,7 @@ PORTABLE = {
     "mobilenet_v2": _mobilenet_v2,
     "efficientnet_b0": _efficientnet_b0,
     "convnext_tiny": _convnext_tiny,
+    "token_bag": _token_bag,
 }
 
 # torchvision models whose auxiliary classifiers we switch off: they change the train-mode output

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tlbridge import inputs
+
 
 def _device(net: nn.Module) -> torch.device:
     for p in net.parameters():
@@ -13,17 +15,34 @@ def _device(net: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def to_nchw(net: nn.Module, x: np.ndarray) -> torch.Tensor:
+def to_nchw(net: nn.Module, x):
+    """Model input on the model's device: NHWC images become NCHW; a dict of named inputs
+    (token ids, masks) goes as it is, one tensor per input."""
+    if isinstance(x, dict):
+        return {k: torch.from_numpy(v).to(_device(net)) for k, v in x.items()}
     return torch.from_numpy(x).to(_device(net)).permute(0, 3, 1, 2).contiguous()
 
 
+def example(spec) -> object:
+    """One zero sample of the model's declared inputs, in its dtype, to size the backbone."""
+    from tlbridge import zoo
+    from .network import DTYPES
+    sig = zoo.signature(spec.backbone, spec.input_shape, spec.options)
+    if len(sig) == 1 and sig[0].kind == "image":
+        h, w, c = spec.input_shape
+        return torch.zeros(1, c, h, w, dtype=DTYPES[spec.dtype])
+    return {s.name: torch.ones(1, *(1 if d is None else d for d in s.shape),
+                               dtype=DTYPES[spec.dtype] if s.is_float else torch.int64)
+            for s in sig}
+
+
 @torch.no_grad()
-def _batched(fn, net: nn.Module, x: np.ndarray, batch_size: int) -> np.ndarray:
+def _batched(fn, net: nn.Module, x, batch_size: int) -> np.ndarray:
     was_training = net.training
     net.eval()
     try:
-        outs = [fn(to_nchw(net, x[i:i + batch_size])).cpu().numpy()
-                for i in range(0, len(x), batch_size)]
+        outs = [fn(to_nchw(net, inputs.rows(x, slice(i, i + batch_size)))).cpu().numpy()
+                for i in range(0, inputs.length(x), batch_size)]
     finally:
         net.train(was_training)
     return np.concatenate(outs, axis=0)

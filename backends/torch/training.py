@@ -4,11 +4,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from tlbridge import inputs
 from tlbridge.losses import Loss
 from tlbridge.optim import OptimizerConfig
 
 from . import parallel as par
-from .compute import loss_fn, multi_loss, task_counts
+from .compute import loss_fn, multi_loss, task_counts, to_nchw
 
 _AMP = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -171,16 +172,17 @@ class Trainer:
     def _shard(self, x, y):
         if self.parallel is None:
             return x, y
-        self._rows, self._y_global = len(x), y
-        a, b = self.parallel.bounds(len(x))
-        return x[a:b], y[a:b]
+        n = inputs.length(x)
+        self._rows, self._y_global = n, y
+        a, b = self.parallel.bounds(n)
+        return inputs.rows(x, slice(a, b)), y[a:b]
 
     def step(self, x: np.ndarray, y: np.ndarray, lrs: list[float]):
         """One optimizer step on a batch, BatchNorm in train mode (frozen BN stays in eval).
         Data-parallel: x, y are the global batch; this rank trains on its share."""
         self._train_mode()
         x, y = self._shard(x, y)
-        xt = torch.from_numpy(x).to(self.device).permute(0, 3, 1, 2).contiguous()
+        xt = to_nchw(self.net, x)
         ddp = self._ddp_module
         if ddp is not None:
             return self._step(lambda: ddp(xt), y, lrs, summed=True)

@@ -5,7 +5,8 @@
 
 A RUN is "optimizer:bn_sync[:option...]" (options: unfreeze, freeze_bn_biases, cache: the
 feature cache in epochs with a frozen backbone; multi: two task heads, a BCE and an MSE task
-with missing labels, uncertainty weighting; bf16: a float32 model in mixed precision). Each run trains
+with missing labels, uncertainty weighting; bf16: a float32 model in mixed precision; tokens:
+the two-input text model token_bag on token ids + attention masks instead of images). Each run trains
 seed_vgg with BatchNorm (fp64) on 37 images in batches of 10 (the last one is short, and its
 two shares differ in size) for 2 epochs and writes the final canonical weights to
 OUT.<i>.safetensors (rank 0). Under torchrun every rank runs this; with --replicas N, Keras
@@ -27,8 +28,22 @@ def data():
     return x, y
 
 
-def model(backend, multi=False, dtype="float64"):
+def tokens():
+    """37 sequences of 9 token ids with padding of varying length (mask 0) and a label a small
+    model can learn (is token 1 among the real tokens?)."""
+    rng = np.random.default_rng(1)
+    ids = rng.integers(0, 20, size=(37, 9))
+    mask = (np.arange(9)[None, :] < rng.integers(2, 10, size=(37, 1))).astype(np.int64)
+    y = ((ids == 1) & (mask == 1)).any(axis=1).astype(float)[:, None]
+    return {"input_ids": ids, "attention_mask": mask}, y
+
+
+def model(backend, multi=False, dtype="float64", text=False):
     import tlbridge as tl
+    if text:
+        m = tl.load_backbone("token_bag", backend=backend, input_shape=(9,), dtype=dtype, seed=3,
+                             vocab_size=20, dim=8)
+        return tl.replace_head(m, 1, hidden=(6,), seed=4)
     m = tl.load_backbone("seed_vgg", backend=backend, input_shape=(16, 16, 3), dtype=dtype,
                          seed=3, batch_norm=True, widths=(4, 8, 8))
     if multi:
@@ -60,7 +75,8 @@ def train(backend, run, replicas=None, epochs=2, ckpt=None, resume=False, callba
     import tlbridge as tl
     optimizer, bn_sync, *options = run.split(":")
     multi = "multi" in options
-    m = model(backend, multi, "float32" if "bf16" in options else "float64")
+    text = "tokens" in options
+    m = model(backend, multi, "float32" if "bf16" in options else "float64", text)
     opt = tl.optim.SGD(0.05) if optimizer == "sgd" else tl.optim.Adam(0.01)
     kw = dict(epochs=epochs, batch_size=10, optimizer=opt, seed=7, progress=False,
               checkpoint=None if ckpt is None else tl.Checkpoint(ckpt, resume=resume),
@@ -73,7 +89,7 @@ def train(backend, run, replicas=None, epochs=2, ckpt=None, resume=False, callba
         tl.freeze(m, "backbone")
         kw["unfreeze"] = {0: "head", 1: "all"}
     kw["parallel"] = tl.Parallel(replicas=replicas or None, bn_sync=bn_sync)
-    x, y = data()
+    x, y = tokens() if text else data()
     if "bf16" in options:
         x, y = x.astype(np.float32), y.astype(np.float32)
     if multi:

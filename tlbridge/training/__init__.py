@@ -17,7 +17,7 @@ from ..optim import L2SP
 from . import epoch_end, loop, setup
 from .checkpoint import CHECKPOINT_FORMAT
 from .evaluation import evaluate
-from .inputs import fingerprint
+from .feed import fingerprint
 from .options import CHECKPOINT_NAME, Checkpoint, EarlyStopping, Parallel
 
 __all__ = ["fine_tune", "evaluate", "EarlyStopping", "Checkpoint", "Parallel", "L2SP",

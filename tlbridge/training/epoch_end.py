@@ -7,7 +7,7 @@ import time
 from .. import api
 from . import checkpoint
 from .evaluation import evaluate_dataset
-from .inputs import fingerprint
+from .feed import fingerprint
 from .state import Run
 
 

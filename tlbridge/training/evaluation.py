@@ -6,7 +6,7 @@ import numpy as np
 from .. import api, data as tldata
 from ..errors import DataError
 from ..kinds import Composite
-from .inputs import as_dataset, check_data
+from .feed import as_dataset, check_data
 
 
 def evaluate(m, data, *, batch_size: int = 64, loss=None) -> dict:

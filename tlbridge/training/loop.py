@@ -8,9 +8,9 @@ import time
 
 import numpy as np
 
-from .. import api, optim
+from .. import api, inputs, optim
 from ..errors import TrainingDivergedError
-from .inputs import batches, feature_cache
+from .feed import batches, feature_cache
 from .progress import Progress
 from .state import Run
 
@@ -57,7 +57,7 @@ def _steps(run: Run, epoch: int, use_cache: bool, bar):
     fn = trainer.head_step if use_cache else trainer.step
     for step, (xb, yb) in enumerate(batches(run.ds, epoch, run.cache if use_cache else None)):
         lrs = run.plan.lrs(epoch, step)
-        loss, penalty = fn(xb.astype(m.dtype, copy=False), yb.astype(m.dtype, copy=False), lrs)
+        loss, penalty = fn(inputs.cast(xb, m.dtype), yb.astype(m.dtype, copy=False), lrs)
         if not (math.isfinite(loss) and math.isfinite(penalty)):
             raise _diverged(run, bar, loss, epoch, step, lrs)
         if run.ema_w is not None:

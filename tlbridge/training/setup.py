@@ -8,7 +8,7 @@ from .. import api, devices, optim, parallel as tlparallel, registry
 from ..errors import DataError
 from ..kinds import Composite
 from . import checkpoint, options, plan as tlplan
-from .inputs import as_dataset, check_data
+from .feed import as_dataset, check_data
 from .state import Run
 
 

@@ -6,7 +6,7 @@ import hashlib
 
 import numpy as np
 
-from .. import api, data as tldata
+from .. import api, data as tldata, inputs
 from ..errors import DataError
 
 
@@ -18,7 +18,7 @@ def as_dataset(d, batch_size, shuffle, seed, dtype, what, m=None, loss=None) -> 
         return d
     if isinstance(d, (tuple, list)) and len(d) == 2 and m is not None and (
             isinstance(d[1], dict) or loss is not None and loss.name == "multi"):
-        d = (d[0], api.labels_for(m, d[1], len(d[0]), loss, f"{what} labels"))
+        d = (d[0], api.labels_for(m, d[1], inputs.length(d[0]), loss, f"{what} labels"))
     if isinstance(d, (tuple, list)) and len(d) == 2:
         return tldata.arrays(d[0], d[1], batch_size=batch_size, shuffle=shuffle, seed=seed, dtype=dtype)
     raise DataError(f"Expected {what} as an (x, y) pair of numpy arrays or a tl.data dataset; "
@@ -27,24 +27,44 @@ def as_dataset(d, batch_size, shuffle, seed, dtype, what, m=None, loss=None) -> 
 
 def check_data(m, ds: tldata.Dataset, what: str, loss) -> tldata.Dataset:
     """The data must fit the model before any work is done: labels in the loss's form (a
-    shallow copy when they change) and inputs of the model's shape."""
+    shallow copy when they change) and inputs as the model declares them."""
     ds = loss.fit_dataset(ds, m.num_outputs, what)
-    if m.input_shape is not None and ds.image_shape != tuple(m.input_shape):
-        raise DataError(
-            f"Expected {what} images of shape {tuple(m.input_shape)} (the model's input_shape); "
-            f"received {ds.image_shape}. Resize the images (image_folder's image_size), or load "
-            f"the backbone with input_shape={ds.image_shape}.")
+    signature = getattr(m, "inputs", None)
+    if signature is None or m.input_shape is None:      # members map the inputs themselves
+        return ds
+    if len(signature) == 1 and signature[0].kind == "image":
+        if ds.image_shape != tuple(m.input_shape):
+            got = ds.image_shape if ds.image_shape is not None else ds.input_shapes
+            raise DataError(
+                f"Expected {what} images of shape {tuple(m.input_shape)} (the model's "
+                f"input_shape); received {got}. Resize the images (image_folder's image_size), "
+                f"or load the backbone with input_shape={got}.")
+        return ds
+    _check_named(signature, ds.input_shapes, what)
     return ds
 
 
+def _check_named(signature, shapes: dict, what: str) -> None:
+    names = [s.name for s in signature]
+    if sorted(shapes) != sorted(names):
+        got = (f"one array of per-sample shape {shapes['x']}" if list(shapes) == ["x"]
+               else f"{sorted(shapes)}")
+        raise DataError(f"Expected {what} inputs {names} (the model's); received {got}. "
+                        f"Pass x as a dict {{{', '.join(repr(n) + ': ...' for n in names)}}}.")
+    for spec in signature:
+        got = shapes[spec.name]
+        if len(got) != len(spec.shape) or any(d is not None and d != g
+                                              for d, g in zip(spec.shape, got)):
+            want = tuple("L" if d is None else d for d in spec.shape)
+            raise DataError(f"Expected {what} input {spec.name!r} of per-sample shape {want}; "
+                            f"received {got}.")
+
+
 def fingerprint(x) -> str:
-    """A cheap identity for an input array: shape, dtype and up to 256 evenly spaced samples
-    (hashing every byte of a large set would cost seconds)."""
-    x = np.asarray(x)
-    h = hashlib.sha1(f"{x.shape}{x.dtype}".encode())
-    idx = np.unique(np.linspace(0, len(x) - 1, num=min(len(x), 256)).astype(int)) if len(x) else []
-    for i in idx:
-        h.update(np.ascontiguousarray(x[i]).tobytes())
+    """A cheap identity for inputs (an array or a dict of them): shape, dtype and up to 256
+    evenly spaced samples (hashing every byte of a large set would cost seconds)."""
+    h = hashlib.sha1()
+    inputs.digest(x, h)
     return h.hexdigest()
 
 
