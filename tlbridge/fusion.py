@@ -377,12 +377,10 @@ def fuse(members, method: str = "mean", *, val=None, space: str = "logit", weigh
     the fused one.
 
     method="stack": a logistic regression per output on the members' logits, fitted on
-    out-of-fold outputs from exactly one source: train=(x, y) with folds=k (each member is
-    a starting point: a copy per fold is fine-tuned with fine_tune_kwargs (one dict, or one
-    per member) on the other folds
-    and predicts the held-out one; then the member itself is fine-tuned on all of train, in
-    place); oof=(outputs (M, N, K), y) computed by the caller; or val=(x, y), a held-out set,
-    refused when it is a member's own training data (as fine_tune recorded it) unless
+    out-of-fold outputs from exactly one source: train=(x, y) with folds=k (a copy of each
+    member per fold is fine-tuned with fine_tune_kwargs on the other folds and predicts the
+    held-out one; then the member itself is fine-tuned on all of train, in place); oof=(outputs
+    (M, N, K), y); or val=(x, y), refused when it is a member's own training data unless
     force=True. l2 regularises the coefficients.
 
     method="gate": softmax weights per input from a gate network (Linear layers, `hidden`
@@ -411,18 +409,28 @@ def fuse(members, method: str = "mean", *, val=None, space: str = "logit", weigh
                       fine_tune_kwargs=fine_tune_kwargs, l2=l2, seed=seed,
                       batch_size=batch_size, preprocess=preprocess)
     if method == "gate":
-        if preprocess is not None:
-            raise DataError("method='gate' runs its members as one native model on one input; "
-                            "per-member preprocess= is not available with it. Preprocess the "
-                            "inputs first, or use members that share one input.")
-        if space != "logit":
-            raise DataError(f"method='gate' sums logits; received space={space!r}.")
-        if weights is not None or oof is not None:
-            raise DataError("method='gate' learns its weights per input with fine_tune: pass "
-                            "train=(x, y) (and val=) instead of weights= or oof=.")
+        _check_gate_arguments(preprocess, space, weights, oof)
         return _gate(members, train=train, val=val, gate_on=gate_on, hidden=hidden,
                      dropout=dropout, backend=backend, fine_tune_kwargs=fine_tune_kwargs,
                      force=force, seed=seed, batch_size=batch_size)
+    return _average(members, method, space, weights, val, batch_size, preprocess)
+
+
+def _check_gate_arguments(preprocess, space, weights, oof) -> None:
+    if preprocess is not None:
+        raise DataError("method='gate' runs its members as one native model on one input; "
+                        "per-member preprocess= is not available with it. Preprocess the "
+                        "inputs first, or use members that share one input.")
+    if space != "logit":
+        raise DataError(f"method='gate' sums logits; received space={space!r}.")
+    if weights is not None or oof is not None:
+        raise DataError("method='gate' learns its weights per input with fine_tune: pass "
+                        "train=(x, y) (and val=) instead of weights= or oof=.")
+
+
+def _average(members, method, space, weights, val, batch_size, preprocess) -> FusedModel:
+    """mean / weighted: a convex combination of logits or probabilities; weights given, equal,
+    or fitted on val."""
     if method not in METHODS:
         raise DataError(f"Unknown fusion method {method!r}. Expected one of {list(METHODS)}.")
     if space not in SPACES:
