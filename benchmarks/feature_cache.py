@@ -22,8 +22,7 @@ def run(backend, name, n, epochs, cache):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(n, 64, 64, 3)).astype("float32")
     y = (rng.random((n, 1)) > 0.5).astype("float32")
-    h = tl.fine_tune(m, (x, y), epochs=epochs, batch_size=32, lr=1e-3, progress=False,
-                     feature_cache=cache)
+    h = tl.fine_tune(m, (x, y), epochs=epochs, batch_size=32, optimizer=tl.optim.SGD(1e-3), progress=False, feature_cache=cache)
     return h["seconds"], tl.get_weights(m)
 
 

@@ -23,11 +23,13 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from tlbridge import optim  # noqa: E402  (imports no framework)
+
 SHAPE = (32, 32, 3)
 SHOTS = (1, 5, 10)
 METHODS = ("prototype", "probe", "finetune")
 OPTIONS = {"prototype": {}, "probe": {"l2": 0.01},
-           "finetune": {"fine_tune_kwargs": {"epochs": 10, "lr": 0.01}}}
+           "finetune": {"fine_tune_kwargs": {"epochs": 10, "optimizer": optim.SGD(0.01)}}}
 
 
 def main(n_episodes: str = "100", out_dir: str = "benchmarks/out") -> None:

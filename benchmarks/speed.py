@@ -135,8 +135,7 @@ class Runners:
     def tl_epoch(self, repeat):
         ds = self.tl.data.arrays(self.x, self.y, batch_size=self.args.batch_size, seed=repeat,
                                  dtype=self.dtype)
-        h = self.tl.fine_tune(self.ours, ds, epochs=1, lr=LR, momentum=MOMENTUM, progress=False,
-                              feature_cache=False, seed=repeat)
+        h = self.tl.fine_tune(self.ours, ds, epochs=1, optimizer=self.tl.optim.SGD(LR, momentum=MOMENTUM), progress=False, feature_cache=False, seed=repeat)
         return float(h["loss"][-1])
 
     # -- torch: a plain loop over the nn.Module, a new torch.optim.SGD per epoch
