@@ -153,9 +153,14 @@ def replace_head(m: TransferModel, num_outputs: int = 1, *, hidden=(), dropout: 
     head = HeadSpec(int(num_outputs), _check_hidden(hidden), float(dropout))
     spec = losses.of(head, loss, label_smoothing)
     head = replace(head, loss=spec.name, label_smoothing=spec.label_smoothing)
-    rng = np.random.default_rng(seed)
-    return _attach(m, head, init.linear_head(head.dims(m.state["feature_dim"]), rng,
-                                             head.layer_names()))
+    return attach_head(m, head, linear_init(head, seed))
+
+
+def linear_init(head: HeadSpec, seed):
+    """torch.nn.Linear's default init of `head`'s layers, drawn from numpy with `seed` (the
+    same head on both backends)."""
+    return lambda feature_dim: init.linear_head(head.dims(feature_dim),
+                                                np.random.default_rng(seed), head.layer_names())
 
 
 def loss_spec(m: TransferModel, loss=None):

@@ -253,7 +253,8 @@ def transfer_labels(m: TransferModel, source_classes, target_classes, mapping: d
             if mapping.get(t, t) in source}
     if head.loss == "ce" and len(target) < 2:
         raise DataError("Expected at least 2 target classes for a CE head.")
-    new = api._attach(m, replace(head, num_outputs=len(target)), seed)
+    new_head = replace(head, num_outputs=len(target))
+    new = api.attach_head(m, new_head, api.linear_init(new_head, seed))
     old, fresh = api.get_weights(m), api.get_weights(new)
     last = head.layer_names()[-1]
     w, b = fresh[last + ".weight"].copy(), fresh[last + ".bias"].copy()
