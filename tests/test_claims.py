@@ -1,6 +1,8 @@
-"""What the README and docs claim about the project itself: every file they name is in the
-project, every generated README block has a script that writes it, and the Keras backend keeps
-TensorFlow's start-up log lines off the user's console."""
+"""What the README and the docs pages claim about the project itself: every file they name is
+in the project, every generated block has a script that writes it and a page it lives in, every
+link between the pages resolves, the README stays a front door, the examples call fine_tune
+in its v3 form, and the Keras backend keeps TensorFlow's start-up log lines off the user's
+console."""
 from __future__ import annotations
 
 import importlib.util
@@ -81,15 +83,32 @@ def test_every_project_path_named_exists():
     assert not missing, "named paths that are not in the project:\n" + "\n".join(missing)
 
 
+def _pages() -> list[pathlib.Path]:
+    """README.md and every docs/*.md page: what the claims below are checked on."""
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def test_fill_readme_fills_every_page():
+    assert set(_fill_readme().pages()) == set(_pages())
+
+
 def test_every_block_fill_readme_fills_has_markers_and_a_producer():
     fill = _fill_readme()
-    readme = (ROOT / "README.md").read_text()
-    marked = set(re.findall(r"<!-- (\w+):start -->", readme))
-    assert marked == set(fill.BLOCKS), (
-        f"README blocks {sorted(marked)} != fill_readme.BLOCKS {sorted(fill.BLOCKS)}")
+    homes = {}
+    for page in _pages():
+        text = page.read_text()
+        rel = page.relative_to(ROOT)
+        marked = set(re.findall(r"<!-- (\w+):(?:start|end) -->", text))
+        assert marked <= set(fill.BLOCKS), (
+            f"{rel}: blocks {sorted(marked - set(fill.BLOCKS))} are not in fill_readme.BLOCKS")
+        for name in marked:
+            assert text.count(f"<!-- {name}:start -->") == 1 == text.count(f"<!-- {name}:end -->"), \
+                f"{rel}: block {name} needs one start and one end marker"
+            assert fill.block_pattern(name).search(text), f"{rel}: {name}: end marker before start marker"
+            homes.setdefault(name, []).append(rel)
+    assert set(homes) == set(fill.BLOCKS), (
+        f"blocks no page holds: {sorted(set(fill.BLOCKS) - set(homes))} (README.md or docs/*.md)")
     for name, (producer, command) in fill.BLOCKS.items():
-        assert readme.count(f"<!-- {name}:start -->") == 1 == readme.count(f"<!-- {name}:end -->")
-        assert fill.block_pattern(name).search(readme), f"{name}: end marker before start marker"
         source = (ROOT / producer).read_text()
         writes = re.search(rf"write_table\(\s*[\"']{name}[\"']", source) or f'"{name}.md"' in source
         assert writes, f"{producer} does not write benchmarks/out/{name}.md"
@@ -98,6 +117,100 @@ def test_every_block_fill_readme_fills_has_markers_and_a_producer():
             assert re.search(rf"^{target}:", (ROOT / "Makefile").read_text(), re.M), command
         else:
             assert (ROOT / command.split()[-1]).exists(), command
+
+
+def test_readme_is_a_front_door_of_at_most_300_lines():
+    lines = (ROOT / "README.md").read_text().splitlines()
+    assert len(lines) <= 300, f"README.md has {len(lines)} lines; move reference into docs/"
+
+
+def _prose(text: str) -> list[tuple[int, str]]:
+    """(line number, line) outside fenced code blocks."""
+    out, fenced = [], False
+    for i, line in enumerate(text.splitlines(), 1):
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+        elif not fenced:
+            out.append((i, line))
+    return out
+
+
+def _anchors(page: pathlib.Path) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces to hyphens, -N for repeats."""
+    seen, anchors = {}, set()
+    for _, line in _prose(page.read_text()):
+        m = re.match(r"#{1,6}\s+(.*?)\s*#*\s*$", line)
+        if not m:
+            continue
+        slug = re.sub(r"[^\w\- ]", "", m.group(1).replace("`", "").lower()).replace(" ", "-")
+        n = seen.get(slug, 0)
+        seen[slug] = n + 1
+        anchors.add(slug if n == 0 else f"{slug}-{n}")
+    return anchors
+
+
+def _links(page: pathlib.Path) -> list[tuple[int, str]]:
+    return [(i, m.group(1)) for i, line in _prose(page.read_text())
+            for m in re.finditer(r"\]\(([^)\s]+)\)", line)]
+
+
+def test_every_link_in_the_readme_and_docs_resolves_inside_the_project():
+    bad = []
+    for page in _pages():
+        for i, target in _links(page):
+            if re.match(r"[a-z]+:", target):
+                continue                                   # https:, mailto:
+            path, _, anchor = target.partition("#")
+            dest = (page.parent / path).resolve() if path else page
+            where = f"{page.relative_to(ROOT)}:{i}: {target}"
+            if not dest.is_relative_to(ROOT) or not dest.exists():
+                bad.append(f"{where} (no such file in the project)")
+            elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest):
+                bad.append(f"{where} (no heading #{anchor} in {dest.relative_to(ROOT)})")
+    assert not bad, "links that do not resolve:\n" + "\n".join(bad)
+
+
+def test_the_readme_links_every_docs_page():
+    linked = {target.partition("#")[0] for _, target in _links(ROOT / "README.md")}
+    linked = {path for path in linked if path.startswith("docs/")}
+    pages = {f"docs/{p.name}" for p in (ROOT / "docs").glob("*.md")}
+    assert not linked - pages, f"README links docs pages that do not exist: {sorted(linked - pages)}"
+    assert not pages - linked, f"docs pages the README does not link: {sorted(pages - linked)}"
+
+
+# fine_tune's v3 parameters (tlbridge's API v3: optimizers, checkpoint, loss and parallel as values)
+FINE_TUNE_V3 = {"val", "epochs", "batch_size", "optimizer", "unfreeze", "loss", "early_stopping",
+                "checkpoint", "seed", "progress", "callbacks", "feature_cache", "precision", "parallel"}
+
+
+def _call_arguments(text: str, start: int) -> str | None:
+    """The text between the parenthesis at `start` and its match (None when unbalanced)."""
+    depth = 0
+    for j in range(start, len(text)):
+        depth += {"(": 1, ")": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[start + 1:j]
+    return None
+
+
+def test_examples_call_fine_tune_with_its_v3_keywords():
+    old = []
+    for page in _pages():
+        text = page.read_text()
+        for m in re.finditer(r"\bfine_tune\(", text):
+            args = _call_arguments(text, m.end() - 1)
+            if args is None:
+                continue
+            flat, depth = [], 0
+            for c in args:                                  # keep only the call's own level
+                depth += {"(": 1, "[": 1, "{": 1, ")": -1, "]": -1, "}": -1}.get(c, 0)
+                flat.append(c if depth == 0 or c in "([{" else " ")
+            for kw in re.findall(r"(?<![\w.])(\w+)\s*=(?!=)", "".join(flat)):
+                if kw not in FINE_TUNE_V3:
+                    line = text.count("\n", 0, m.start()) + 1
+                    old.append(f"{page.relative_to(ROOT)}:{line}: {kw}=")
+    assert not old, ("fine_tune keywords that moved in v3 (docs/fine-tuning.md: Moved in v3):\n"
+                     + "\n".join(old))
 
 
 # ---- TensorFlow's start-up logs --------------------------------------------------------------
@@ -165,7 +278,7 @@ def test_every_test_the_docs_cite_exists():
         for name in re.findall(r"^\s*def (test_\w+)", path.read_text(), re.M):
             defined.setdefault(name, set()).add(path.name)
     missing = []
-    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+    for doc in _pages():
         for i, line in enumerate(doc.read_text().splitlines(), 1):
             for m in re.finditer(r"(?:(test_\w+)\.py::)?\b(test_\w+)\b(?!\.py)", line):
                 file, name = m.group(1), m.group(2)
