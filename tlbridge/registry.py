@@ -1,7 +1,8 @@
 """Backends registered as dotted module paths, imported on first use (the fsspec habit).
 
 Nothing here imports a framework; `importlib.util.find_spec` answers "installed?"
-without importing it.
+without importing it. What a registered package must implement: backends/contract.py
+(tlbridge.backends.contract).
 """
 from __future__ import annotations
 

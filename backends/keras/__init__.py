@@ -1,4 +1,5 @@
-"""The Keras 3 backend (on TensorFlow). Its twin `tlbridge.backends.torch` exposes the same names."""
+"""The Keras 3 backend (on TensorFlow): implements backends/contract.py (Backend, DataParallel,
+Replicas); its twin `tlbridge.backends.torch` exposes the same names."""
 from __future__ import annotations
 
 import contextlib

@@ -1,5 +1,6 @@
 """Devices on Keras (TensorFlow): variables are created, and every step and forward pass
-runs, under `tf.device` of `m.device`; a model moves by being rebuilt there."""
+runs, under `tf.device` of `m.device`; a model moves by being rebuilt there (by
+tlbridge/api.py: to_device answers False)."""
 from __future__ import annotations
 
 import tensorflow as tf
@@ -34,13 +35,10 @@ def of(m) -> str:
     return tf_name(m.state.get("device", "cpu"))
 
 
-def to_device(m, device: str) -> None:
-    """Rebuilt on `device` with the same weights and freeze state (variables do not move)."""
-    from tlbridge import api
-    if m.state.get("device", "cpu") == device:
-        return
-    new = api._rebuild(m.spec, m.backend, api.get_weights(m), set(m.frozen), device=device)
-    m.native, m.state = new.native, new.state
+def to_device(m, device: str) -> bool:
+    """Variables do not move: False (tlbridge/api.py rebuilds the model under scope(device)
+    with the same weights and freeze state), unless it already lives on `device`."""
+    return m.state.get("device", "cpu") == device
 
 
 def set_tf32(enabled) -> bool:

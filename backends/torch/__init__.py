@@ -1,4 +1,5 @@
-"""The PyTorch backend. Its twin `tlbridge.backends.keras` exposes the same names."""
+"""The PyTorch backend: implements backends/contract.py (Backend, DataParallel under torchrun);
+its twin `tlbridge.backends.keras` exposes the same names."""
 from __future__ import annotations
 
 import numpy as np
@@ -14,7 +15,8 @@ NAME = "torch"
 __all__ = ["NAME", "native_backbones", "build_backbone", "attach_head", "canonical_shapes",
            "param_names", "get_weights", "set_weights", "apply_freeze", "features", "logits",
            "loss_and_grads", "make_trainer", "seed_epoch", "swap_batchnorm_momentum", "build_gate",
-           "resolve_device", "device_scope", "place_built", "to_device", "set_tf32"]
+           "resolve_device", "device_scope", "place_built", "to_device", "set_tf32",
+           "init_parallel"]
 
 resolve_device = devices.resolve
 device_scope = devices.scope
@@ -119,4 +121,5 @@ def swap_batchnorm_momentum(m: TransferModel, momenta):
 
 
 def init_parallel(plan, m: TransferModel) -> None:
+    """Join torchrun's process group (the plan's world and rank) on the model's device."""
     parallel.init(plan.world, plan.rank, m.device)

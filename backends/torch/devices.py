@@ -31,9 +31,11 @@ def scope(device: str):
     return contextlib.nullcontext()
 
 
-def to_device(m, device: str) -> None:
+def to_device(m, device: str) -> bool:
+    """Parameters and buffers move in place: True (the contract's "moved")."""
     m.native.to(torch.device(device))
     m.state["device"] = device
+    return True
 
 
 def set_tf32(enabled):
