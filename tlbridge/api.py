@@ -333,8 +333,9 @@ def to_device(m: TransferModel, device: str) -> TransferModel:
     _check_model(m)
     be = _be(m.backend)
     target = be.resolve_device(devices.normalize(device))
-    if target != m.device:
-        be.to_device(m, target)
+    if target != m.device and not be.to_device(m, target):     # the framework cannot move it:
+        new = _rebuild(m.spec, m.backend, get_weights(m), set(m.frozen), device=target)
+        m.native, m.state = new.native, new.state               # rebuilt there, same weights
     return m
 
 
