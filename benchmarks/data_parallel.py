@@ -105,6 +105,22 @@ def parallel_worker(backend):
         from tlbridge.backends.keras import cpu_replicas
         cpu_replicas(2)
     import tlbridge as tl
+    runners = _tlbridge_runners(tl, backend, x, y)
+    if backend == "torch":
+        framework, rank = _torch_framework(tl, runners, x, y)
+    else:
+        framework, rank = _keras_framework(tl, x, y)
+    runners["framework"] = framework
+    times = _interleaved_times(runners, len(x))
+    if rank == 0:
+        out = {k: len(x) / float(np.median(v)) for k, v in times.items()}
+        out["ratio"] = float(np.median(np.array(times["local"]) / np.array(times["framework"])))
+        print(json.dumps(out))
+
+
+def _tlbridge_runners(tl, backend, x, y):
+    """bn_sync -> run(n): one tlbridge fine_tune epoch on the first n images, each on its own
+    resnet18 (the same start), 2 ranks or 2 replicas."""
     kw = dict(batch_size=64, progress=False, feature_cache=False)
     runners = {}
     for bn_sync in ("global", "local"):
@@ -114,54 +130,66 @@ def parallel_worker(backend):
         def run(n, m=m, bn_sync=bn_sync, extra=extra):
             tl.fine_tune(m, (x[:n], y[:n]), bn_sync=bn_sync, **kw, **extra)
         runners[bn_sync] = run
-    if backend == "torch":
-        import torch
-        import torch.distributed as dist
-        from torch.nn.parallel import DistributedDataParallel
-        from tlbridge.parallel import shard_bounds
-        runners["global"](64)               # initialises the process group (gloo)
-        rank, world = dist.get_rank(), dist.get_world_size()
-        net = DistributedDataParallel(_resnet18(tl, "torch").native)
-        opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9, foreach=False)
-        loss_fn = torch.nn.BCEWithLogitsLoss()
-        xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
-        yt = torch.from_numpy(y)
-        rng = np.random.default_rng(0)
+    return runners
 
-        def framework(n):
-            net.train()
-            order = torch.from_numpy(rng.permutation(n))
-            for k in range(0, n, 64):
-                idx = order[k:k + 64]
-                a, b = shard_bounds(len(idx), world, rank)
-                opt.zero_grad(set_to_none=True)
-                loss_fn(net(xt[idx[a:b]]), yt[idx[a:b]]).backward()
-                opt.step()
-    else:
-        import keras
-        rank = 0
-        from tlbridge.backends.keras import parallel as kp
-        strategy = kp.strategy_for(kp.devices_for(2))   # the one tlbridge's replicas=2 uses
-        with strategy.scope():
-            model = _resnet18(tl, "keras").native
-            model.compile(optimizer=keras.optimizers.SGD(1e-3, momentum=0.9),
-                          loss=keras.losses.BinaryCrossentropy(from_logits=True))
 
-        def framework(n):
-            model.fit(x[:n], y[:n], batch_size=64, epochs=1, verbose=0)
-    runners["framework"] = framework
+def _torch_framework(tl, runners, x, y):
+    """The plain-torch epoch: DistributedDataParallel and SGD on this rank's share of each
+    batch of 64. The process group is tlbridge's (started by a first tlbridge run, so that
+    run comes first). Returns (run(n), rank)."""
+    import torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+    from tlbridge.parallel import shard_bounds
+    runners["global"](64)               # initialises the process group (gloo)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    net = DistributedDataParallel(_resnet18(tl, "torch").native)
+    opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9, foreach=False)
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
+    yt = torch.from_numpy(y)
+    rng = np.random.default_rng(0)
+
+    def framework(n):
+        net.train()
+        order = torch.from_numpy(rng.permutation(n))
+        for k in range(0, n, 64):
+            idx = order[k:k + 64]
+            a, b = shard_bounds(len(idx), world, rank)
+            opt.zero_grad(set_to_none=True)
+            loss_fn(net(xt[idx[a:b]]), yt[idx[a:b]]).backward()
+            opt.step()
+    return framework, rank
+
+
+def _keras_framework(tl, x, y):
+    """The plain-Keras epoch: model.fit with the model built under the MirroredStrategy that
+    tlbridge's replicas=2 uses. Returns (run(n), rank 0)."""
+    import keras
+    from tlbridge.backends.keras import parallel as kp
+    strategy = kp.strategy_for(kp.devices_for(2))   # the one tlbridge's replicas=2 uses
+    with strategy.scope():
+        model = _resnet18(tl, "keras").native
+        model.compile(optimizer=keras.optimizers.SGD(1e-3, momentum=0.9),
+                      loss=keras.losses.BinaryCrossentropy(from_logits=True))
+
+    def framework(n):
+        model.fit(x[:n], y[:n], batch_size=64, epochs=1, verbose=0)
+    return framework, 0
+
+
+def _interleaved_times(runners, n):
+    """A warm-up epoch each (tracing, first allocations), then REPEATS rounds of one timed
+    epoch per runner in turn, so drift hits all alike; runner -> seconds per round."""
     for run in runners.values():
         run(128)                            # warm-up: tracing, first allocations
     times = {k: [] for k in runners}
     for _ in range(REPEATS):
         for k, run in runners.items():
             t0 = time.perf_counter()
-            run(len(x))
+            run(n)
             times[k].append(time.perf_counter() - t0)
-    if rank == 0:
-        out = {k: len(x) / float(np.median(v)) for k, v in times.items()}
-        out["ratio"] = float(np.median(np.array(times["local"]) / np.array(times["framework"])))
-        print(json.dumps(out))
+    return times
 
 
 def main() -> int:

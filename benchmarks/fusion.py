@@ -64,6 +64,33 @@ def main(out_dir: str = "benchmarks/out") -> None:
     tgt = digits >= 5
     train, val, test = splits(tl, x_all[tgt], (digits[tgt] >= 7).astype(np.float32)[:, None])
 
+    members, seconds, starts, recipes = train_members(tl, backbone, train)
+    ms = list(members.values())
+    rows = {name: m for name, m in members.items()}
+    fused, same = fuse_members(tl, ms, starts, recipes, train, val, seconds)
+    rows.update(fused)
+    soups = make_soups(tl, ms[:3], train, val)
+    rows.update(soups)
+
+    lines = [f"Digits 5-9, \"is it 7 or more?\": {len(train[0])} train / {len(val[0])} val / "
+             f"{len(test[0])} test images. Members fine-tuned {RECIPE['epochs']} epochs (SGD, cosine; "
+             f"A-C: head first, then all). Fusion weights and greedy choices use val only; test "
+             f"is untouched by any fitting.", ""]
+    scores = score_table(tl, rows, val, test, lines)
+    lines += ["", *fitted_notes(tl, fused, soups, same, test),
+              "Fine-tune seconds per member: " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()) + ".",
+              "", "Command: `.venv/bin/python benchmarks/fusion.py`"]
+    print("\n".join(lines))
+    from _out import write_table
+    write_table("fusion", lines)
+    plot(scores, os.path.join(out_dir, "fusion.png"))
+
+
+def train_members(tl, backbone, train):
+    """Members A-C (the pretrained seed_vgg, one head, three data orders; A on torch, B and C
+    on Keras) and D (resnet18 from random init on torch), with their starting points and
+    recipes (the out-of-fold stack re-trains from those). Returns (members, seconds, starts,
+    recipes)."""
     members, seconds, starts, recipes = {}, {}, [], []
     for label, backend, seed in (("A", "torch", 0), ("B", "keras", 1), ("C", "keras", 2)):
         m = tl.load_backbone("seed_vgg", backend=backend, input_shape=SHAPE, weights=backbone,
@@ -83,10 +110,13 @@ def main(out_dir: str = "benchmarks/out") -> None:
     tl.fine_tune(d, train, **recipes[-1])
     members["D: resnet18 random init, torch"] = d
     seconds["D"] = time.perf_counter() - t0
+    return members, seconds, starts, recipes
 
-    ms = list(members.values())
-    soupable = ms[:3]
-    rows = {name: m for name, m in members.items()}
+
+def fuse_members(tl, ms, starts, recipes, train, val, seconds):
+    """Every tl.fuse method over A-D (timing the out-of-fold stack and the gates into
+    `seconds`). Returns (name -> fused model, whether the out-of-fold stack's final members
+    are the members, bit for bit)."""
     fused = {
         "mean (logits), A-D": tl.fuse(ms),
         "mean (probabilities), A-D": tl.fuse(ms, space="prob"),
@@ -106,37 +136,46 @@ def main(out_dir: str = "benchmarks/out") -> None:
     fused["gate on features, hidden 16 (trained on val), A-D"] = tl.fuse(
         ms, "gate", gate_on="features", hidden=(16,), train=val, val=val, backend="torch")
     seconds["both gates"] = time.perf_counter() - t0
-    rows.update(fused)
-    soups = {
+    return fused, same
+
+
+def make_soups(tl, soupable, train, val):
+    """Uniform soups of A-C (BatchNorm recomputed on the training images, or averaged) and a
+    greedy soup picked on val."""
+    return {
         "uniform soup A-C (BN recomputed)": tl.soup(soupable, bn="recompute", data=train[0],
                                                     warn=False),
         "uniform soup A-C (BN averaged)": tl.soup(soupable, warn=False),
         "greedy soup A-C (val, BN recomputed)": tl.soup(soupable, "greedy", val=val,
                                                         bn="recompute", data=train[0]),
     }
-    rows.update(soups)
 
-    lines = [f"Digits 5-9, \"is it 7 or more?\": {len(train[0])} train / {len(val[0])} val / "
-             f"{len(test[0])} test images. Members fine-tuned {RECIPE['epochs']} epochs (SGD, cosine; "
-             f"A-C: head first, then all). Fusion weights and greedy choices use val only; test "
-             f"is untouched by any fitting.", "",
-             "| model | val loss | val acc | val AUC | test loss | test acc | test AUC |",
-             "|---|---|---|---|---|---|---|"]
+
+def score_table(tl, rows, val, test, lines):
+    """Appends the val / test table of every model to `lines`; returns name -> test scores."""
+    lines += ["| model | val loss | val acc | val AUC | test loss | test acc | test AUC |",
+              "|---|---|---|---|---|---|---|"]
     scores = {}
     for name, m in rows.items():
         v, t = tl.evaluate(m, val), tl.evaluate(m, test)
         scores[name] = t
         lines.append(f"| {name} | {v['loss']:.4f} | {v['accuracy']:.3f} | {v['auc']:.4f} | "
                      f"{t['loss']:.4f} | {t['accuracy']:.3f} | {t['auc']:.4f} |")
-    lines += ["", "Fitted weights (A, B, C, D): " + "; ".join(
-        f"{k.split(' (')[0]} {k.split('(')[1].split(',')[0]}: "
-        f"{np.round(f.weights, 3).tolist()}" for k, f in fused.items() if "weighted" in k),
-        "Greedy soup: ingredients " + str([["A", "B", "C"][i] for i in
-                                           soups["greedy soup A-C (val, BN recomputed)"].report["ingredients"]])
+    return scores
+
+
+def fitted_notes(tl, fused, soups, same, test):
+    """What the fitting chose: weighted-fusion weights, the greedy soup's steps, the stacks'
+    coefficients, the gates' mean weights on test."""
+    greedy = soups["greedy soup A-C (val, BN recomputed)"].report
+    return [
+        "Fitted weights (A, B, C, D): " + "; ".join(
+            f"{k.split(' (')[0]} {k.split('(')[1].split(',')[0]}: "
+            f"{np.round(f.weights, 3).tolist()}" for k, f in fused.items() if "weighted" in k),
+        "Greedy soup: ingredients " + str([["A", "B", "C"][i] for i in greedy["ingredients"]])
         + ", steps " + "; ".join(
             f"{'+'.join('ABC'[i] for i in s['ingredients'])} val {s['val_loss']:.4f}"
-            f" ({'kept' if s['kept'] else 'dropped'})"
-            for s in soups["greedy soup A-C (val, BN recomputed)"].report["steps"]) + ".",
+            f" ({'kept' if s['kept'] else 'dropped'})" for s in greedy["steps"]) + ".",
         "Stack coefficients (A, B, C, D; bias): " + "; ".join(
             f"{k.split(' (')[1].split(')')[0]}: {np.round(f.weights[:, 0], 2).tolist()}; "
             f"{f.bias[0]:.2f}" for k, f in fused.items() if k.startswith("stack")) + ". "
@@ -146,12 +185,7 @@ def main(out_dir: str = "benchmarks/out") -> None:
             f"{np.round(tl.gate_weights(f, test[0]).mean(axis=0), 3).tolist()}"
             for k, f in fused.items() if k.startswith("gate")) + f" (recipe "
         f"{tl.fusion.GATE_RECIPE}).",
-        "Fine-tune seconds per member: " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()) + ".",
-        "", "Command: `.venv/bin/python benchmarks/fusion.py`"]
-    print("\n".join(lines))
-    from _out import write_table
-    write_table("fusion", lines)
-    plot(scores, os.path.join(out_dir, "fusion.png"))
+    ]
 
 
 def plot(scores: dict, path: str) -> None:

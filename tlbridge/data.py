@@ -564,6 +564,26 @@ def image_folder(root, image_size, *, classes=None, on_error="raise", batch_size
     with a warning). Headers are checked here; a file whose pixels fail later is dropped from
     its batch under "skip".
     """
+    hw = _folder_options(on_error, labels, image_size, preprocess)
+    _pil()  # fail now, with the install hint, rather than per file
+    root = os.fspath(root)
+    classes = _folder_classes(root, classes)
+    files, idx = _folder_files(root, classes)
+    workers = _nonneg_int(workers, "workers")
+    files, idx, skipped = _readable_files(files, idx, classes, on_error, workers)
+    idx = np.asarray(idx)
+    if labels == "index":
+        y = idx[:, None].astype(np.float64)
+    else:
+        y = (idx == 1)[:, None].astype(np.float64) if len(classes) == 2 else np.eye(len(classes))[idx]
+    return Dataset(_FolderSource(files, hw, preprocess, on_error), y, (*hw, 3),
+                   batch_size=batch_size, shuffle=shuffle, seed=seed, augment=augment,
+                   drop_last=drop_last, dtype=dtype, prefetch=prefetch, workers=workers,
+                   classes=list(classes), files=files, skipped=skipped)
+
+
+def _folder_options(on_error, labels, image_size, preprocess) -> tuple:
+    """image_folder's options checked before any file is touched; returns (h, w)."""
     if on_error not in ("raise", "skip"):
         raise DataError(f"Expected on_error 'raise' or 'skip'; received {on_error!r}.")
     if labels not in ("auto", "index"):
@@ -580,8 +600,12 @@ def image_folder(root, image_size, *, classes=None, on_error="raise", batch_size
     if preprocess is not None and not callable(preprocess):
         raise DataError(f"Expected preprocess as a callable on uint8 batches (or None); "
                         f"received {type(preprocess).__name__}.")
-    _pil()  # fail now, with the install hint, rather than per file
-    root = os.fspath(root)
+    return hw
+
+
+def _folder_classes(root: str, classes) -> list:
+    """The class names: root's sorted visible sub-folders, or `classes` checked against them
+    (at least 2, distinct, each a folder), so a typo fails here, not as a missing label."""
     if not os.path.isdir(root):
         raise DataError(f"Expected root as a folder with one sub-folder per class; received "
                         f"{root!r}, which {'is not a folder' if os.path.exists(root) else 'does not exist'}.")
@@ -601,6 +625,12 @@ def image_folder(root, image_size, *, classes=None, on_error="raise", batch_size
             raise DataError(f"Expected classes as at least 2 distinct sub-folder names of {root}; "
                             f"received {classes}" + (f" ({missing} not found; found {found})."
                                                      if missing else "."))
+    return classes
+
+
+def _folder_files(root: str, classes: list) -> tuple[list, list]:
+    """Every image file under each class folder (sorted walk, links followed) and its class
+    index; a class folder without images is an error, not a silently missing class."""
     files, idx = [], []
     for k, c in enumerate(classes):
         n0 = len(files)
@@ -610,8 +640,12 @@ def image_folder(root, image_size, *, classes=None, on_error="raise", batch_size
             raise DataError(f"Expected images ({', '.join(IMG_EXTENSIONS)}) in class folder "
                             f"{os.path.join(root, c)}; received none. Add images or remove the folder.")
         idx += [k] * (len(files) - n0)
+    return files, idx
 
-    workers = _nonneg_int(workers, "workers")
+
+def _readable_files(files, idx, classes, on_error, workers) -> tuple[list, list, list]:
+    """Files whose headers Pillow reads (in `workers` threads): an unreadable one raises, or
+    under on_error="skip" is left out with a warning; returns (files, idx, skipped)."""
     if workers:
         with ThreadPoolExecutor(max_workers=workers) as pool:
             errors = list(pool.map(_check_header, files))
@@ -623,9 +657,9 @@ def image_folder(root, image_size, *, classes=None, on_error="raise", batch_size
             if on_error == "raise":
                 raise _unreadable(f, exc) from exc
             skipped.append(f)
-    if skipped:
+    if skipped:     # stacklevel 3: image_folder's caller
         warnings.warn(f"tl.data.image_folder skipped {len(skipped)} unreadable file(s): "
-                      f"{skipped[:5]}{' ...' if len(skipped) > 5 else ''}", stacklevel=2)
+                      f"{skipped[:5]}{' ...' if len(skipped) > 5 else ''}", stacklevel=3)
         keep = [e is None for e in errors]
         files = [f for f, ok in zip(files, keep) if ok]
         idx = [i for i, ok in zip(idx, keep) if ok]
@@ -634,15 +668,7 @@ def image_folder(root, image_size, *, classes=None, on_error="raise", batch_size
         if empty:
             raise DataError(f"Expected readable images in every class folder; received none in "
                             f"{empty} after skipping {len(skipped)} unreadable file(s).")
-    idx = np.asarray(idx)
-    if labels == "index":
-        y = idx[:, None].astype(np.float64)
-    else:
-        y = (idx == 1)[:, None].astype(np.float64) if len(classes) == 2 else np.eye(len(classes))[idx]
-    return Dataset(_FolderSource(files, hw, preprocess, on_error), y, (*hw, 3),
-                   batch_size=batch_size, shuffle=shuffle, seed=seed, augment=augment,
-                   drop_last=drop_last, dtype=dtype, prefetch=prefetch, workers=workers,
-                   classes=list(classes), files=files, skipped=skipped)
+    return files, idx, skipped
 
 
 # ----------------------------------------------------------------------------- few-shot episodes

@@ -64,6 +64,18 @@ def main(out_dir: str = "benchmarks/out") -> int:
     (xs, ys), _ = split(x_all[src], np.eye(5)[digits[src]])
     (xt, yt), (xv, yv) = split(x_all[tgt], (digits[tgt] >= 7).astype(np.float32)[:, None])
 
+    backbone_file = _pretrain(tl, xs, ys, out_dir, say)
+    runs = _fine_tune_both(tl, backbone_file, (xt, yt), (xv, yv))
+    _report(tl, runs, len(xt), len(xv), say)
+    say(f"loss curves: {_plot_losses(runs['torch'][1], runs['keras'][1], out_dir)}")
+    with open(os.path.join(out_dir, "demo.md"), "w") as f:   # the format of benchmarks/_out.py
+        f.write("\n".join(["```", *transcript, "```"]) + "\n")
+    return 0
+
+
+def _pretrain(tl, xs, ys, out_dir: str, say) -> str:
+    """Step 1: the source task on torch; its backbone, saved to one safetensors file, is the
+    "pretrained" starting point of both backends. Returns the file's path."""
     t0 = time.perf_counter()
     source = tl.load_backbone("seed_vgg", backend="torch", input_shape=SHAPE, seed=0, batch_norm=True)
     source = tl.replace_head(source, 5, seed=1)
@@ -74,7 +86,13 @@ def main(out_dir: str = "benchmarks/out") -> int:
     tl.weights.save_file(backbone_file, backbone, {})
     say(f"1. source task (digits 0-4, 5 outputs) on torch: {len(xs)} images, train accuracy "
           f"{src_acc:.3f}, {time.perf_counter() - t0:.1f}s; backbone saved to {backbone_file}\n")
+    return backbone_file
 
+
+def _fine_tune_both(tl, backbone_file: str, train, val) -> dict:
+    """Step 2: the same recipe on both backends from that file; backend -> (model, history,
+    seconds)."""
+    (xt, yt), (xv, yv) = train, val
     runs = {}
     for backend in ("torch", "keras"):
         m = tl.load_backbone("seed_vgg", backend=backend, input_shape=SHAPE, weights=backbone_file,
@@ -83,10 +101,14 @@ def main(out_dir: str = "benchmarks/out") -> int:
         t = time.perf_counter()
         hist = tl.fine_tune(m, (xt, yt), val=(xv, yv), **RECIPE)
         runs[backend] = (m, hist, time.perf_counter() - t)
+    return runs
 
+
+def _report(tl, runs: dict, n_train: int, n_val: int, say) -> None:
+    """The side-by-side table per epoch, then final accuracy and the weight difference."""
     ht, hk = runs["torch"][1], runs["keras"][1]
-    say(f"2. target task (digits 5-9: >= 7?) on both backends from that file: {len(xt)} train / "
-          f"{len(xv)} val images; SGD lr 0.01 momentum 0.9 cosine, batch 32;")
+    say(f"2. target task (digits 5-9: >= 7?) on both backends from that file: {n_train} train / "
+          f"{n_val} val images; SGD lr 0.01 momentum 0.9 cosine, batch 32;")
     say("   epochs 0-1 head only (cached features), epoch 2 + last conv block, epochs 3-4 all\n")
     say(f"{'epoch':>5} {'trainable':>9} {'loss torch':>12} {'loss keras':>12} {'|diff|':>9} "
           f"{'val acc t/k':>12} {'s torch':>8} {'s keras':>8}")
@@ -109,6 +131,9 @@ def main(out_dir: str = "benchmarks/out") -> int:
           f"below {noise:.0e} on both")
     say(f"fine-tune wall time: torch {runs['torch'][2]:.1f}s, keras {runs['keras'][2]:.1f}s")
 
+
+def _plot_losses(ht, hk, out_dir: str) -> str:
+    """Both backends' train and val loss curves in one PNG; returns its path."""
     png = os.path.join(out_dir, "demo_loss_curves.png")
     import matplotlib
     matplotlib.use("Agg")
@@ -127,10 +152,7 @@ def main(out_dir: str = "benchmarks/out") -> int:
     fig.tight_layout()
     fig.savefig(png)
     plt.close(fig)
-    say(f"loss curves: {png}")
-    with open(os.path.join(out_dir, "demo.md"), "w") as f:   # the format of benchmarks/_out.py
-        f.write("\n".join(["```", *transcript, "```"]) + "\n")
-    return 0
+    return png
 
 
 if __name__ == "__main__":

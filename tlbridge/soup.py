@@ -78,6 +78,32 @@ def soup(models, method: str = "uniform", *, val=None, bn: str = "average", data
     """
     from . import api
     from .training import evaluate
+    models = _check_soup_call(models, method, val, bn, data, batch_size)
+    base = models[0]
+    ws = [api.get_weights(m) for m in models]
+    out = api._rebuild(base.spec, base.backend, ws[0], set(base.frozen), device=base.device)
+    make = _soup_maker(out, ws, bn, data, val, batch_size)
+    scores = None if val is None else [evaluate(m, val, batch_size=batch_size)["loss"]
+                                       for m in models]
+    if method == "uniform":
+        chosen = list(range(len(models)))
+        loss = make(chosen)
+        steps = [{"ingredients": chosen, "val_loss": loss, "kept": True}]
+    else:
+        chosen, loss, steps = _greedy(make, scores)
+    out.report = {"method": method, "bn": bn, "ingredients": chosen, "val_loss": loss,
+                  "val_loss_ingredients": scores, "steps": steps}
+    if warn and scores is not None and loss > min(scores):
+        warnings.warn(f"The {method} soup's validation loss {loss:.4g} is worse than its best "
+                      f"ingredient's ({min(scores):.4g}, ingredient {int(np.argmin(scores))}); "
+                      f"try method='greedy' or bn='recompute'.", stacklevel=2)
+    return out
+
+
+def _check_soup_call(models, method, val, bn, data, batch_size) -> list:
+    """Everything soup can check before averaging anything: the ingredients, the options,
+    and that `data` and `val` fit the models."""
+    from .training import evaluate
     models = _check_ingredients(models)
     if method not in METHODS:
         raise DataError(f"Unknown soup method {method!r}. Expected one of {list(METHODS)}.")
@@ -92,9 +118,14 @@ def soup(models, method: str = "uniform", *, val=None, bn: str = "average", data
         _images(data, models[0])
     if val is not None:
         evaluate(models[0], val, batch_size=batch_size)      # the data fits, before any work
-    base = models[0]
-    ws = [api.get_weights(m) for m in models]
-    out = api._rebuild(base.spec, base.backend, ws[0], set(base.frozen), device=base.device)
+    return models
+
+
+def _soup_maker(out, ws, bn, data, val, batch_size):
+    """make(chosen): `out` set to the mean of those ingredients' weights (averaged in float64),
+    BatchNorm recomputed if asked; returns its validation loss (None without val)."""
+    from . import api
+    from .training import evaluate
 
     def make(chosen):
         mean = {k: np.mean([np.asarray(ws[i][k], np.float64) for i in chosen], axis=0)
@@ -103,30 +134,22 @@ def soup(models, method: str = "uniform", *, val=None, bn: str = "average", data
         if bn == "recompute" and len(chosen) > 1:   # one ingredient keeps its own statistics
             recompute_batchnorm(out, data, batch_size)
         return None if val is None else evaluate(out, val, batch_size=batch_size)["loss"]
+    return make
 
-    scores = None if val is None else [evaluate(m, val, batch_size=batch_size)["loss"]
-                                       for m in models]
-    steps = []
-    if method == "uniform":
-        chosen = list(range(len(models)))
-        loss = make(chosen)
-        steps.append({"ingredients": chosen, "val_loss": loss, "kept": True})
-    else:
-        order = [int(i) for i in np.argsort(scores, kind="stable")]
-        chosen = [order[0]]
-        loss = make(chosen)
-        steps.append({"ingredients": list(chosen), "val_loss": loss, "kept": True})
-        for i in order[1:]:
-            cand = make(chosen + [i])
-            kept = cand < loss
-            steps.append({"ingredients": chosen + [i], "val_loss": cand, "kept": bool(kept)})
-            if kept:
-                chosen, loss = chosen + [i], cand
-        loss = make(chosen)
-    out.report = {"method": method, "bn": bn, "ingredients": chosen, "val_loss": loss,
-                  "val_loss_ingredients": scores, "steps": steps}
-    if warn and scores is not None and loss > min(scores):
-        warnings.warn(f"The {method} soup's validation loss {loss:.4g} is worse than its best "
-                      f"ingredient's ({min(scores):.4g}, ingredient {int(np.argmin(scores))}); "
-                      f"try method='greedy' or bn='recompute'.", stacklevel=2)
-    return out
+
+def _greedy(make, scores) -> tuple[list, float, list]:
+    """Greedy soup: ingredients best first, each kept only if the validation loss goes down;
+    returns (chosen, the final soup's loss, every step). The soup is remade from the kept
+    ingredients at the end, as the last candidate tried may have been dropped."""
+    order = [int(i) for i in np.argsort(scores, kind="stable")]
+    chosen = [order[0]]
+    loss = make(chosen)
+    steps = [{"ingredients": list(chosen), "val_loss": loss, "kept": True}]
+    for i in order[1:]:
+        cand = make(chosen + [i])
+        kept = cand < loss
+        steps.append({"ingredients": chosen + [i], "val_loss": cand, "kept": bool(kept)})
+        if kept:
+            chosen, loss = chosen + [i], cand
+    loss = make(chosen)
+    return chosen, loss, steps

@@ -81,6 +81,205 @@ def traced_steps(m) -> int:
     return sum(int(f.experimental_get_tracing_count()) for f in c.steps.values())
 
 
+class _StepParts:
+    """The pieces a traced step is made of (penalty, optimizer update, forward and loss, fp16
+    loss scaling). It holds the model's variables and plain constants only, never the Trainer:
+    the tf.function closes over it, and later Trainers of the same model run that function."""
+
+    def __init__(self, trainer, names, head_only):
+        m, compiled, cfg = trainer.m, trainer.compiled, trainer.cfg
+        self.slots = [trainer.slots[n] for n in names]
+        self.cfg, self.reg, self.loss_spec = cfg, trainer.reg, trainer.loss
+        self.bufs = {}      # the optimizer-state variables, shared with the model's other steps
+        for s in self.slots:
+            if cfg.name == "sgd" and cfg.momentum:
+                self.bufs[s.name] = (trainer._var("momentum_buffer", s),)
+            elif cfg.name != "sgd":
+                self.bufs[s.name] = (trainer._var("exp_avg", s), trainer._var("exp_avg_sq", s))
+        self.anchors = {s.name: compiled.var(compiled.anchors, s) for s in self.slots
+                        if self.reg is not None and s.name.startswith("backbone.")}
+        self.model = m.state["head_model"] if head_only else m.native
+        self.inputs = self.model.inputs[0] if head_only else m.state["inputs"]
+        self.log_vars = m.state.get("log_vars")
+        self.dtype = m.dtype
+        self.variables = [s.variable.value for s in self.slots]
+        self.precision = trainer.precision
+        self.scale, self.good = compiled.loss_scale, compiled.good_steps
+        self.multi = self.loss_spec.name == "multi"
+
+    def signature(self) -> list:
+        """Any batch size: one trace, also for a ragged last batch."""
+        return [input_spec(self.inputs),      # one array, or a dict of named inputs
+                tf.TensorSpec((None, *self.model.outputs[0].shape[1:]), self.dtype),
+                tf.TensorSpec((len(self.slots), 4), self.dtype)]
+
+    @contextlib.contextmanager
+    def watching(self):
+        """A tape that records the trainable variables only (not the frozen ones read)."""
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            for v in self.variables:
+                tape.watch(v)
+            yield tape
+
+    # -- loss -----------------------------------------------------------------------------
+    def penalty(self):
+        """L2-SP: alpha/2 ||w - w0||^2 over trainable backbone weights, beta/2 ||w||^2 over the head."""
+        alpha, beta = self.reg
+        total = None
+        for s in self.slots:
+            v = s.variable.value
+            if s.name.startswith("backbone."):
+                term = (alpha / 2) * tf.reduce_sum(tf.square(v - self.anchors[s.name]))
+            else:
+                term = (beta / 2) * tf.reduce_sum(tf.square(v))
+            total = term if total is None else total + term
+        return total
+
+    def forward_loss(self, x, y, rows=None, counts=None, first=None):
+        """The loss (and multi-task per-task losses; empty otherwise), always in float32+."""
+        z = self.model(x, training=True)
+        if self.precision != "fp32":
+            z = tf.cast(z, self.dtype)            # the loss in float32
+        if self.multi:
+            return multi_loss(z, y, self.loss_spec, self.log_vars.value, counts, first)
+        return loss_fn(z, y, self.loss_spec, rows=rows), tf.zeros((0,), z.dtype)
+
+    def scaled(self, value):
+        """fp16: the loss times the scale, inside the tape, so its gradient is recorded."""
+        return value * tf.cast(self.scale, value.dtype) if self.precision == "fp16" else value
+
+    def grads_of(self, tape, value):
+        """The gradients of `value`, unscaled again under fp16."""
+        grads = [None if g is None else tf.convert_to_tensor(g)     # embeddings: dense
+                 for g in tape.gradient(value, self.variables)]
+        if self.precision != "fp16":
+            return grads
+        return [None if g is None else g / tf.cast(self.scale, g.dtype) for g in grads]
+
+    # -- updates --------------------------------------------------------------------------
+    def update(self, s, g, row):
+        """One parameter's update by tlbridge's formulas; row = (lr, a, b, c) from _scalars."""
+        var, p = s.variable, s.variable.value
+        lr, a, b, c = row[0], row[1], row[2], row[3]
+        if self.cfg.name == "sgd":
+            self._sgd(s, var, p, g, lr, a)
+        else:
+            self._adam(s, var, p, g, a, b, c)
+
+    def _sgd(self, s, var, p, g, lr, a):
+        """torch.optim.SGD: a > 0 on the first update, where the buffer starts as the gradient."""
+        cfg = self.cfg
+        if cfg.weight_decay:
+            g = g + cfg.weight_decay * p
+        if cfg.momentum:
+            (buf,) = self.bufs[s.name]
+            buf.assign(tf.where(a > 0, g, buf * cfg.momentum + g))
+            g = g + cfg.momentum * buf if cfg.nesterov else buf.read_value()
+        var.assign(p + (-lr) * g)
+
+    def _adam(self, s, var, p, g, a, b, c):
+        """torch.optim.Adam / AdamW with the bias corrections a, b (and c = 1 - lr * wd)."""
+        cfg = self.cfg
+        b1, b2 = cfg.betas
+        if cfg.name == "adamw" and cfg.weight_decay:
+            p = p * c
+        elif cfg.weight_decay:
+            g = g + cfg.weight_decay * p
+        m_, v_ = self.bufs[s.name]
+        m_.assign(m_ + (1 - b1) * (g - m_))
+        v_.assign(v_ * b2 + (1 - b2) * g * g)
+        denom = tf.sqrt(v_) / b + cfg.eps
+        var.assign(p + (-a) * (m_ / denom))
+
+    def apply(self, grads, rows):
+        """Every parameter with a gradient updated; returns whether the step was applied
+        (fp16 skips a step with inf/NaN gradients)."""
+        def updates():
+            for i, (s, g) in enumerate(zip(self.slots, grads)):
+                if g is not None:
+                    self.update(s, g, rows[i])
+            return tf.constant(True)
+        if self.precision != "fp16":
+            return updates()
+        return self._apply_scaled(grads, updates)
+
+    def _apply_scaled(self, grads, updates):
+        """fp16 dynamic loss scaling as torch.amp.GradScaler: finite gradients update and,
+        after GROWTH_INTERVAL such steps, double the scale; inf/NaN skip and halve it."""
+        scale, good = self.scale, self.good
+        finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads
+                                if g is not None])
+
+        def ok():
+            updates()
+            good.assign_add(1)
+            grow = good >= GROWTH_INTERVAL
+            scale.assign(tf.where(grow, scale * 2.0, scale))
+            good.assign(tf.where(grow, tf.constant(0, tf.int64), good))
+            return tf.constant(True)
+
+        def skip():         # inf/NaN gradients: no update, the scale halves
+            scale.assign(scale * 0.5)
+            good.assign(0)
+            return tf.constant(False)
+        return tf.cond(finite, ok, skip)
+
+
+def _single_device_step(p: _StepParts):
+    """One device: forward, loss and L2-SP penalty, gradients and updates in one graph."""
+    @tf.function(input_signature=p.signature(), autograph=False)
+    def step(x, y, rows):
+        with mixed_policy(p.model, p.precision):
+            with p.watching() as tape:
+                loss, parts = p.forward_loss(x, y)
+                pen = p.penalty() if p.reg is not None and p.slots else tf.constant(0.0, loss.dtype)
+                total = p.scaled(loss + pen)
+            grads = p.grads_of(tape, total)
+        applied = p.apply(grads, rows)
+        return loss, pen, parts, applied
+    return step
+
+
+def _mirrored_step(p: _StepParts, plan):
+    """MirroredStrategy: each replica's share of the global batch's loss and gradients,
+    summed over replicas; the penalty counted once beside them, the updates made once."""
+    strategy, total_op = plan.strategy, tf.distribute.ReduceOp.SUM
+
+    def replica_step(x, y):
+        ctx = tf.distribute.get_replica_context()
+        counts = task_counts(y, p.loss_spec) if p.multi else None    # of the global batch
+        first = tf.cast(par.first_replica(ctx), y.dtype) if p.multi else None
+        with p.watching() as tape:
+            loss, parts = p.forward_loss(par.share(x, ctx), par.share(y, ctx),
+                                         par.rows(x), counts, first)
+            total = p.scaled(loss)
+        grads = p.grads_of(tape, total)
+        return loss, parts, [tf.zeros_like(v) if g is None else g
+                             for v, g in zip(p.variables, grads)]
+
+    @tf.function(input_signature=p.signature(), autograph=False)
+    def step(x, y, rows):
+        with mixed_policy(p.model, p.precision), par.tracing(plan.bn_sync):
+            loss, parts, grads = strategy.run(replica_step, args=(x, y))
+        loss = strategy.reduce(total_op, loss, axis=None)
+        grads = [strategy.reduce(total_op, g, axis=None) for g in grads]
+        if p.multi:     # the task losses summed over replicas; NaN for a task absent
+            parts = strategy.reduce(total_op, parts, axis=None)
+            parts = tf.where(task_counts(y, p.loss_spec) > 0, parts,
+                             tf.fill(tf.shape(parts), tf.constant(float("nan"), y.dtype)))
+        else:
+            parts = tf.zeros((0,), loss.dtype)
+        pen = tf.constant(0.0, loss.dtype)
+        if p.reg is not None and p.slots:       # counted once, beside the summed shares
+            with p.watching() as tape:
+                pen = p.penalty()
+            grads = [g if pg is None else g + pg
+                     for g, pg in zip(grads, tape.gradient(pen, p.variables))]
+        applied = p.apply(grads, rows)
+        return loss, pen, parts, applied
+    return step
+
+
 class Trainer:
     def __init__(self, m, cfg: OptimizerConfig, groups: list[tuple[float, list[str]]],
                  regularizer=None, anchors: dict | None = None, loss=None,
@@ -137,161 +336,10 @@ class Trainer:
     def _build(self, names, head_only):
         """The step as a tf.function that closes over variables and constants only (never over
         this Trainer), so later Trainers of the same model can run it."""
-        slots = [self.slots[n] for n in names]
-        cfg, reg, loss_spec = self.cfg, self.reg, self.loss
-        bufs = {}
-        for s in slots:
-            if cfg.name == "sgd" and cfg.momentum:
-                bufs[s.name] = (self._var("momentum_buffer", s),)
-            elif cfg.name != "sgd":
-                bufs[s.name] = (self._var("exp_avg", s), self._var("exp_avg_sq", s))
-        anchors = {s.name: self.compiled.var(self.compiled.anchors, s) for s in slots
-                   if reg is not None and s.name.startswith("backbone.")}
-        model = self.m.state["head_model"] if head_only else self.m.native
-        log_vars = self.m.state.get("log_vars")
-
-        def penalty():
-            alpha, beta = reg
-            total = None
-            for s in slots:
-                v = s.variable.value
-                if s.name.startswith("backbone."):
-                    term = (alpha / 2) * tf.reduce_sum(tf.square(v - anchors[s.name]))
-                else:
-                    term = (beta / 2) * tf.reduce_sum(tf.square(v))
-                total = term if total is None else total + term
-            return total
-
-        def update(s, g, row):
-            var, p = s.variable, s.variable.value
-            lr, a, b, c = row[0], row[1], row[2], row[3]
-            if cfg.name == "sgd":
-                if cfg.weight_decay:
-                    g = g + cfg.weight_decay * p
-                if cfg.momentum:
-                    (buf,) = bufs[s.name]
-                    buf.assign(tf.where(a > 0, g, buf * cfg.momentum + g))
-                    g = g + cfg.momentum * buf if cfg.nesterov else buf.read_value()
-                var.assign(p + (-lr) * g)
-                return
-            b1, b2 = cfg.betas
-            if cfg.name == "adamw" and cfg.weight_decay:
-                p = p * c
-            elif cfg.weight_decay:
-                g = g + cfg.weight_decay * p
-            m_, v_ = bufs[s.name]
-            m_.assign(m_ + (1 - b1) * (g - m_))
-            v_.assign(v_ * b2 + (1 - b2) * g * g)
-            denom = tf.sqrt(v_) / b + cfg.eps
-            var.assign(p + (-a) * (m_ / denom))
-
-        x_spec = input_spec(model.inputs[0] if head_only else self.m.state["inputs"])
-        signature = [x_spec,        # any batch size: one trace, also for a ragged last batch
-                     tf.TensorSpec((None, *model.outputs[0].shape[1:]), self.m.dtype),
-                     tf.TensorSpec((len(slots), 4), self.m.dtype)]
-        variables = [s.variable.value for s in slots]
-        plan, precision = self.parallel, self.precision
-        scale, good = self.compiled.loss_scale, self.compiled.good_steps
-
-        def forward_loss(x, y, rows=None, counts=None, first=None):
-            z = model(x, training=True)
-            if precision != "fp32":
-                z = tf.cast(z, self.m.dtype)            # the loss in float32
-            if loss_spec.name == "multi":
-                return multi_loss(z, y, loss_spec, log_vars.value, counts, first)
-            return loss_fn(z, y, loss_spec, rows=rows), tf.zeros((0,), z.dtype)
-
-        def scaled(value):          # fp16: inside the tape, so its gradient is recorded
-            return value * tf.cast(scale, value.dtype) if precision == "fp16" else value
-
-        def grads_of(tape, value):
-            grads = [None if g is None else tf.convert_to_tensor(g)    # embeddings: dense
-                     for g in tape.gradient(value, variables)]
-            if precision != "fp16":
-                return grads
-            return [None if g is None else g / tf.cast(scale, g.dtype) for g in grads]
-
-        def apply(grads, rows):
-            def updates():
-                for i, (s, g) in enumerate(zip(slots, grads)):
-                    if g is not None:
-                        update(s, g, rows[i])
-                return tf.constant(True)
-            if precision != "fp16":
-                return updates()
-            finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads
-                                    if g is not None])
-
-            def ok():
-                updates()
-                good.assign_add(1)
-                grow = good >= GROWTH_INTERVAL
-                scale.assign(tf.where(grow, scale * 2.0, scale))
-                good.assign(tf.where(grow, tf.constant(0, tf.int64), good))
-                return tf.constant(True)
-
-            def skip():         # inf/NaN gradients: no update, the scale halves
-                scale.assign(scale * 0.5)
-                good.assign(0)
-                return tf.constant(False)
-            return tf.cond(finite, ok, skip)
-
-        if plan is None:
-            @tf.function(input_signature=signature, autograph=False)
-            def step(x, y, rows):
-                with mixed_policy(model, precision):
-                    with tf.GradientTape(watch_accessed_variables=False) as tape:
-                        for v in variables:
-                            tape.watch(v)
-                        loss, parts = forward_loss(x, y)
-                        pen = penalty() if reg is not None and slots else tf.constant(0.0, loss.dtype)
-                        total = scaled(loss + pen)
-                    grads = grads_of(tape, total)
-                applied = apply(grads, rows)
-                return loss, pen, parts, applied
-            return step
-
-        strategy, total_op = plan.strategy, tf.distribute.ReduceOp.SUM
-
-        multi = loss_spec.name == "multi"
-
-        def replica_step(x, y):
-            ctx = tf.distribute.get_replica_context()
-            counts = task_counts(y, loss_spec) if multi else None    # of the global batch
-            first = tf.cast(par.first_replica(ctx), y.dtype) if multi else None
-            with tf.GradientTape(watch_accessed_variables=False) as tape:
-                for v in variables:
-                    tape.watch(v)
-                loss, parts = forward_loss(par.share(x, ctx), par.share(y, ctx),
-                                           par.rows(x), counts, first)
-                total = scaled(loss)
-            grads = grads_of(tape, total)
-            return loss, parts, [tf.zeros_like(v) if g is None else g
-                                 for v, g in zip(variables, grads)]
-
-        @tf.function(input_signature=signature, autograph=False)
-        def step(x, y, rows):
-            with mixed_policy(model, precision), par.tracing(plan.bn_sync):
-                loss, parts, grads = strategy.run(replica_step, args=(x, y))
-            loss = strategy.reduce(total_op, loss, axis=None)
-            grads = [strategy.reduce(total_op, g, axis=None) for g in grads]
-            if multi:       # the task losses summed over replicas; NaN for a task absent
-                parts = strategy.reduce(total_op, parts, axis=None)
-                parts = tf.where(task_counts(y, loss_spec) > 0, parts,
-                                 tf.fill(tf.shape(parts), tf.constant(float("nan"), y.dtype)))
-            else:
-                parts = tf.zeros((0,), loss.dtype)
-            pen = tf.constant(0.0, loss.dtype)
-            if reg is not None and slots:       # counted once, beside the summed shares
-                with tf.GradientTape(watch_accessed_variables=False) as tape:
-                    for v in variables:
-                        tape.watch(v)
-                    pen = penalty()
-                grads = [g if pg is None else g + pg
-                         for g, pg in zip(grads, tape.gradient(pen, variables))]
-            applied = apply(grads, rows)
-            return loss, pen, parts, applied
-        return step
+        parts = _StepParts(self, names, head_only)
+        if self.parallel is None:
+            return _single_device_step(parts)
+        return _mirrored_step(parts, self.parallel)
 
     def _run(self, x, y, lrs, head_only):
         names = tuple(n for n in self.slots if n not in self.m.frozen)

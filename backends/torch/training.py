@@ -90,9 +90,28 @@ class Trainer:
         plan = self.parallel
         if plan is not None:
             par.enter_step()
-        z = self._forward(forward)
+        loss, parts, counts = self._loss(self._forward(forward), y)
+        scale = self.scaler.get_scale() if self.scaler is not None else None
+        reg = self._backward(loss)
+        if plan is not None:
+            loss = self._sum_over_ranks(loss, parts, counts, summed)
+        if not self._optimizer_step(scale):
+            return float(loss.detach()), reg
+        if plan is not None and plan.bn_sync == "local":
+            par.broadcast_buffers(self.net)
+        for group in self.opt.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    name = self.names[id(p)]
+                    self.steps[name] = self.steps.get(name, 0) + 1
+        return float(loss.detach()), reg
+
+    def _loss(self, z, y: np.ndarray):
+        """The batch loss (data-parallel: this rank's share of the global batch's mean), the
+        multi-task per-task losses (else None) and, data-parallel, the global task counts."""
+        plan = self.parallel
         yt = torch.from_numpy(y).to(self.device)
-        parts = None
+        parts = counts = None
         if self.loss.name == "multi" and plan is not None:   # global counts, log-vars once
             counts = task_counts(torch.from_numpy(self._y_global).to(self.device), self.loss)
             loss, parts = multi_loss(z, yt, self.loss, getattr(self.net, "task_log_vars", None),
@@ -104,6 +123,11 @@ class Trainer:
             loss = loss_fn(z, yt, self.loss, rows=self._rows)
         else:
             loss = loss_fn(z, yt, self.loss)
+        return loss, parts, counts
+
+    def _backward(self, loss) -> float:
+        """Gradients of the loss plus the L2-SP penalty (fp16: scaled); returns the penalty."""
+        plan = self.parallel
         total = loss
         reg = 0.0
         if self.reg is not None:
@@ -113,37 +137,36 @@ class Trainer:
                 if plan is None or plan.rank == 0:      # counted once in the summed gradient
                     total = loss + penalty
         if self.scaler is not None:
-            scale = self.scaler.get_scale()
             total = self.scaler.scale(total)
         if plan is not None:
             with par.guard("gradient"):
                 total.backward()
         else:
             total.backward()
-        if plan is not None:        # the reported loss (and task losses) summed over ranks
-            shares = loss.detach().reshape(1) if parts is None else \
-                torch.cat([loss.detach().reshape(1), parts])
-            shares = par.all_reduce(shares) if summed else par.all_reduce_grads(self.net, shares)
-            loss = shares[0]
-            if parts is not None:
-                parts = shares[1:]
-                parts = torch.where(counts > 0, parts, torch.full_like(parts, float("nan")))
-                self.last_parts = parts.cpu().numpy().astype(np.float64)
-        if self.scaler is not None:
-            self.scaler.step(self.opt)
-            self.scaler.update()
-            if self.scaler.get_scale() < scale:     # inf/NaN gradients: the step was skipped
-                return float(loss.detach()), reg
-        else:
+        return reg
+
+    def _sum_over_ranks(self, loss, parts, counts, summed: bool):
+        """The reported loss (and task losses) summed over ranks, in the same collective as the
+        gradients unless DDP already summed those (summed=True)."""
+        shares = loss.detach().reshape(1) if parts is None else \
+            torch.cat([loss.detach().reshape(1), parts])
+        shares = par.all_reduce(shares) if summed else par.all_reduce_grads(self.net, shares)
+        loss = shares[0]
+        if parts is not None:
+            parts = shares[1:]
+            parts = torch.where(counts > 0, parts, torch.full_like(parts, float("nan")))
+            self.last_parts = parts.cpu().numpy().astype(np.float64)
+        return loss
+
+    def _optimizer_step(self, scale) -> bool:
+        """The update; False when fp16 loss scaling skipped it (inf/NaN gradients: the scale
+        went down below `scale`, the one the step started with)."""
+        if self.scaler is None:
             self.opt.step()
-        if plan is not None and plan.bn_sync == "local":
-            par.broadcast_buffers(self.net)
-        for group in self.opt.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    name = self.names[id(p)]
-                    self.steps[name] = self.steps.get(name, 0) + 1
-        return float(loss.detach()), reg
+            return True
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        return not self.scaler.get_scale() < scale
 
     def _train_mode(self) -> None:
         """Train mode for the epoch's steps (frozen BN stays in eval: TLNet.train), set once:
