@@ -17,12 +17,13 @@ Adding an engine (e.g. Keras on JAX), in four steps:
 
 Optional parts: `DataParallel` (fine_tune data-parallel: a tlbridge.parallel.Plan reaches
 init_parallel and make_trainer) and `Replicas` (data-parallel over devices in one process,
-fine_tune(..., replicas=N)). Which backend a launch hands a Plan to is decided in
-tlbridge/training.py (_parallel_plan: torchrun -> torch, replicas= -> keras).
+fine_tune(..., parallel=tl.Parallel(replicas=N))). Which backend a launch hands a Plan to is
+decided in tlbridge/training/plan.py (parallel_plan: torchrun -> torch, replicas -> keras).
 
 Conventions every member follows (docs/parity.md): weights cross the boundary as numpy arrays
 under canonical names (torch's state_dict names and layouts, without num_batches_tracked);
-images are NHWC float arrays in the model's dtype; `m.frozen` holds canonical parameter names;
+model inputs are one array (NHWC float images in the model's dtype) or, for a model with
+several declared inputs, a dict {name: array} (token ids and masks int64; tlbridge/inputs.py); `m.frozen` holds canonical parameter names;
 `m.state` is the backend's own dict (kept across calls) and must hold "feature_dim" after
 build_backbone / build_gate and "device" after place_built / to_device (m.device reads it).
 
@@ -46,13 +47,13 @@ if TYPE_CHECKING:
 
 @runtime_checkable
 class Trainer(Protocol):
-    """What make_trainer returns: the optimizer of one fine_tune call (tlbridge/training.py)."""
+    """What make_trainer returns: the optimizer of one fine_tune call (tlbridge/training/)."""
 
     last_parts: np.ndarray | None
     """Multi-task: the last step's per-task losses (NaN for a task without labels); else None."""
 
     def step(self, x: np.ndarray, y: np.ndarray, lrs: list[float]) -> tuple[float, float]:
-        """One optimizer step on images x (BatchNorm in train mode): (loss, L2-SP penalty)."""
+        """One optimizer step on inputs x (BatchNorm in train mode): (loss, L2-SP penalty)."""
 
     def head_step(self, f: np.ndarray, y: np.ndarray, lrs: list[float]) -> tuple[float, float]:
         """The same step from cached backbone features f (the backbone is frozen)."""
@@ -121,7 +122,7 @@ class Backend(Protocol):
 
     # -- computing -------------------------------------------------------------------------
     def features(self, m: TransferModel, x: np.ndarray, batch_size: int) -> np.ndarray:
-        """Backbone outputs (N, feature_dim) of images x, in inference mode, batch by batch."""
+        """Backbone outputs (N, feature_dim) of inputs x, in inference mode, batch by batch."""
 
     def logits(self, m: TransferModel, x: np.ndarray, batch_size: int) -> np.ndarray:
         """Head outputs before any activation (N, outputs), in inference mode."""

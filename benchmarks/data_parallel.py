@@ -125,10 +125,10 @@ def _tlbridge_runners(tl, backend, x, y):
     runners = {}
     for bn_sync in ("global", "local"):
         m = _resnet18(tl, backend)
-        extra = {"replicas": 2} if backend == "keras" else {}
+        replicas = 2 if backend == "keras" else None
 
-        def run(n, m=m, bn_sync=bn_sync, extra=extra):
-            tl.fine_tune(m, (x[:n], y[:n]), bn_sync=bn_sync, **kw, **extra)
+        def run(n, m=m, bn_sync=bn_sync, replicas=replicas):
+            tl.fine_tune(m, (x[:n], y[:n]), parallel=tl.Parallel(replicas, bn_sync), **kw)
         runners[bn_sync] = run
     return runners
 

@@ -28,8 +28,10 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from tlbridge import optim  # noqa: E402  (imports no framework)
+
 SHAPE = (32, 32, 3)
-RECIPE = dict(epochs=4, batch_size=32, optimizer="sgd", lr=0.01, momentum=0.9, schedule="cosine",
+RECIPE = dict(epochs=4, batch_size=32, optimizer=optim.SGD(0.01, momentum=0.9, schedule="cosine"),
               unfreeze={0: "head", 2: "all"}, progress=False)
 
 
@@ -47,7 +49,7 @@ def source_backbone(tl, x_all, digits, path):
     (xs, ys), _ = split(x_all[digits < 5], np.eye(5)[digits[digits < 5]])
     m = tl.replace_head(tl.load_backbone("seed_vgg", backend="torch", input_shape=SHAPE, seed=0,
                                          batch_norm=True), 5, seed=1)
-    tl.fine_tune(m, (xs, ys), epochs=3, batch_size=32, lr=0.05, progress=False)
+    tl.fine_tune(m, (xs, ys), epochs=3, batch_size=32, optimizer=tl.optim.SGD(0.05), progress=False)
     tl.weights.save_file(path, {k: v for k, v in tl.get_weights(m).items()
                                 if k.startswith("backbone.")}, {})
     return path
@@ -105,7 +107,8 @@ def train_members(tl, backbone, train):
     d = tl.replace_head(tl.load_backbone("resnet18", backend="torch", input_shape=SHAPE, seed=3),
                         1, seed=4)
     starts.append(tl.convert(d, "torch"))
-    recipes.append({**RECIPE, "unfreeze": None, "lr": 0.05, "seed": 3})
+    recipes.append({**RECIPE, "unfreeze": None,
+                    "optimizer": optim.SGD(0.05, momentum=0.9, schedule="cosine"), "seed": 3})
     t0 = time.perf_counter()
     tl.fine_tune(d, train, **recipes[-1])
     members["D: resnet18 random init, torch"] = d

@@ -91,7 +91,7 @@ def _parity_checks(tl, be, device, x, y, rows):
     rows.append((be, f"fp32 {d32.device} vs fp64 truth", f"worst tensor {max(err.values()):.1e}",
                  "reported"))
     for m in (cpu, dev):
-        tl.fine_tune(m, (x, y), epochs=1, batch_size=4, lr=0.01, progress=False)
+        tl.fine_tune(m, (x, y), epochs=1, batch_size=4, optimizer=tl.optim.SGD(0.01), progress=False)
     w = parity.worst(tl.get_weights(cpu), tl.get_weights(dev), floor_rel=1e-6)[0]
     ok &= w <= 1e-9
     rows.append((be, f"fine_tune epoch {dev.device} vs cpu", f"weights {w:.1e}",

@@ -17,8 +17,10 @@ import time
 
 import numpy as np
 
+from . import optim
+
 SHAPE = (32, 32, 3)
-RECIPE = dict(epochs=5, batch_size=32, optimizer="sgd", lr=0.01, momentum=0.9, schedule="cosine",
+RECIPE = dict(epochs=5, batch_size=32, optimizer=optim.SGD(0.01, momentum=0.9, schedule="cosine"),
               unfreeze={0: "head", 2: ["backbone.features.8", "backbone.features.9"], 3: "all"},
               seed=0, progress=False)
 
@@ -79,7 +81,7 @@ def _pretrain(tl, xs, ys, out_dir: str, say) -> str:
     t0 = time.perf_counter()
     source = tl.load_backbone("seed_vgg", backend="torch", input_shape=SHAPE, seed=0, batch_norm=True)
     source = tl.replace_head(source, 5, seed=1)
-    tl.fine_tune(source, (xs, ys), epochs=3, batch_size=32, optimizer="sgd", lr=0.05, progress=False)
+    tl.fine_tune(source, (xs, ys), epochs=3, batch_size=32, optimizer=tl.optim.SGD(0.05), progress=False)
     src_acc = tl.evaluate(source, (xs, ys))["accuracy"]
     backbone_file = os.path.join(out_dir, "seed_vgg_digits04.safetensors")
     backbone = {k: v for k, v in tl.get_weights(source).items() if k.startswith("backbone.")}
