@@ -8,8 +8,8 @@ marks a missing label (-1 for a CE class index); a missing label leaves its task
 
     L_t = mean over the task's present labels (entries for bce/mse, rows for ce) of its loss
           (tlbridge/losses.py); h_t = 1 if the batch holds any, else 0 (and L_t = 0)
-    total = sum_t w_t L_t                                  (task_weights, default 1 each)
-    total = sum_t h_t (exp(-s_t) L_t + s_t)                (task_weights="uncertainty")
+    total = sum_t w_t L_t                       (TaskWeights({task: w}), default 1 each)
+    total = sum_t h_t (exp(-s_t) L_t + s_t)     (TaskWeights("uncertainty"))
 The second is Kendall, Gal & Cipolla (2018) in the form most implementations use (one
 s_t = log sigma_t^2 per task, without their 1/2 for regression): the s_t are the canonical
 parameter `task_log_vars` (T,), which only an uncertainty-weighted loss uses (under other

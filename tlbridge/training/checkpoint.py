@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import asdict
 
 from .. import api, kinds
 from .. import weights as wio
@@ -27,7 +28,6 @@ def _identity(run: Run) -> dict:
 
 
 def _loss_id(loss) -> dict:
-    from dataclasses import asdict
     return json.loads(json.dumps(asdict(loss)))
 
 
@@ -92,7 +92,7 @@ def read(run: Run) -> dict:
     spec = json.loads(meta["spec"])
     if spec["backbone"] != run.m.backbone_name:
         raise CheckpointError(f"The checkpoint {path!r} is of backbone {spec['backbone']!r}; this "
-                              f"model is {run.m.backbone_name!r}. Use another checkpoint_dir.")
+                              f"model is {run.m.backbone_name!r}. Use another checkpoint directory.")
     _check_same(path, meta, _identity(run))
     out = {"tensors": tensors, "meta": meta, "epoch": int(meta["epoch"]),
            "ema": {k[4:]: v for k, v in tensors.items() if k.startswith("ema/")} or None,
