@@ -17,7 +17,7 @@ import time
 
 import tlbridge as tl  # noqa: E402
 from _out import write_table  # noqa: E402
-from tlbridge import parity, zoo  # noqa: E402
+from tlbridge import inputs, parity, zoo  # noqa: E402
 
 K = 3
 
@@ -27,20 +27,26 @@ def rows(cases):
         t0 = time.perf_counter()
         cfg = parity.config(name, **options)
         s = parity.suite(name, K, **options)
+        signature = s.models["torch", "float64"].inputs
         for mode in ("eval", "train"):
             training = mode == "train"
             s.reset(frozen=False)
-            x, y = parity.batch(cfg.shape, cfg.batch64, K, seed=parity.SEED_BATCH)
+            x, y = parity.batch(signature, cfg.batch64, K, seed=parity.SEED_BATCH)
             r64 = parity.compare(s.models["torch", "float64"], s.models["keras", "float64"], x, y,
                                  training=training)
             s.reset(frozen=False)
-            x, y = parity.batch(cfg.shape, cfg.batch32, K, seed=cfg.seed32, dtype="float32")
-            x = x.astype("float64")
+            x, y = parity.batch(signature, cfg.batch32, K, seed=cfg.seed32, dtype="float32")
+            x = inputs.cast(x, "float64")
             sens = parity.sensitivity(s.models["torch", "float64"], x, y, training=training)
             r32 = parity.fp32_vs_fp64(s, x, y, training=training)
             s.reset(frozen=False)
             yield label, name, options, cfg, mode, r64, r32, sens
         print(f"  {label}: {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+
+
+def _size(shape) -> str:
+    """64×64 for images; "12 tokens" for a token model (parity.batch draws 12 positions)."""
+    return f"{shape[0]}×{shape[1]}" if len(shape) == 3 else "12 tokens"
 
 
 def main(argv):
@@ -56,14 +62,14 @@ def main(argv):
         m = tl.replace_head(tl.load_backbone(backbone, backend="torch", input_shape=cfg.shape, **options), K)
         expected = parity.expected_zero_grads(m, mode == "train")
         zero_note = f"{len(r64.zeros)}: {'yes' if r64.zeros == expected else f'NO ({len(expected)})'}"
-        f64.append(f"| {name} | {cfg.shape[0]}×{cfg.shape[1]} | {mode} | {r64.loss:.1e} | {r64.grads:.1e} "
+        f64.append(f"| {name} | {_size(cfg.shape)} | {mode} | {r64.loss:.1e} | {r64.grads:.1e} "
                    f"(`{r64.grads_at}`) | {r64.n_grads} ({zero_note}) | {r64.stats:.1e} |")
         print(f64[-1], flush=True)
         t, tk = r32.worst("torch")
         k, kk = r32.worst("keras")
         ratio, rk = r32.worst_ratio()
         judged = "yes" if mode in cfg.fp32_modes else "no: ill-conditioned"
-        f32.append(f"| {name} | {cfg.shape[0]}×{cfg.shape[1]}, {cfg.batch32} | {mode} | {sens[0]:.1e} | "
+        f32.append(f"| {name} | {_size(cfg.shape)}, {cfg.batch32} | {mode} | {sens[0]:.1e} | "
                    f"{t:.1e} (`{tk}`) | {k:.1e} (`{kk}`) | {ratio:.2f} (`{rk}`) | {len(r32.failures())} | {judged} |")
         print(f32[-1], flush=True)
     lines = [f"float64, batch per backbone ({K} outputs, seed 0, BatchNorm calibrated by "
@@ -71,7 +77,7 @@ def main(argv):
              f"float32 against the float64 truth, per tensor. Bar: keras ≤ max({parity.FP32_FLOOR:g}, "
              f"{parity.FP32_C:g} × torch), both ≤ {parity.FP32_CEILING:g}; judged where the sensitivity "
              f"certificate is ≤ {parity.SENSITIVITY_MAX:g}; where no batch tried is, the row is "
-             "shown but not judged (README: Parity).", "", *f32]
+             "shown but not judged (docs/parity.md).", "", *f32]
     write_table("parity", lines)
 
 
