@@ -161,6 +161,30 @@ def test_gate_checkpoint_resume_equals_one_run(backend, tmp_path):
     assert parity.worst(gate.head_weights(three.gate), gate.head_weights(one.gate))[0] <= 1e-10
 
 
+def test_gate_resume_refuses_a_checkpoint_of_other_members(backend, tmp_path):
+    """A gate checkpoint belongs to its members: resuming it over other members (other
+    weights), another gate input or other gate shapes is refused before anything changes."""
+    members = _members()
+    x, _ = learnable(32, 5, SHAPE)
+    y = _labels(x)
+    run = dict(epochs=2, optimizer=tl.optim.SGD(0.05), progress=False)
+    first = tl.fuse(members, "gate", hidden=(3,), backend=backend)
+    tl.fine_tune(first, (x, y), checkpoint=tmp_path, **{**run, "epochs": 1})
+    others = [_member(m.backend, 30 + i) for i, m in enumerate(members)]
+    for f in (tl.fuse(others, "gate", hidden=(3,), backend=backend),
+              tl.fuse(members, "gate", hidden=(4,), backend=backend),
+              tl.fuse(members, "gate", gate_on="features", hidden=(3,), backend=backend)):
+        before = gate.head_weights(f.gate)
+        with pytest.raises(errors.CheckpointError, match="same members"):
+            tl.fine_tune(f, (x, y), checkpoint=tl.Checkpoint(tmp_path, resume=True), **run)
+        after = gate.head_weights(f.gate)
+        assert all(np.array_equal(before[k], after[k]) for k in before)
+    again = tl.fuse([tl.convert(m, backend) for m in members], "gate", hidden=(3,),
+                    backend=backend)
+    h = tl.fine_tune(again, (x, y), checkpoint=tl.Checkpoint(tmp_path, resume=True), **run)
+    assert h["epoch"] == [0, 1]             # the same members (copies) resume
+
+
 def test_save_load_convert_round_trip_a_cross_backend_gated_fusion(tmp_path):
     members = _members(num_outputs=2)
     gb = _member(BACKENDS[-1], 40)

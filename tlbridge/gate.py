@@ -11,6 +11,7 @@ it (schedules, checkpoints, early stopping, a feature cache of u) like any head.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import replace
 
 import numpy as np
@@ -184,6 +185,19 @@ class GateKind(kinds.Kind):
 
     def check_trainable(self, m, trainable_per_epoch) -> None:
         check_members_stay_frozen(m, trainable_per_epoch)
+
+    def resume_key(self, m) -> dict:
+        """The members (a fingerprint of their frozen weights and statistics: the same on
+        either backend), what the gate sees and the gate's layer shapes."""
+        w = api.get_weights(m)
+        h = hashlib.sha1()
+        for k in sorted(w):
+            if k.startswith("backbone."):
+                h.update(f"{k}{w[k].shape}{w[k].dtype}".encode())
+                h.update(np.ascontiguousarray(w[k]).tobytes())
+        return {"backbone": NAME, "gate_on": dict(m.spec.options)["gate_on"],
+                "members": h.hexdigest()[:16],
+                "gate": {k: list(v.shape) for k, v in sorted(w.items()) if k.startswith(PREFIX)}}
 
 
 kinds.register(GateKind())

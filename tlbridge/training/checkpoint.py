@@ -17,8 +17,9 @@ CHECKPOINT_FORMAT = "tlbridge.checkpoint/1"
 _FRESH = "or start afresh with resume=False or another checkpoint directory"
 
 
-def _identity(run: Run) -> dict:
-    """What a resume must match, as the checkpoint's metadata holds it."""
+def identity(run: Run) -> dict:
+    """What a resume must match, as the checkpoint's metadata holds it (computed once a run:
+    a gated fusion's fingerprints its members' weights)."""
     opt = {k: v for k, v in run.opt.describe().items() if k != "ema"}
     return {"optimizer": json.dumps(opt), "seed": str(run.seed),
             "early_stopping": json.dumps(None if run.stop is None else run.stop.config()),
@@ -39,7 +40,7 @@ def save(run: Run, epoch: int) -> None:
         tensors.update({f"anchor/{k}": v for k, v in run.anchors.items()})
     meta = {"format": CHECKPOINT_FORMAT, "backend": m.backend, "spec": m.spec.to_json(),
             "frozen": json.dumps(sorted(m.frozen)), "epoch": str(epoch),
-            "history": run.history.to_json(), **_identity(run)}
+            "history": run.history.to_json(), **run.identity}
     if run.ema_w is not None:
         tensors.update({f"ema/{k}": v for k, v in run.ema_w.items()})
     if run.stop is not None:
@@ -74,6 +75,12 @@ def _check_same(path: str, meta: dict, asked: dict) -> None:
                              if stored.get(k) != want.get(k))
         else:
             diff = f"{stored!r} -> {want!r}"
+        if key == "kind":
+            raise CheckpointError(
+                f"Expected the model the checkpoint {path!r} was trained from; received another "
+                f"({diff}). A gated fusion resumes only over the same members (their weights' "
+                f"fingerprint), gate input and gate shapes. Use another checkpoint directory, "
+                f"or fuse the members the checkpoint was trained with.")
         raise CheckpointError(
             f"Expected the {name} the checkpoint {path!r} was trained with ({stored}); received "
             f"{want} ({diff}). A resumed run continues that run: resume with the same settings, "
@@ -93,7 +100,7 @@ def read(run: Run) -> dict:
     if spec["backbone"] != run.m.backbone_name:
         raise CheckpointError(f"The checkpoint {path!r} is of backbone {spec['backbone']!r}; this "
                               f"model is {run.m.backbone_name!r}. Use another checkpoint directory.")
-    _check_same(path, meta, _identity(run))
+    _check_same(path, meta, run.identity)
     out = {"tensors": tensors, "meta": meta, "epoch": int(meta["epoch"]),
            "ema": {k[4:]: v for k, v in tensors.items() if k.startswith("ema/")} or None,
            "frozen": set(json.loads(meta["frozen"])),

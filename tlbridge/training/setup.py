@@ -79,6 +79,8 @@ def start(run: Run) -> None:
     then build the trainer and put the run where the checkpoint left it."""
     ck = run.checkpoint
     saved = None
+    if ck is not None:
+        run.identity = checkpoint.identity(run)
     if ck is not None and ck.resume and os.path.exists(ck.path):
         saved = checkpoint.read(run)
     run.start = 0 if saved is None else saved["epoch"] + 1

@@ -35,6 +35,7 @@ class Run:
     ckpt_epoch: int | None = None   # the epoch the checkpoint on disk holds
     start: int = 0
     cache: tuple | None = None
+    identity: dict | None = None    # what the checkpoint records a run was trained with
 
     @property
     def writer(self) -> bool:
