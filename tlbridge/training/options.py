@@ -19,7 +19,7 @@ CHECKPOINT_NAME = "last.safetensors"
 class EarlyStopping:
     monitor: str = "val_loss"
     patience: int = 3
-    mode: str = "auto"          # "min" | "max" | "auto" (max for accuracy/auc/top5, else min)
+    mode: str = "auto"          # "min" | "max" | "auto" (max for accuracy/auc/top1/top5, else min)
     min_delta: float = 0.0
     restore_best: bool = True
 
@@ -43,7 +43,7 @@ class EarlyStopping:
         mode = self.mode
         if mode == "auto":
             key = self.monitor[:-4] if self.monitor.endswith("_ema") else self.monitor
-            mode = "max" if key.endswith(("accuracy", "auc", "top5")) else "min"
+            mode = "max" if key.endswith(("accuracy", "auc", "top1", "top5")) else "min"
         if math.isnan(new):
             return False
         if math.isnan(best):
