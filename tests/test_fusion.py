@@ -311,6 +311,32 @@ def test_stack_with_folds_uses_copies_trained_without_each_sample():
     assert all(np.array_equal(before[0][k], tl.get_weights(starts[0])[k]) for k in a)
 
 
+def test_stack_with_a_checkpoint_gives_each_fold_its_own_place(tmp_path):
+    """Folds sharing one checkpoint directory would resume each other's runs, trained on the
+    rows now held out (in-sample "out-of-fold" logits). Each fold, and each final member,
+    checkpoints in its own sub-directory; the stacker equals the one without checkpoints, and a
+    second call with resume=True continues each fold's own run to the same result."""
+    x, y = _data(24, seed=3)
+    kw = dict(epochs=2, batch_size=8, optimizer=tl.optim.SGD(0.05))
+    starts = [_member(BACKENDS[0], s) for s in (0, 10)]
+
+    def stacked(**extra):
+        members = [tl.convert(m, m.backend) for m in starts]
+        f = tl.fuse(members, "stack", train=(x, y), folds=3, fine_tune_kwargs={**kw, **extra},
+                    seed=4)
+        return f, members
+    plain, plain_members = stacked()
+    ck, ck_members = stacked(checkpoint=tmp_path)
+    np.testing.assert_allclose(ck.weights, plain.weights, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(ck.bias, plain.bias, rtol=0, atol=1e-12)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [f"member{i}_fold{k}" for i in range(2) for k in range(3)] + ["member0_all", "member1_all"])
+    again, _ = stacked(checkpoint=tl.Checkpoint(tmp_path, resume=True))   # every run complete
+    np.testing.assert_allclose(again.weights, plain.weights, rtol=0, atol=1e-12)
+    a, b = tl.get_weights(plain_members[1]), tl.get_weights(ck_members[1])
+    assert all(np.allclose(a[k], b[k], rtol=0, atol=1e-12) for k in a)
+
+
 def test_stack_bad_input():
     members = _members()
     x, y = _data(12)

@@ -14,6 +14,7 @@ model on one backend holding frozen copies of the members (tlbridge/gate.py).
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,7 +26,7 @@ from .errors import (ArgumentTypeError, CheckpointError, DataError, NoHeadError,
 from .kinds import Composite
 from .model import TransferModel
 from .specs import ModelSpec
-from .training import fine_tune, fingerprint
+from .training import Checkpoint, fine_tune, fingerprint
 
 METHODS = ("mean", "weighted", "stack", "gate")
 GATE_RECIPE = {"epochs": 20, "optimizer": optim.Adam(1e-2), "batch_size": 64}
@@ -235,6 +236,17 @@ def _recipes(fine_tune_kwargs, n: int) -> list[dict]:
                     f"list of {n} dicts (one per member); received {fine_tune_kwargs!r}.")
 
 
+def _own_place(recipe: dict, place: str) -> dict:
+    """The recipe with its checkpoint moved to a sub-directory of its own: every fold (and
+    each final member) checkpoints and resumes only itself, never a run trained on other rows."""
+    ck = recipe.get("checkpoint")
+    if ck is None:
+        return recipe
+    ck = ck if isinstance(ck, Checkpoint) else Checkpoint(ck)
+    return {**recipe, "checkpoint": Checkpoint(os.path.join(os.fspath(ck.directory), place),
+                                               ck.resume)}
+
+
 def out_of_fold(members, x, y, folds: int, fine_tune_kwargs, seed: int = 0,
                 batch_size: int = 64, preprocess=None) -> np.ndarray:
     """(M, N, K) logits of every sample from copies of each member fine-tuned without it:
@@ -248,10 +260,11 @@ def out_of_fold(members, x, y, folds: int, fine_tune_kwargs, seed: int = 0,
     out = np.zeros((len(members), n, y.shape[1]))
     for i, (m, kw) in enumerate(zip(members, recipes)):
         xi = member_input(preprocess, i, m, x)
-        for held in parts:
+        for k, held in enumerate(parts):
             keep = np.setdiff1d(np.arange(n), held)
             c = _copy(m)
-            fine_tune(c, (inputs.rows(xi, keep), y[keep]), **{"progress": False, **kw})
+            fine_tune(c, (inputs.rows(xi, keep), y[keep]),
+                      **{"progress": False, **_own_place(kw, f"member{i}_fold{k}")})
             out[i, held] = api.logits(c, inputs.rows(xi, held), batch_size=batch_size)
         _check_finite(out[i], i, m)
     return out
@@ -475,7 +488,8 @@ def _stack(members, *, val, train, folds, oof, force, fine_tune_kwargs, l2, seed
         recipes = _recipes(fine_tune_kwargs, len(members))
         zs = out_of_fold(members, x, y, folds, recipes, seed, batch_size, preprocess)
         for i, (m, kw) in enumerate(zip(members, recipes)):   # the final members: all of train
-            fine_tune(m, (member_input(preprocess, i, m, x), y), **{"progress": False, **kw})
+            fine_tune(m, (member_input(preprocess, i, m, x), y),
+                      **{"progress": False, **_own_place(kw, f"member{i}_all")})
         source = f"out-of-fold ({folds} folds of {inputs.length(x)} samples)"
     elif oof is not None:
         if not (isinstance(oof, (tuple, list)) and len(oof) == 2):
