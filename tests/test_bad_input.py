@@ -304,3 +304,35 @@ def test_pickled_whole_model_names_the_pickled_class(tmp_path):
         tl.load_backbone("resnet18", backend="torch", weights=tmp_path / "whole_model.pth",
                          input_shape=(32, 32, 3))
     assert isinstance(e.value, ValueError)
+
+
+def _offline(monkeypatch, tmp_path):
+    """No network: every download the frameworks attempt fails as DNS does on a machine
+    without one, and their caches point at empty folders."""
+    import importlib.util
+    import urllib.error
+
+    def unreachable(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    if importlib.util.find_spec("torch"):
+        import torch.hub
+        monkeypatch.setattr(torch.hub, "download_url_to_file", unreachable)
+    if importlib.util.find_spec("keras"):
+        from keras.src.backend import config
+        from keras.src.utils import file_utils
+        monkeypatch.setattr(file_utils, "urlretrieve", unreachable)
+        monkeypatch.setattr(config, "_KERAS_DIR", str(tmp_path / "keras"))
+
+
+@pytest.mark.parametrize("name, shape", [("resnet18", (32, 32, 3)), ("native", (32, 32, 3))])
+def test_imagenet_weights_without_network_say_where_from_and_how_to_pass_a_file(
+        backend, name, shape, monkeypatch, tmp_path):
+    _offline(monkeypatch, tmp_path)
+    if name == "native":
+        name = "squeezenet1_0" if backend == "torch" else "VGG16"
+    with pytest.raises(errors.WeightsDownloadError,
+                       match=rf"fetch the ImageNet weights of '{name}' from .*URLError.*"
+                             rf"weights='path/to/checkpoint'") as e:
+        tl.load_backbone(name, weights="imagenet", backend=backend, input_shape=shape)
+    assert isinstance(e.value, OSError)

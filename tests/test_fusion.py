@@ -64,6 +64,38 @@ def test_weighted_fusion_fits_simplex_weights_no_worse_than_the_best_member(spac
     # the optimum: no simplex vertex or the centre does better
     for w in [*np.eye(len(members)), np.full(len(members), 1 / len(members))]:
         assert loss <= metrics.bce_from_logits(fusion.combine(zs, w, space), yv) + 1e-12
+    _assert_kkt(zs, yv, f.weights, space)
+
+
+def _assert_kkt(zs, y, w, space, tol=1e-5):
+    """The simplex optimum's KKT conditions, with the gradient taken by central differences of
+    the fused loss (not the code's own gradient): every weight in use has the same gradient
+    lambda, every weight at zero a gradient >= lambda."""
+    def loss(v):
+        return metrics.bce_from_logits(fusion.combine(zs, v, space), y)
+    h = 1e-6
+    g = np.array([(loss(w + h * e) - loss(w - h * e)) / (2 * h) for e in np.eye(len(w))])
+    used = w > 1e-9
+    lam = g[used].mean()
+    scale = max(1.0, np.abs(g).max())
+    assert np.abs(g[used] - lam).max() <= tol * scale, (w, g)
+    assert (g[~used] >= lam - tol * scale).all(), (w, g)
+
+
+@pytest.mark.parametrize("space", ["logit", "prob"])
+def test_fitted_weights_meet_the_optimality_conditions_inside_the_simplex(space):
+    """Two members wrong on different halves of the data: the best fusion mixes them (the
+    best single member is not optimal), and the fit finds the mixture."""
+    rng = np.random.default_rng(0)
+    y = (rng.random((200, 1)) > 0.5).astype(float)
+    truth = np.where(y > 0, 2.0, -2.0)
+    noise = rng.normal(0, 1.5, size=(3, 200, 1))
+    zs = truth[None] + noise
+    zs[0, :100] *= -0.3            # member 0 unreliable on the first half, member 1 on the second
+    zs[1, 100:] *= -0.3
+    w = fusion.fit_weights(zs, y, space)
+    assert (w > 0.05).sum() >= 2, w
+    _assert_kkt(zs, y, w, space)
 
 
 def test_given_weights_are_used_as_given():
@@ -283,9 +315,36 @@ def test_stack_refuses_the_members_own_training_data_unless_forced():
     with pytest.raises(errors.DataError, match=r"member\(s\) \[0, 1\]'s own training data"):
         tl.fuse(members, "stack", val=(x, y))
     forced = tl.fuse(members, "stack", val=(x, y), force=True)
-    assert "forced" in forced.report["stack_source"]
+    assert forced.report["stack_source"] == ("val (forced: members' own training data) (overlap "
+                                             "with members' training rows 100.0%, 100.0%)")
     held_out = tl.fuse(members, "stack", val=(xv, yv))           # data they never saw: fine
-    assert held_out.report["stack_source"] == "held-out val"
+    assert held_out.report["stack_source"] == ("held-out val (overlap with members' training "
+                                               "rows 0.0%, 0.0%)")
+
+
+def test_the_own_training_data_guard_knows_rows_by_content(tmp_path):
+    """A subset, a float32 copy, a model saved and loaded (or converted): the same rows, all
+    refused; 1 row in 40 (2.5%) is let through and reported."""
+    x, y = _data(40, seed=3)
+    members = [_member(BACKENDS[0], s) for s in (0, 10)]
+    for m in members:
+        tl.fine_tune(m, (x, y), epochs=1, batch_size=8, progress=False)
+    tl.save(members[1], tmp_path / "m1.safetensors")
+    reloaded = [members[0], tl.load(tmp_path / "m1.safetensors")]
+    converted = [tl.convert(m, BACKENDS[-1]) for m in members]
+    for group, xs, ys, share in ((members, x[:39], y[:39], "100.0%"),
+                                 (members, x.astype(np.float32), y, "100.0%"),
+                                 (reloaded, x[5:], y[5:], "100.0%"),
+                                 (converted, x[::2], y[::2], "100.0%")):
+        with pytest.raises(errors.DataError, match=rf"\({share}, {share} of the val rows are rows"):
+            tl.fuse(group, "stack", val=(xs, ys))
+    xv, yv = _data(39, seed=9)
+    mixed = (np.concatenate([xv, x[:1]]), np.concatenate([yv, y[:1]]))
+    f = tl.fuse(members, "stack", val=mixed)
+    assert f.report["stack_source"].endswith("training rows 2.5%, 2.5%)")
+    from tlbridge import inputs
+    assert inputs.overlap(x[:10], members[0].report["trained_rows"]) == 1.0
+    assert inputs.overlap(xv, members[0].report["trained_rows"]) == 0.0
 
 
 def test_stack_with_folds_uses_copies_trained_without_each_sample():

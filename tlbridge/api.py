@@ -1,6 +1,7 @@
 """The public functions: validate in numpy, then hand the *how* to the model's backend."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import replace
@@ -10,7 +11,7 @@ import numpy as np
 from . import (checkpoints, config, devices, freezing, init, inputs, kinds, losses, registry,
                validation, weights as wio, zoo)
 from .errors import (ArgumentTypeError, CheckpointError, DataError, NoHeadError, NotPortableError,
-                     ShapeError, WeightsMismatchError)
+                     ShapeError, WeightsDownloadError, WeightsMismatchError)
 from .kinds import Composite
 from .model import TransferModel
 from .specs import TORCHVISION, HeadSpec, ModelSpec, Preprocessing, freeze_options
@@ -89,7 +90,7 @@ def _build(spec: ModelSpec, be_name: str, portable: bool, weights, seed, init_we
     # torchvision constructors load ImageNet weights themselves; the Keras mirrors take the
     # same torchvision checkpoint, translated (below)
     native_pretrained = weights == "imagenet" and (be_name == "torch" or not portable)
-    with be.device_scope(device):
+    with be.device_scope(device), _fetching(spec.backbone, be_name, native_pretrained):
         native, state = be.build_backbone(spec, portable, native_pretrained, seed)
     m = TransferModel(be_name, native, spec, portable, set(), state)
     be.place_built(m, device)
@@ -98,13 +99,48 @@ def _build(spec: ModelSpec, be_name: str, portable: bool, weights, seed, init_we
         be.set_weights(m, _cast(init.torchvision_style(shapes, np.random.default_rng(seed)), spec.dtype))
     elif weights == "imagenet" and not native_pretrained:
         expected = be.canonical_shapes(m)
-        set_weights(m, checkpoints.to_canonical(checkpoints.torchvision_imagenet(spec.backbone), expected))
+        with _fetching(spec.backbone, be_name, True):
+            state = checkpoints.torchvision_imagenet(spec.backbone)
+        set_weights(m, checkpoints.to_canonical(state, expected))
     elif weights not in (None, "imagenet"):
         tensors, pre = checkpoints.read(weights, spec.backbone, be.canonical_shapes(m))
         set_weights(m, tensors)
         if pre is not None:
             m.spec = replace(m.spec, preprocessing=pre)
     return m
+
+
+@contextlib.contextmanager
+def _fetching(backbone: str, backend: str, downloading: bool):
+    """A failed download of pretrained weights, said as tlbridge says things: what could not be
+    fetched, from where, and how to pass a local file instead (torchvision's and Keras's own
+    errors are a bare URLError or "URL fetch failure")."""
+    try:
+        yield
+    except Exception as exc:    # noqa: BLE001 - urllib, torch.hub and keras raise different types
+        text = f"{type(exc).__name__}: {exc}"
+        if not downloading or not _is_network_error(exc):
+            raise
+        where = ("torchvision's download server (torch.hub cache: $TORCH_HOME)"
+                 if backend == "torch" or zoo.is_portable(backbone)
+                 else "keras.applications' weight storage (cache: ~/.keras/models)")
+        raise WeightsDownloadError(
+            f"Expected to fetch the ImageNet weights of {backbone!r} from {where}; the download "
+            f"failed ({text[:300]}). This machine may have no network. Pass a local file "
+            f"instead: tl.load_backbone({backbone!r}, weights='path/to/checkpoint') (a "
+            f"torchvision .pth, a safetensors file, or Keras VGG16 .h5; docs/checkpoints.md), "
+            f"or copy the file into the cache above.") from exc
+
+
+def _is_network_error(exc: BaseException) -> bool:
+    import urllib.error
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, (urllib.error.URLError, ConnectionError, TimeoutError)) or \
+                "URL fetch failure" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _cast(w: dict, dtype: str) -> dict:
@@ -323,7 +359,8 @@ def convert(m: TransferModel, backend: str, *, device: str | None = None) -> Tra
             f"{m.backbone_name!r} is a {m.backend}-native backbone and cannot be converted to "
             f"{target!r}. Expected a portable backbone: one of {sorted(zoo.PORTABLE)}.")
     where = _be(target).resolve_device(devices.normalize(device or m.device))
-    return _rebuild(m.spec, target, get_weights(m), set(m.frozen), device=where)
+    return _rebuild(m.spec, target, {**get_weights(m), **report_tensors(m)}, set(m.frozen),
+                    device=where)
 
 
 def to_device(m: TransferModel, device: str) -> TransferModel:
@@ -348,6 +385,8 @@ def set_precision(*, tf32: bool) -> dict:
 
 def _rebuild(spec: ModelSpec, backend: str, tensors: dict, frozen: set,
              device: str = "cpu") -> TransferModel:
+    tensors = dict(tensors)
+    rows = tensors.pop(REPORT_ROWS, None)
     new = _build(replace(spec, head=None), backend, spec.native_backend is None, None, None,
                  init_weights=False, device=device)
     if spec.head is not None:
@@ -359,7 +398,19 @@ def _rebuild(spec: ModelSpec, backend: str, tensors: dict, frozen: set,
     if set(frozen) != new.frozen:
         new.frozen = set(frozen)
         _be(backend).apply_freeze(new)
+    if rows is not None:
+        new.report["trained_rows"] = np.asarray(rows, np.uint64)
     return new
+
+
+REPORT_ROWS = "report/trained_rows"
+
+
+def report_tensors(m: TransferModel) -> dict:
+    """What a model file keeps of m.report beside the weights: the content hashes of the rows
+    fine_tune trained it on (tl.fuse's own-training-data guard survives save/load/convert)."""
+    rows = m.report.get("trained_rows")
+    return {} if rows is None or not len(rows) else {REPORT_ROWS: np.asarray(rows, np.uint64)}
 
 
 def save(m: TransferModel, path) -> None:
@@ -371,7 +422,7 @@ def save(m: TransferModel, path) -> None:
     kinds.of(m).check_rebuildable(m, "save")
     meta = {"format": FORMAT, "backend": m.backend, "spec": m.spec.to_json(),
             "frozen": json.dumps(sorted(m.frozen))}
-    wio.save_file(path, get_weights(m), meta)
+    wio.save_file(path, {**get_weights(m), **report_tensors(m)}, meta)
 
 
 def load(path, backend: str | None = None, *, device: str = "cpu") -> TransferModel:

@@ -347,6 +347,10 @@ class Dataset:
                 f"batches={len(self)}, shuffle={self.shuffle}, seed={self.seed}, "
                 f"augment={self.augment!r}, dtype={self.dtype!r})")
 
+    def in_memory_inputs(self):
+        """The inputs of a dataset over arrays (tl.data.arrays), else None (files on disk)."""
+        return self._source.x if isinstance(self._source, _ArraySource) else None
+
     def batch_sizes(self) -> list[int]:
         """The size of every batch of an epoch, in order (the last one may be short)."""
         n, b = self.num_samples, self.batch_size

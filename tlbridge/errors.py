@@ -1,7 +1,7 @@
 """Exceptions of tlbridge.
 
 Each one is also the builtin type a caller would catch without knowing tlbridge
-(ValueError, TypeError, KeyError, ImportError, NotImplementedError), and each message says what was expected,
+(ValueError, TypeError, KeyError, ImportError, NotImplementedError, OSError), and each message says what was expected,
 what was received, and how to fix it.
 """
 from __future__ import annotations
@@ -26,6 +26,7 @@ __all__ = [
     "TrainingDivergedError",
     "DeviceNotAvailableError",
     "DistributedError",
+    "WeightsDownloadError",
 ]
 
 
@@ -119,3 +120,7 @@ class DeviceNotAvailableError(TLBridgeError, ValueError):
 class DistributedError(TLBridgeError, RuntimeError):
     """Data-parallel training could not start or go on (a launch without torchrun's
     variables, more replicas than devices, a rank that stopped): says which, and the fix."""
+
+
+class WeightsDownloadError(TLBridgeError, OSError):
+    """Pretrained weights could not be fetched (no network, a proxy, a server error)."""

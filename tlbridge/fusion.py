@@ -26,7 +26,7 @@ from .errors import (ArgumentTypeError, CheckpointError, DataError, NoHeadError,
 from .kinds import Composite
 from .model import TransferModel
 from .specs import ModelSpec
-from .training import Checkpoint, fine_tune, fingerprint
+from .training import Checkpoint, fine_tune
 
 METHODS = ("mean", "weighted", "stack", "gate")
 GATE_RECIPE = {"epochs": 20, "optimizer": optim.Adam(1e-2), "batch_size": 64}
@@ -507,9 +507,11 @@ def _stack(members, *, val, train, folds, oof, force, fine_tune_kwargs, l2, seed
         source = "given out-of-fold outputs"
     else:
         x, y = _val_arrays(f, val)
-        own = _refuse_own_training_data(members, x, "val", "the stacker", force, preprocess)
+        shares = _refuse_own_training_data(members, x, "val", "the stacker", force, preprocess)
         zs = member_logits(f, x, batch_size)
-        source = "held-out val" + (" (forced: members' own training data)" if own else "")
+        forced = max(shares) > OVERLAP_MAX
+        source = ("held-out val" if not forced else "val (forced: members' own training data)") \
+            + f" ({_overlap_note(shares)})"
     f.weights, f.bias = fit_stacker(zs, y, l2)
     n = len(members)
     f.report = {"stack_source": source,
@@ -536,7 +538,7 @@ def _gate(members, *, train, val, gate_on, hidden, dropout, backend, fine_tune_k
     plain = FusedModel(members, "gate", "logit", None)     # shapes for the checks below
     if train is not None:
         x, y = _val_arrays(plain, train, "train")
-        _refuse_own_training_data(members, x, "train", "the gate", force)
+        shares = _refuse_own_training_data(members, x, "train", "the gate", force)
     if val is not None:
         _val_arrays(plain, val)
     copies, gb, g = gate.build(members, backend=backend, gate_on=gate_on, hidden=hidden,
@@ -547,6 +549,7 @@ def _gate(members, *, train, val, gate_on, hidden, dropout, backend, fine_tune_k
         recipe.setdefault("val", val)
         history = fine_tune(f, (x, y), **recipe)
         f.report["history"] = history.epochs
+        f.report["train_overlap"] = shares     # with each member's own training rows
     if val is not None:
         x, y = _val_arrays(f, val)
         zs = member_logits(f, x, batch_size)
@@ -565,17 +568,31 @@ def gate_weights(f: FusedModel, x, batch_size: int = 64) -> np.ndarray:
     return gate.weights_per_input(f.gate, x, batch_size)
 
 
+OVERLAP_MAX = 0.05      # the share of a member's training rows a "held-out" set may hold
+
+
 def _refuse_own_training_data(members, x, what: str, who: str, force: bool,
-                              preprocess=None) -> bool:
-    own = [i for i, m in enumerate(members)
-           if fingerprint(member_input(preprocess, i, m, x)) in m.report.get("trained_on", [])]
+                              preprocess=None) -> list:
+    """Each member's overlap with x (the fraction of x's rows it was fine-tuned on, by content:
+    a subset, another dtype or a reloaded copy are the same rows); refused above OVERLAP_MAX
+    unless force=True."""
+    shares = [inputs.overlap(member_input(preprocess, i, m, x), m.report.get("trained_rows"))
+              for i, m in enumerate(members)]
+    own = [i for i, share in enumerate(shares) if share > OVERLAP_MAX]
     if own and not force:
         raise DataError(
-            f"Refusing to fit {who} on member(s) {own}'s own training data ({what} is the set "
-            f"fine_tune trained them on): their outputs there are overconfident, and {who} "
-            f"would learn to trust them. Pass data the members never saw (for 'stack' also "
-            f"train=(x, y) with folds=k, or oof=(outputs, y)); force=True if you mean it.")
-    return bool(own)
+            f"Refusing to fit {who} on member(s) {own}'s own training data "
+            f"({', '.join(f'{shares[i]:.1%}' for i in own)} of the {what} rows are rows "
+            f"fine_tune trained them on; at most {OVERLAP_MAX:.0%} passes as held out): their "
+            f"outputs there are "
+            f"overconfident, and {who} would learn to trust them. Pass data the members never "
+            f"saw (for 'stack' also train=(x, y) with folds=k, or oof=(outputs, y)); force=True "
+            f"if you mean it.")
+    return shares
+
+
+def _overlap_note(shares: list) -> str:
+    return f"overlap with members' training rows {', '.join(f'{s:.1%}' for s in shares)}"
 
 
 def _val_arrays(f: FusedModel, val, what: str = "val"):
@@ -633,7 +650,8 @@ def save(f: FusedModel, path) -> None:
         tensors["fusion/bias"] = np.asarray(f.bias, np.float64)
     members = []
     for i, m in enumerate(f.members):
-        tensors.update({f"member{i}/{k}": v for k, v in api.get_weights(m).items()})
+        tensors.update({f"member{i}/{k}": v for k, v in
+                        {**api.get_weights(m), **api.report_tensors(m)}.items()})
         members.append({"backend": m.backend, "spec": m.spec.to_json(),
                         "frozen": sorted(m.frozen)})
     meta = {"format": FORMAT, "method": f.method, "space": f.space,

@@ -47,3 +47,30 @@ def digest(x, h) -> None:
         idx = np.unique(np.linspace(0, len(v) - 1, num=min(len(v), 256)).astype(int)) if len(v) else []
         for i in idx:
             h.update(np.ascontiguousarray(v[i]).tobytes())
+
+
+ROW_SAMPLES = 32        # values per row that identify it
+ROW_DECIMALS = 3        # rounded: a float32 copy of float64 rows hashes alike
+
+
+def row_hashes(x) -> np.ndarray:
+    """A 64-bit identity per row, by content: up to ROW_SAMPLES evenly spaced values of the row
+    (every input's, side by side), rounded to ROW_DECIMALS, hashed. The same rows in another
+    dtype, order or subset give the same hashes (fusion's "own training data" guard)."""
+    import hashlib
+    parts = []
+    for v in (x.values() if is_multi(x) else [x]):
+        flat = np.asarray(v).reshape(len(v), -1)
+        cols = np.unique(np.linspace(0, flat.shape[1] - 1, num=min(flat.shape[1], ROW_SAMPLES))
+                         .astype(int))
+        parts.append(np.round(flat[:, cols].astype(np.float64), ROW_DECIMALS) + 0.0)  # no -0.0
+    rows = np.ascontiguousarray(np.concatenate(parts, axis=1))
+    return np.array([int.from_bytes(hashlib.blake2b(r.tobytes(), digest_size=8).digest(), "little")
+                     for r in rows], dtype=np.uint64)
+
+
+def overlap(x, hashes) -> float:
+    """The fraction of x's rows whose content is among `hashes`."""
+    if hashes is None or not len(hashes):
+        return 0.0
+    return float(np.mean(np.isin(row_hashes(x), np.asarray(hashes, np.uint64))))

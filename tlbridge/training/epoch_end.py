@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import time
 
-from .. import api
+import numpy as np
+
+from .. import api, inputs
 from . import checkpoint
 from .evaluation import evaluate_dataset
-from .feed import fingerprint
 from .state import Run
 
 
@@ -54,8 +55,8 @@ def end_epoch(run: Run, epoch: int, record: dict, bar) -> None:
 
 
 def finish(run: Run, train):
-    """The final weights (the best epoch's, or the average's), and the training data's
-    fingerprint (tl.fuse refuses to fit a stacker or a gate on it)."""
+    """The final weights (the best epoch's, or the average's), and the training rows' content
+    hashes (tl.fuse refuses to fit a stacker or a gate on them)."""
     run.trainer.close()
     m, stop = run.m, run.stop
     if stop is not None and stop.restore_best and run.best["weights"] is not None:
@@ -65,7 +66,9 @@ def finish(run: Run, train):
         run.history.best_epoch = run.best["epoch"]
     if run.ema_w is not None and run.ema.swap:
         api.set_weights(m, run.ema_w)
-    if isinstance(train, (tuple, list)) and len(train) == 2:
-        trained_on = set(m.report.get("trained_on", []))
-        m.report["trained_on"] = sorted(trained_on | {fingerprint(train[0])})
+    x = train[0] if isinstance(train, (tuple, list)) and len(train) == 2 else (
+        train.in_memory_inputs() if hasattr(train, "in_memory_inputs") else None)
+    if x is not None:
+        rows = m.report.get("trained_rows", np.zeros(0, np.uint64))
+        m.report["trained_rows"] = np.union1d(rows, inputs.row_hashes(x)).astype(np.uint64)
     return run.history
