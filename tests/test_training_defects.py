@@ -259,6 +259,12 @@ def test_resume_refuses_other_settings_than_the_checkpoint_was_trained_with(back
     cb = _Steps()
     with pytest.raises(errors.CheckpointError, match=r"name 'sgd' -> 'adam'.*same settings"):
         tl.fine_tune(m, (x, y), optimizer=tl.optim.Adam(0.05), seed=1, callbacks=[cb], **kw)
+    with pytest.raises(errors.CheckpointError, match=r"lr 0.05 -> 0.01"):  # the whole value
+        tl.fine_tune(m, (x, y), optimizer=tl.optim.SGD(0.01, momentum=0.9), seed=1, callbacks=[cb],
+                     **kw)
+    with pytest.raises(errors.CheckpointError, match=r"schedule .*Cosine"):
+        tl.fine_tune(m, (x, y), optimizer=tl.optim.SGD(0.05, momentum=0.9, schedule="cosine"),
+                     seed=1, callbacks=[cb], **kw)
     with pytest.raises(errors.CheckpointError, match=r"momentum 0.9 -> 0.5"):
         tl.fine_tune(m, (x, y), optimizer=tl.optim.SGD(0.05, momentum=0.5), seed=1, callbacks=[cb], **kw)
     with pytest.raises(errors.CheckpointError, match=r"Expected seed=1 .*received seed=2"):
