@@ -89,7 +89,7 @@ def test_fitted_weights_meet_the_optimality_conditions_inside_the_simplex(space)
     rng = np.random.default_rng(0)
     y = (rng.random((200, 1)) > 0.5).astype(float)
     truth = np.where(y > 0, 2.0, -2.0)
-    noise = rng.normal(0, 1.5, size=(3, 200, 1))
+    noise = rng.normal(0, 1.5, size=(2, 200, 1))
     zs = truth[None] + noise
     zs[0, :100] *= -0.3            # member 0 unreliable on the first half, member 1 on the second
     zs[1, 100:] *= -0.3
