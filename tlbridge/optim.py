@@ -111,10 +111,17 @@ def regularizer(spec) -> L2SP | None:
                     "{'name': 'l2sp', 'alpha': ..., 'beta': ...}.")
 
 
+@dataclass(frozen=True, repr=False)
 class _Optimizer:
-    """What SGD, Adam and AdamW share: the base learning rate, parameter groups
-    ({glob: lr}), a schedule, the L2-SP regulariser and the EMA."""
+    """What SGD, Adam and AdamW share: the base learning rate (each class's first field),
+    parameter groups ({glob: lr}), a schedule, the L2-SP regulariser and the EMA (keyword-only:
+    they come after each optimizer's own positional fields)."""
 
+    _: KW_ONLY
+    groups: dict | None = None
+    schedule: object = None
+    regularizer: object = None
+    ema: object = None
     name = ""
 
     def _check_common(self):
@@ -139,6 +146,13 @@ class _Optimizer:
         """The update formula's constants, as the backends' trainers take them."""
         raise NotImplementedError
 
+    def __repr__(self) -> str:
+        """Its own fields first, then the shared ones that are set: SGD(lr=0.01, momentum=0.9)."""
+        own = [f for f in fields(self) if not f.kw_only]
+        shared = [f for f in fields(self) if f.kw_only and getattr(self, f.name) is not None]
+        args = [f"{f.name}={getattr(self, f.name)!r}" for f in own + shared]
+        return f"{type(self).__name__}({', '.join(args)})"
+
     def param_groups(self, names: list[str]) -> list[tuple[float, list[str]]]:
         return param_groups(names, self.lr, dict(self.groups or ()))
 
@@ -153,7 +167,7 @@ class _Optimizer:
         return json.loads(json.dumps(out))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class SGD(_Optimizer):
     """torch.optim.SGD's formula (above): momentum, nesterov, L2 weight decay."""
 
@@ -161,11 +175,6 @@ class SGD(_Optimizer):
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 0.0
-    _: KW_ONLY
-    groups: dict | None = None
-    schedule: object = None
-    regularizer: object = None
-    ema: object = None
     name = "sgd"
 
     def __post_init__(self):
@@ -178,7 +187,7 @@ class SGD(_Optimizer):
                                float(self.weight_decay))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Adam(_Optimizer):
     """torch.optim.Adam's formula (above): eps after bias correction, L2 weight decay."""
 
@@ -186,11 +195,6 @@ class Adam(_Optimizer):
     betas: tuple = (0.9, 0.999)
     eps: float = 1e-8
     weight_decay: float = 0.0
-    _: KW_ONLY
-    groups: dict | None = None
-    schedule: object = None
-    regularizer: object = None
-    ema: object = None
     name = "adam"
 
     def __post_init__(self):
@@ -209,7 +213,7 @@ class Adam(_Optimizer):
                                float(self.eps))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class AdamW(Adam):
     """torch.optim.AdamW: decoupled weight decay, p <- p * (1 - lr * wd) before Adam
     (torch's default weight_decay 1e-2)."""
