@@ -52,6 +52,9 @@ class Trainer(Protocol):
     last_parts: np.ndarray | None
     """Multi-task: the last step's per-task losses (NaN for a task without labels); else None."""
 
+    loss_scale: float | None
+    """fp16: the loss scale after the last step (torch.amp.GradScaler's rules); else None."""
+
     def step(self, x: np.ndarray, y: np.ndarray, lrs: list[float]) -> tuple[float, float]:
         """One optimizer step on inputs x (BatchNorm in train mode): (loss, L2-SP penalty)."""
 
@@ -255,6 +258,7 @@ def mismatches(module, trainer: type | None = None) -> list[str]:
         out.append(f"{where}.__all__ should be the contract's names {sorted(want)}; it lacks "
                    f"{sorted(want - listed)} and has extra {sorted(listed - want)}")
     if trainer is not None:
-        out += _check(trainer, Trainer, [n for n in TRAINER if n != "last_parts"],
+        attributes = set(inspect.get_annotations(Trainer))      # values, not methods
+        out += _check(trainer, Trainer, [n for n in TRAINER if n not in attributes],
                       f"{trainer.__module__}.{trainer.__qualname__}")
     return out

@@ -75,11 +75,14 @@ def test_fp16_loss_scale_matches_torch_gradscaler(monkeypatch):
     losses, scales = {}, {}
     for backend in ("torch", "keras"):
         m = _model(backend)
-        h = tl.fine_tune(m, (x.astype(np.float32), y), epochs=2, batch_size=8, optimizer=tl.optim.SGD(0.01), progress=False, precision="fp16")
-        losses[backend] = np.array(h["loss"])
-        if backend == "keras":
-            scales[backend] = float(m.state["_train"].loss_scale.numpy())
-    assert scales["keras"] < 2.0 ** 16          # overflowing steps were skipped, scale halved
+        seen = []
+        h = tl.fine_tune(m, (x.astype(np.float32), y), epochs=2, batch_size=8,
+                         optimizer=tl.optim.SGD(0.01), progress=False, precision="fp16",
+                         callbacks=[lambda ev, info: seen.append(info["loss_scale"])
+                                    if ev == "step" else None])
+        losses[backend], scales[backend] = np.array(h["loss"]), seen
+    assert min(scales["keras"]) < 2.0 ** 16     # overflowing steps were skipped, scale halved
+    assert scales["keras"] == scales["torch"], (scales["torch"], scales["keras"])   # step by step
     assert np.max(np.abs(losses["torch"] - losses["keras"]) / losses["torch"]) <= 1e-2
 
 

@@ -307,6 +307,11 @@ class Trainer:
         self.compiled.loss_scale.assign(INITIAL_SCALE)
         self.compiled.good_steps.assign(0)
 
+    @property
+    def loss_scale(self) -> float | None:
+        """fp16: the current loss scale (GradScaler's rules); None otherwise."""
+        return float(self.compiled.loss_scale.numpy()) if self.precision == "fp16" else None
+
     def set_anchors(self, anchors: dict) -> None:
         for n, a in anchors.items():
             value = np.ascontiguousarray(self.slots[n].from_canonical(np.asarray(a)), dtype=self.m.dtype)

@@ -46,6 +46,11 @@ class Trainer:
         self.steps: dict[str, int] = {}     # updates so far, per parameter (torch SGD keeps none)
         self.set_anchors(anchors or {})
 
+    @property
+    def loss_scale(self) -> float | None:
+        """fp16: the current loss scale (GradScaler's); None otherwise."""
+        return None if self.scaler is None else float(self.scaler.get_scale())
+
     def set_anchors(self, anchors: dict) -> None:
         dtype = next(self.net.parameters()).dtype
         self.anchors = {n: torch.as_tensor(np.array(a), dtype=dtype, device=self.device)

@@ -63,8 +63,12 @@ def _steps(run: Run, epoch: int, use_cache: bool, bar):
         if run.ema_w is not None:
             optim.ema_update(run.ema_w, api.get_weights(m), run.ema.decay)
         bar.update(loss)
-        for cb in run.callbacks:
-            cb("step", {"epoch": epoch, "step": step, "loss": loss, "lr": lrs})
+        if run.callbacks:
+            info = {"epoch": epoch, "step": step, "loss": loss, "lr": lrs}
+            if run.precision == "fp16":
+                info["loss_scale"] = trainer.loss_scale     # after this step's update
+            for cb in run.callbacks:
+                cb("step", info)
         yield loss, penalty, lrs
 
 
