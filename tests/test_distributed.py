@@ -82,7 +82,21 @@ def torch_ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("torch2") / "w"
     r = _torchrun([str(out), *RUNS])
     assert r.returncode == 0, r.stderr[-4000:]
-    return [_load(f"{out}.{i}.safetensors") for i in range(len(RUNS))]
+    ranks = [_load(f"{out}.{i}.safetensors") for i in range(len(RUNS))]
+    _RANK1.update({i: _load(f"{out}.{i}.rank1.safetensors") for i in range(len(RUNS))})
+    return ranks
+
+
+_RANK1: dict = {}       # run -> rank 1's (weights, losses)
+
+
+@pytest.mark.parametrize("i", range(len(RUNS)), ids=RUNS)
+def test_every_torch_rank_holds_the_same_weights_and_statistics(torch_ranks, i):
+    """Not only rank 0's: ranks that drifted apart (say one that never updates its BatchNorm
+    running statistics) would evaluate, early-stop and checkpoint differently."""
+    (w0, loss0), (w1, loss1) = torch_ranks[i], _RANK1[i]
+    assert _max_diff(w0, w1) == 0.0
+    assert loss0 == loss1
 
 
 @pytest.fixture(scope="module")

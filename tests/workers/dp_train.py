@@ -136,9 +136,8 @@ def main():
     for i, run in enumerate(args.runs):
         m, h = train(args.backend, run, args.replicas, ckpt=args.ckpt, resume=args.resume,
                      callbacks=callbacks)
-        if rank == 0:
-            wio.save_file(f"{args.out}.{i}.safetensors", tl.get_weights(m),
-                          {"loss": repr(losses_of(h))})
+        name = f"{args.out}.{i}.safetensors" if rank == 0 else f"{args.out}.{i}.rank{rank}.safetensors"
+        wio.save_file(name, tl.get_weights(m), {"loss": repr(losses_of(h))})    # every rank's
 
 
 if __name__ == "__main__":
