@@ -5,7 +5,8 @@
 
 A RUN is "optimizer:bn_sync[:option...]" (options: unfreeze, freeze_bn_biases, cache: the
 feature cache in epochs with a frozen backbone; multi: two task heads, a BCE and an MSE task
-with missing labels, uncertainty weighting; bf16: a float32 model in mixed precision; tokens:
+with missing labels, uncertainty weighting; bf16: a float32 model in mixed precision; f32: the same
+float32 model without it; tokens:
 the two-input text model token_bag on token ids + attention masks instead of images). Each run trains
 seed_vgg with BatchNorm (fp64) on 37 images in batches of 10 (the last one is short, and its
 two shares differ in size) for 2 epochs and writes the final canonical weights to
@@ -76,11 +77,12 @@ def train(backend, run, replicas=None, epochs=2, ckpt=None, resume=False, callba
     optimizer, bn_sync, *options = run.split(":")
     multi = "multi" in options
     text = "tokens" in options
-    m = model(backend, multi, "float32" if "bf16" in options else "float64", text)
+    f32 = "bf16" in options or "f32" in options         # f32: the bf16 run's float32 twin
+    m = model(backend, multi, "float32" if f32 else "float64", text)
     opt = tl.optim.SGD(0.05) if optimizer == "sgd" else tl.optim.Adam(0.01)
     kw = dict(epochs=epochs, batch_size=10, optimizer=opt, seed=7, progress=False,
               checkpoint=None if ckpt is None else tl.Checkpoint(ckpt, resume=resume),
-              callbacks=list(callbacks), feature_cache="auto" if "cache" in options else False)
+              callbacks=[*callbacks, _first_step], feature_cache="auto" if "cache" in options else False)
     if "bf16" in options:
         kw["precision"] = "bf16"
     if "freeze_bn_biases" in options:
@@ -90,18 +92,33 @@ def train(backend, run, replicas=None, epochs=2, ckpt=None, resume=False, callba
         kw["unfreeze"] = {0: "head", 1: "all"}
     kw["parallel"] = tl.Parallel(replicas=replicas or None, bn_sync=bn_sync)
     x, y = tokens() if text else data()
-    if "bf16" in options:
+    if f32:
         x, y = x.astype(np.float32), y.astype(np.float32)
     if multi:
         y = multi_labels(x, y)
         kw["loss"] = tl.losses.TaskWeights("uncertainty")
-    return m, tl.fine_tune(m, (x, y), **kw)
+    _FIRST.clear()
+    h = tl.fine_tune(m, (x, y), **kw)
+    h.first_step = _FIRST[0]            # the loss of step 0, before any update
+    return m, h
+
+
+_FIRST: list = []
+
+
+def _first_step(event, info):
+    if event == "step" and (info["epoch"], info["step"]) == (0, 0):
+        _FIRST.append(info["loss"])
 
 
 def losses_of(history) -> list[float]:
     """The epoch losses, then each task's (multi-task runs)."""
     return history["loss"] + sum((history[k] for k in history.keys() if k.startswith("loss_")),
                                  [])
+
+
+def first_step(history) -> float:
+    return history.first_step
 
 
 def main():
@@ -137,7 +154,8 @@ def main():
         m, h = train(args.backend, run, args.replicas, ckpt=args.ckpt, resume=args.resume,
                      callbacks=callbacks)
         name = f"{args.out}.{i}.safetensors" if rank == 0 else f"{args.out}.{i}.rank{rank}.safetensors"
-        wio.save_file(name, tl.get_weights(m), {"loss": repr(losses_of(h))})    # every rank's
+        wio.save_file(name, tl.get_weights(m), {"loss": repr(losses_of(h)),    # every rank's
+                                                "first": repr(first_step(h))})
 
 
 if __name__ == "__main__":
