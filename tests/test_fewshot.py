@@ -123,14 +123,40 @@ def test_few_shot_eval_reports_mean_accuracy_and_its_interval(backend):
     h = tl.prototype_head(m, x[e.support], e.support_y)
     acc = np.mean(np.argmax(tl.logits(h, x[e.query]), 1) == e.query_y)
     assert proto["per_episode"][3] == pytest.approx(acc)
+    # on noisier images, where methods differ, each probe episode recomputed independently:
+    # scikit-learn's logistic regression on the support features, scored on the queries
+    from sklearn.linear_model import LogisticRegression
+    x = x + np.random.default_rng(7).normal(0, 2.0, size=x.shape)
+    eps = tl.data.episodes((x, y), n_way=3, n_shot=3, n_query=5, n_episodes=12, seed=0)
+    proto = tl.few_shot_eval(m, eps, "prototype")
     probe = tl.few_shot_eval(m, eps, "probe", l2=0.1)
     assert 0 <= probe["accuracy"] <= 1 and probe["episodes"] == 12
-    small = tl.data.episodes((x, y), n_way=3, n_shot=3, n_query=5, n_episodes=3, seed=0)
+    for i in range(12):
+        e = eps[i]
+        fs, fq = tl.features(m, x[e.support]), tl.features(m, x[e.query])
+        clf = LogisticRegression(C=1.0 / (0.1 * len(fs)), tol=1e-10, max_iter=5000)
+        want = np.mean(clf.fit(fs, e.support_y).predict(fq) == e.query_y)
+        assert probe["per_episode"][i] == pytest.approx(want)
+    assert probe["per_episode"] != proto["per_episode"]     # not the prototypes again
+    small = tl.data.episodes((x, y), n_way=3, n_shot=3, n_query=5, n_episodes=4, seed=0)
     before = tl.get_weights(m)
-    ft = tl.few_shot_eval(m, small, "finetune", fine_tune_kwargs={"epochs": 3})
-    assert ft["episodes"] == 3 and ft["accuracy"] > 0.5     # from the prototype start
+    smooth = tl.losses.Loss("ce", 0.2)     # a gradient even where the prototypes are right
+    recipe = {"epochs": 5, "loss": smooth, "optimizer": tl.optim.SGD(0.5)}
+    ft = tl.few_shot_eval(m, small, "finetune", fine_tune_kwargs=recipe)
+    assert ft["episodes"] == 4 and ft["accuracy"] > 0.4     # chance is 1/3
     after = tl.get_weights(m)                       # each episode fine-tunes a copy
     assert all(np.array_equal(after[k], v) for k, v in before.items())
+    # episode 1 fine-tuned by hand: the prototype head, backbone frozen, 3 epochs of SGD
+    e = small[1]
+    h = tl.prototype_head(m, x[e.support], e.support_y)
+    tl.freeze(h, "backbone")
+    tl.fine_tune(h, (x[e.support], e.support_y), batch_size=32, progress=False, **recipe)
+    want = np.mean(np.argmax(tl.logits(h, x[e.query]), 1) == e.query_y)
+    assert ft["per_episode"][1] == pytest.approx(want)
+    start = tl.get_weights(tl.prototype_head(m, x[e.support], e.support_y))["head.weight"]
+    assert np.abs(tl.get_weights(h)["head.weight"] - start).max() > 1e-4     # it trained
+    # and the training shows in the queries: not the prototypes' accuracies
+    assert ft["per_episode"] != tl.few_shot_eval(m, small, "prototype")["per_episode"]
 
 
 def test_transfer_labels_keeps_matching_classes_exactly(backend):

@@ -189,7 +189,7 @@ def few_shot_eval(m: TransferModel, episodes, method: str = "prototype", *,
         used = np.unique(np.concatenate([np.concatenate([e.support, e.query])
                                          for e in episodes]))
         got = _features(m, inputs.cast(inputs.rows(episodes.x, used), m.dtype), batch_size)
-        feats = np.zeros((len(episodes.x), got.shape[1]))
+        feats = np.zeros((inputs.length(episodes.x), got.shape[1]))
         feats[used] = got
         for e in episodes:
             fs, fq = feats[e.support], feats[e.query]
