@@ -150,3 +150,13 @@ def test_wrong_inputs_are_refused_before_any_work(backend):
     assert parity.worst(before, tl.get_weights(m))[0] == 0.0
     with pytest.raises(errors.ShapeError, match=r"input_shape as \(max_length,\)"):
         tl.load_backbone("token_bag", backend=backend, input_shape=(16, 16, 3))
+
+
+def test_models_of_named_inputs_fuse_by_mean_and_refuse_a_gate(backend):
+    x, y = _data(12)
+    a, b = _model(backend, seed=0), _model(backend, seed=5)
+    f = tl.fuse([a, b], "mean")
+    np.testing.assert_allclose(tl.logits(f, x), (tl.logits(a, x) + tl.logits(b, x)) / 2,
+                               rtol=0, atol=1e-12)
+    with pytest.raises(errors.DataError, match="image members for a gated fusion"):
+        tl.fuse([a, b], "gate")

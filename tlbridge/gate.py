@@ -95,6 +95,10 @@ def build(members: list, *, backend: str, gate_on="logits", hidden=(), dropout: 
         gate_backbone = gate_on
     first = members[0]
     for i, m in enumerate(members):
+        if len(m.inputs) != 1 or m.inputs[0].kind != "image":
+            raise DataError(f"Expected image members for a gated fusion (its native model takes "
+                            f"one image input); member {i} takes {[s.name for s in m.inputs]}. "
+                            f"Fuse such members with method='mean', 'weighted' or 'stack'.")
         if m.dtype != first.dtype:
             raise DataError(f"Expected every member in one dtype for a gated fusion; member 0 "
                             f"is {first.dtype}, member {i} is {m.dtype}.")
