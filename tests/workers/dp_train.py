@@ -99,7 +99,7 @@ def train(backend, run, replicas=None, epochs=2, ckpt=None, resume=False, callba
         kw["loss"] = tl.losses.TaskWeights("uncertainty")
     _FIRST.clear()
     h = tl.fine_tune(m, (x, y), **kw)
-    h.first_step = _FIRST[0]            # the loss of step 0, before any update
+    h.first_step = _FIRST[0] if _FIRST else float("nan")   # step 0's loss (a resume has none)
     return m, h
 
 
