@@ -39,16 +39,6 @@ def shapes(x) -> dict:
     return {k: tuple(v.shape[1:]) for k, v in x.items()} if is_multi(x) else {"x": tuple(x.shape[1:])}
 
 
-def digest(x, h) -> None:
-    """Feed up to 256 evenly spaced samples of every input to the hash `h` (fingerprints)."""
-    for v in (x.values() if is_multi(x) else [x]):
-        v = np.asarray(v)
-        h.update(f"{v.shape}{v.dtype}".encode())
-        idx = np.unique(np.linspace(0, len(v) - 1, num=min(len(v), 256)).astype(int)) if len(v) else []
-        for i in idx:
-            h.update(np.ascontiguousarray(v[i]).tobytes())
-
-
 ROW_SAMPLES = 32        # values per row that identify it
 ROW_DECIMALS = 3        # rounded: a float32 copy of float64 rows hashes alike
 

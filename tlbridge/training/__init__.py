@@ -17,11 +17,10 @@ from ..optim import L2SP
 from . import epoch_end, loop, setup
 from .checkpoint import CHECKPOINT_FORMAT
 from .evaluation import evaluate
-from .feed import fingerprint
 from .options import CHECKPOINT_NAME, Checkpoint, EarlyStopping, Parallel
 
 __all__ = ["fine_tune", "evaluate", "EarlyStopping", "Checkpoint", "Parallel", "L2SP",
-           "fingerprint", "CHECKPOINT_NAME", "CHECKPOINT_FORMAT"]
+           "CHECKPOINT_NAME", "CHECKPOINT_FORMAT"]
 
 
 def fine_tune(model, train, *, val=None, epochs: int = 1, batch_size: int = 32, optimizer="sgd",

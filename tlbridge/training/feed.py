@@ -2,8 +2,6 @@
 and its loss, and the feature cache (backbone features computed once, by sample index)."""
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
 
 from .. import api, data as tldata, inputs
@@ -58,14 +56,6 @@ def _check_named(signature, shapes: dict, what: str) -> None:
             want = tuple("L" if d is None else d for d in spec.shape)
             raise DataError(f"Expected {what} input {spec.name!r} of per-sample shape {want}; "
                             f"received {got}.")
-
-
-def fingerprint(x) -> str:
-    """A cheap identity for inputs (an array or a dict of them): shape, dtype and up to 256
-    evenly spaced samples (hashing every byte of a large set would cost seconds)."""
-    h = hashlib.sha1()
-    inputs.digest(x, h)
-    return h.hexdigest()
 
 
 def feature_cache(m, ds: tldata.Dataset):
