@@ -55,6 +55,13 @@ class Trainer(Protocol):
     loss_scale: float | None
     """fp16: the loss scale after the last step (torch.amp.GradScaler's rules); else None."""
 
+    last_rows: tuple[int, ...] | None
+    """The rows the last step's forward pass trained on, one count per replica this process
+    runs: (batch,) in one process, (this rank's share,) under torchrun, each replica's share
+    under Keras replicas; None before the first step. What the data-parallel tests check
+    against tlbridge/parallel.py's shard_bounds (a head step that skipped sharding would
+    train every rank on the whole batch, and its all-reduced gradient would still agree)."""
+
     def step(self, x: np.ndarray, y: np.ndarray, lrs: list[float]) -> tuple[float, float]:
         """One optimizer step on inputs x (BatchNorm in train mode): (loss, L2-SP penalty)."""
 

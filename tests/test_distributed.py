@@ -70,10 +70,23 @@ def _load(path):
     from tlbridge import weights as wio
     tensors, meta = wio.load_file(path)
     _FIRST_STEP[str(path)] = float(meta["first"])     # the loss of the run's first step
+    _ROWS_AT[str(path)] = eval(meta["rows"])          # (epoch, step, cached, [rows per replica])
     return tensors, eval(meta["loss"])   # a list of floats the worker wrote with repr
 
 
 _FIRST_STEP: dict = {}
+_ROWS_AT: dict = {}      # file -> its process's steps: (epoch, step, cached, [rows per replica])
+_STEP_ROWS: dict = {}    # (backend, run) -> [(epoch, step, cached, [rows of rank/replica 0, 1])]
+
+
+def _rows_by_rank(per_process):
+    """Each process's step records -> one record per step with every rank's rows (torch: a
+    process per rank, each recording its own; Keras: one process recording both replicas)."""
+    out = []
+    for steps in zip(*per_process):
+        assert len({(e, s, c) for e, s, c, _ in steps}) == 1     # the same step on every rank
+        out.append((*steps[0][:3], [n for *_, rows in steps for n in rows]))
+    return out
 
 
 def _max_diff(a, b):
@@ -89,6 +102,9 @@ def torch_ranks(tmp_path_factory):
     ranks = [_load(f"{out}.{i}.safetensors") for i in range(len(RUNS))]
     _FIRST_STEP["torch"] = _FIRST_STEP[f"{out}.5.safetensors"]
     _RANK1.update({i: _load(f"{out}.{i}.rank1.safetensors") for i in range(len(RUNS))})
+    for i in range(len(RUNS)):
+        _STEP_ROWS["torch", i] = _rows_by_rank([_ROWS_AT[f"{out}.{i}.safetensors"],
+                                                _ROWS_AT[f"{out}.{i}.rank1.safetensors"]])
     return ranks
 
 
@@ -112,6 +128,8 @@ def keras_replicas(tmp_path_factory):
     assert r.returncode == 0, r.stderr[-4000:]
     replicas = [_load(f"{out}.{i}.safetensors") for i in range(len(RUNS))]
     _FIRST_STEP["keras"] = _FIRST_STEP[f"{out}.5.safetensors"]
+    for i in range(len(RUNS)):
+        _STEP_ROWS["keras", i] = _rows_by_rank([_ROWS_AT[f"{out}.{i}.safetensors"]])
     return replicas
 
 
@@ -160,8 +178,35 @@ def test_keras_two_replicas_equal_one_process(keras_replicas, one_process, i):
 
 
 def test_feature_cache_shards_head_steps(torch_ranks, keras_replicas):
+    """Equal weights alone cannot see a head step that skipped sharding (every rank on the
+    whole batch all-reduces to the same mean gradient): each rank's rows are checked too."""
     for ranks in (torch_ranks, keras_replicas):
         assert _max_diff(ranks[3][0], ranks[0][0]) <= 1e-12
+    for backend in ("torch", "keras"):
+        steps = _STEP_ROWS[backend, 3]
+        assert [c for _, _, c, _ in steps] == [True] * 4 + [False] * 4   # head, then full
+        _assert_shards(steps)
+
+
+def _shares(n: int, world: int = 2) -> list[int]:
+    from tlbridge.parallel import shard_bounds
+    return [b - a for a, b in (shard_bounds(n, world, r) for r in range(world))]
+
+
+def _assert_shards(steps) -> None:
+    """37 rows in batches of 10: 5/5 three times, then the short batch of 7 as 4/3, each
+    epoch; every rank trains its shard_bounds share, and the shares add up to the batch."""
+    assert _shares(10) == [5, 5] and _shares(7) == [4, 3]
+    assert [(e, s) for e, s, _, _ in steps] == [(e, s) for e in range(2) for s in range(4)]
+    for _, s, _, rows in steps:
+        n = 7 if s == 3 else 10
+        assert rows == _shares(n) and sum(rows) == n, (steps, rows)
+
+
+@pytest.mark.parametrize("backend", ["torch", "keras"])
+@pytest.mark.parametrize("i", range(len(RUNS)), ids=RUNS)
+def test_every_rank_trains_its_share(torch_ranks, keras_replicas, backend, i):
+    _assert_shards(_STEP_ROWS[backend, i])
 
 
 @pytest.mark.parametrize("i", [0, 1, 2, 3, 4, 6], ids=RUNS[:5] + RUNS[6:])

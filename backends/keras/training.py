@@ -136,13 +136,16 @@ class _StepParts:
         return total
 
     def forward_loss(self, x, y, rows=None, counts=None, first=None):
-        """The loss (and multi-task per-task losses; empty otherwise), always in float32+."""
+        """The loss (and multi-task per-task losses; empty otherwise), always in float32+, and
+        the rows the forward pass computed (what this replica trained on)."""
         z = self.model(x, training=True)
+        trained = tf.shape(z)[0]
         if self.precision != "fp32":
             z = tf.cast(z, self.dtype)            # the loss in float32
         if self.multi:
-            return multi_loss(z, y, self.loss_spec, self.log_vars.value, counts, first)
-        return loss_fn(z, y, self.loss_spec, rows=rows), tf.zeros((0,), z.dtype)
+            return (*multi_loss(z, y, self.loss_spec, self.log_vars.value, counts, first),
+                    trained)
+        return loss_fn(z, y, self.loss_spec, rows=rows), tf.zeros((0,), z.dtype), trained
 
     def scaled(self, value):
         """fp16: the loss times the scale, inside the tape, so its gradient is recorded."""
@@ -231,12 +234,12 @@ def _single_device_step(p: _StepParts):
     def step(x, y, rows):
         with mixed_policy(p.model, p.precision):
             with p.watching() as tape:
-                loss, parts = p.forward_loss(x, y)
+                loss, parts, trained = p.forward_loss(x, y)
                 pen = p.penalty() if p.reg is not None and p.slots else tf.constant(0.0, loss.dtype)
                 total = p.scaled(loss + pen)
             grads = p.grads_of(tape, total)
         applied = p.apply(grads, rows)
-        return loss, pen, parts, applied
+        return loss, pen, parts, applied, tf.reshape(trained, [1])
     return step
 
 
@@ -250,17 +253,18 @@ def _mirrored_step(p: _StepParts, plan):
         counts = task_counts(y, p.loss_spec) if p.multi else None    # of the global batch
         first = tf.cast(par.first_replica(ctx), y.dtype) if p.multi else None
         with p.watching() as tape:
-            loss, parts = p.forward_loss(par.share(x, ctx), par.share(y, ctx),
-                                         par.rows(x), counts, first)
+            loss, parts, trained = p.forward_loss(par.share(x, ctx), par.share(y, ctx),
+                                                  par.rows(x), counts, first)
             total = p.scaled(loss)
         grads = p.grads_of(tape, total)
-        return loss, parts, [tf.zeros_like(v) if g is None else g
-                             for v, g in zip(p.variables, grads)]
+        return loss, parts, trained, [tf.zeros_like(v) if g is None else g
+                                      for v, g in zip(p.variables, grads)]
 
     @tf.function(input_signature=p.signature(), autograph=False)
     def step(x, y, rows):
         with mixed_policy(p.model, p.precision), par.tracing(plan.bn_sync):
-            loss, parts, grads = strategy.run(replica_step, args=(x, y))
+            loss, parts, trained, grads = strategy.run(replica_step, args=(x, y))
+        trained = tf.stack(strategy.experimental_local_results(trained))   # per replica
         loss = strategy.reduce(total_op, loss, axis=None)
         grads = [strategy.reduce(total_op, g, axis=None) for g in grads]
         if p.multi:     # the task losses summed over replicas; NaN for a task absent
@@ -276,7 +280,7 @@ def _mirrored_step(p: _StepParts, plan):
             grads = [g if pg is None else g + pg
                      for g, pg in zip(grads, tape.gradient(pen, p.variables))]
         applied = p.apply(grads, rows)
-        return loss, pen, parts, applied
+        return loss, pen, parts, applied, trained
     return step
 
 
@@ -290,6 +294,7 @@ class Trainer:
         self.parallel = parallel        # tlbridge.parallel.Plan with its MirroredStrategy
         self.loss = Loss() if loss is None else loss
         self.last_parts = None          # multi-task: the last step's per-task losses
+        self.last_rows = None           # the rows each replica's forward pass trained on
         self.slots = {s.name: s for s in m.state["slots"] if s.is_param}
         self.group_of = {name: i for i, (_, names) in enumerate(groups) for name in names}
         self.compiled = _compiled(m)
@@ -362,7 +367,8 @@ class Trainer:
         where = (contextlib.nullcontext() if self.parallel is not None
                  else devices.scope(self.m.state.get("device", "cpu")))
         with where:
-            loss, reg, parts, applied = steps[key](constant(x), tf.constant(y), rows)
+            loss, reg, parts, applied, trained = steps[key](constant(x), tf.constant(y), rows)
+        self.last_rows = tuple(int(v) for v in np.asarray(trained))
         if self.loss.name == "multi":
             self.last_parts = np.asarray(parts, np.float64)
         if bool(applied):                   # fp16: a step skipped for inf/NaN counts no update

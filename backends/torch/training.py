@@ -31,6 +31,7 @@ class Trainer:
         self._ddp_module, self._ddp_key = None, None
         self._parallel_ready = False    # DDP and global BatchNorm set up for this epoch
         self.last_parts = None          # multi-task: the last step's per-task losses
+        self.last_rows = None           # the rows the last step's forward pass trained on
         params = dict(net.named_parameters())
         self.names = {id(p): n for n, p in params.items()}
         param_groups = [{"params": [params[n] for n in names], "lr": lr} for lr, names in groups]
@@ -115,6 +116,7 @@ class Trainer:
         """The batch loss (data-parallel: this rank's share of the global batch's mean), the
         multi-task per-task losses (else None) and, data-parallel, the global task counts."""
         plan = self.parallel
+        self.last_rows = (int(z.shape[0]),)     # what this rank trained on, as computed
         yt = torch.from_numpy(y).to(self.device)
         parts = counts = None
         if self.loss.name == "multi" and plan is not None:   # global counts, log-vars once

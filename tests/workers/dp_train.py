@@ -10,7 +10,8 @@ float32 model without it; tokens:
 the two-input text model token_bag on token ids + attention masks instead of images). Each run trains
 seed_vgg with BatchNorm (fp64) on 37 images in batches of 10 (the last one is short, and its
 two shares differ in size) for 2 epochs and writes the final canonical weights to
-OUT.<i>.safetensors (rank 0). Under torchrun every rank runs this; with --replicas N, Keras
+OUT.<i>.safetensors (rank 0; rank r > 0: OUT.<i>.rank<r>.safetensors), with the epoch losses,
+the first step's loss and every step's row counts per replica in its metadata. Under torchrun every rank runs this; with --replicas N, Keras
 runs N replicas on logical CPU devices (cpu_replicas before TensorFlow starts).
 """
 from __future__ import annotations
@@ -98,17 +99,22 @@ def train(backend, run, replicas=None, epochs=2, ckpt=None, resume=False, callba
         y = multi_labels(x, y)
         kw["loss"] = tl.losses.TaskWeights("uncertainty")
     _FIRST.clear()
+    _ROWS.clear()
     h = tl.fine_tune(m, (x, y), **kw)
     h.first_step = _FIRST[0] if _FIRST else float("nan")   # step 0's loss (a resume has none)
+    h.rows = list(_ROWS)
     return m, h
 
 
 _FIRST: list = []
+_ROWS: list = []        # (epoch, step, head step on cached features?, rows per replica)
 
 
 def _first_step(event, info):
     if event == "step" and (info["epoch"], info["step"]) == (0, 0):
         _FIRST.append(info["loss"])
+    if event == "step":
+        _ROWS.append((info["epoch"], info["step"], info["cached"], list(info["rows"])))
 
 
 def losses_of(history) -> list[float]:
@@ -119,6 +125,11 @@ def losses_of(history) -> list[float]:
 
 def first_step(history) -> float:
     return history.first_step
+
+
+def rows_of(history) -> list:
+    """Every step's (epoch, step, cached, [rows this process's replicas trained on])."""
+    return history.rows
 
 
 def main():
@@ -155,7 +166,8 @@ def main():
                      callbacks=callbacks)
         name = f"{args.out}.{i}.safetensors" if rank == 0 else f"{args.out}.{i}.rank{rank}.safetensors"
         wio.save_file(name, tl.get_weights(m), {"loss": repr(losses_of(h)),    # every rank's
-                                                "first": repr(first_step(h))})
+                                                "first": repr(first_step(h)),
+                                                "rows": repr(rows_of(h))})
 
 
 if __name__ == "__main__":

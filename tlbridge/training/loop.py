@@ -64,7 +64,8 @@ def _steps(run: Run, epoch: int, use_cache: bool, bar):
             optim.ema_update(run.ema_w, api.get_weights(m), run.ema.decay)
         bar.update(loss)
         if run.callbacks:
-            info = {"epoch": epoch, "step": step, "loss": loss, "lr": lrs}
+            info = {"epoch": epoch, "step": step, "loss": loss, "lr": lrs,
+                    "cached": use_cache, "rows": trainer.last_rows}
             if run.precision == "fp16":
                 info["loss_scale"] = trainer.loss_scale     # after this step's update
             for cb in run.callbacks:
