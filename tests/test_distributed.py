@@ -11,11 +11,15 @@ the last batch (7) splits 4/3: no sample may be dropped or counted twice.
   5  sgd:global:bf16               a float32 model in mixed precision (bf16)
   6  sgd:global:tokens:unfreeze:cache  the two-input text model (token ids + attention masks,
                                    padded), head on cached features in epoch 0, all in epoch 1
+Every step of every run records the rows each rank / replica trained on (shard_bounds).
+keras.applications backbones (Keras' own BatchNormalization) on 2 replicas:
+tests/workers/keras_native_replicas.py.
 """
 from __future__ import annotations
 
 import functools
 import importlib.util
+import json
 import os
 import shutil
 import socket
@@ -233,6 +237,41 @@ def test_bf16_data_parallel_follows_one_process(torch_ranks, keras_replicas, one
         to_fp32 = abs(first - one_process[backend, "first_f32"]) / abs(first)
         to_bf16 = abs(first - one_process[backend, "first5"]) / abs(first)
         assert to_fp32 > 1e-4 and to_bf16 < 2e-3, (to_fp32, to_bf16)
+
+
+@pytest.fixture(scope="module")
+def keras_applications():
+    """tests/workers/keras_native_replicas.py: a keras.applications backbone (MobileNetV2,
+    Keras' own BatchNormalization) on 2 replicas; the measured differences."""
+    r = subprocess.run([sys.executable, str(ROOT / "tests" / "workers" /
+                                            "keras_native_replicas.py")],
+                       env=_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["keras_batchnorm"] > 10          # the model normalises with Keras' layer
+    return out
+
+
+def test_keras_applications_frozen_on_replicas_equal_one_process(keras_applications):
+    """Backbone frozen: its BatchNorm runs on moving statistics, so replicas only split rows."""
+    d = keras_applications["frozen"]
+    assert d["two_vs_one"] <= 1e-12 and d["trained"] > 1e-3
+
+
+def test_keras_applications_global_batchnorm_equals_one_process(keras_applications):
+    """bn_sync='global' on Keras' own layer (its synchronized moments, E[x^2] - E[x]^2: a
+    rounding of 1e-12 in float64 against one process's centred variance), moving statistics
+    included."""
+    d = keras_applications["global"]
+    assert d["two_vs_one"] <= 1e-10 and d["trained"] > 1e-3
+
+
+def test_keras_applications_local_batchnorm_is_each_halfs(keras_applications):
+    """bn_sync='local': the step written out by hand (each half normalised on its own, the
+    moving statistics replica 0's alone; replica 1's update would move them by 2e-3)."""
+    d = keras_applications["local"]
+    assert d["two_vs_by_hand"] <= 1e-12
+    assert d["two_vs_one"] > 1e-3 and d["replica1_would_move_stats"] > 1e-4
 
 
 def test_local_batchnorm_is_not_global(torch_ranks, keras_replicas, one_process):

@@ -103,3 +103,40 @@ def test_bad_precision_is_refused(backend):
         tl.fine_tune(m64, (x, y), precision="bf16", progress=False)
     after = tl.get_weights(m)
     assert all(np.array_equal(before[k], after[k]) for k in before)
+
+
+def test_fp16_devices_per_backend():
+    """fp16 on a CUDA GPU on both backends, and on Apple's MPS with torch (float16 autocast
+    and GradScaler on MPS); no machine here has MPS, so the rule is checked, not run. A
+    Keras model on 'mps' (TensorFlow has none) and any model on the CPU are refused, saying
+    why."""
+    from tlbridge import devices
+    from tlbridge.errors import DataError
+    for backend, device in (("torch", "cuda:0"), ("torch", "mps"), ("keras", "cuda:1")):
+        assert devices.check_precision("fp16", "float32", device, backend) == "fp16"
+    with pytest.raises(DataError, match=r"CUDA GPU .* 'mps': TensorFlow has no MPS device"):
+        devices.check_precision("fp16", "float32", "mps", "keras")
+    with pytest.raises(DataError, match=r"GPU for precision='fp16' \(CUDA, or Apple MPS on "
+                                        r"torch\); .*no fast float16 kernels.*bf16"):
+        devices.check_precision("fp16", "float32", "cpu", "torch")
+    with pytest.raises(DataError, match=r"GPU for precision='fp16' \(CUDA\); received a keras"):
+        devices.check_precision("fp16", "float32", "cpu", "keras")
+    assert devices.check_precision("bf16", "float32", "mps", "torch") == "bf16"
+
+
+def test_torch_mixed_precision_needs_autocast_on_its_device():
+    """The torch trainer runs the forward pass under torch.autocast(device type): this torch
+    autocasts on MPS (float16 since torch 2.5); a device type without autocast is refused
+    before any step, naming the torch version."""
+    import re
+
+    import torch
+    from tlbridge.errors import DataError
+    from tlbridge.registry import load
+    load("torch")
+    from tlbridge.backends.torch.training import check_autocast
+    check_autocast("mps", "fp16")
+    check_autocast("cuda", "fp16")
+    version = re.escape(torch.__version__)
+    with pytest.raises(DataError, match=rf"device type 'meta' .*torch {version}"):
+        check_autocast("meta", "fp16")

@@ -67,10 +67,16 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 _ALLOW_CPU_FP16 = False     # tests only: run the fp16 path (loss scaling) on the CPU
 
 
-def check_precision(precision, dtype: str, device: str) -> str:
+# fp16's devices per backend: CUDA GPUs; on torch also Apple's MPS (torch.autocast("mps")
+# in float16 since torch 2.5, and torch.amp.GradScaler("mps") has MPS kernels: backends/torch)
+FP16_DEVICES = {"torch": ("cuda", "mps"), "keras": ("cuda",)}
+
+
+def check_precision(precision, dtype: str, device: str, backend: str = "torch") -> str:
     """fine_tune's `precision`: "fp32" (the model's own dtype, fp64 included), or mixed
     "bf16"/"fp16" (float32 master weights, BatchNorm and loss in float32; fp16 adds dynamic
-    loss scaling). fp16 needs a GPU: CPUs have no fast float16 kernels, use bf16 there."""
+    loss scaling). fp16 needs a GPU (FP16_DEVICES): CPUs have no fast float16 kernels, use
+    bf16 there."""
     if precision is None:
         return "fp32"
     if not isinstance(precision, str) or precision.strip().lower() not in PRECISIONS:
@@ -81,8 +87,20 @@ def check_precision(precision, dtype: str, device: str) -> str:
         raise DataError(f"Expected a float32 model for precision={precision!r} (mixed precision "
                         f"keeps float32 master weights); received a {dtype} model. Load it with "
                         f"dtype='float32', or train with precision='fp32'.")
-    if precision == "fp16" and not str(device).startswith("cuda") and not _ALLOW_CPU_FP16:
-        raise DataError(f"Expected a GPU for precision='fp16'; received a model on "
-                        f"{device!r}. Use precision='bf16' on the CPU, or move the model with "
-                        f"tl.to_device(m, 'cuda').")
+    if precision == "fp16" and not _ALLOW_CPU_FP16 and \
+            not str(device).startswith(FP16_DEVICES.get(backend, ("cuda",))):
+        raise DataError(_fp16_refused(device, backend))
     return precision
+
+
+def _fp16_refused(device: str, backend: str) -> str:
+    if str(device).startswith("mps"):       # Keras: TensorFlow has no "mps" device
+        return (f"Expected a CUDA GPU for precision='fp16' with a {backend} model; received one "
+                f"on 'mps': TensorFlow has no MPS device (with tensorflow-metal an Apple GPU is "
+                f"TensorFlow's GPU, which tlbridge names 'cuda:0', and device='mps' resolves "
+                f"to it). Load the Keras model with device='cuda:0', train a torch model (torch "
+                f"autocasts to float16 on MPS), or use precision='bf16' or 'fp32'.")
+    gpus = "CUDA, or Apple MPS on torch" if backend == "torch" else "CUDA"
+    return (f"Expected a GPU for precision='fp16' ({gpus}); received a {backend} model on "
+            f"{device!r}: CPUs have no fast float16 kernels. Use precision='bf16' on the CPU, "
+            f"or move the model with tl.to_device(m, 'cuda').")

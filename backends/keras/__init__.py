@@ -98,7 +98,7 @@ with _quiet_tensorflow_startup():
     import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-from tlbridge.errors import BackendNotInstalledError, DistributedError  # noqa: E402
+from tlbridge.errors import BackendNotInstalledError  # noqa: E402
 from tlbridge.model import TransferModel  # noqa: E402
 from tlbridge import zoo  # noqa: E402
 from tlbridge.specs import HeadSpec, ModelSpec  # noqa: E402
@@ -262,13 +262,6 @@ def replica_plan(replicas, bn_sync: str):
 
 
 def init_parallel(plan, m: TransferModel) -> None:
-    """Replicas read the model's plain variables; BatchNorm layers other than tlbridge's
-    (keras.applications backbones) cannot share batch statistics across them."""
-    native_bn = [layer.name for layer in m.native._flatten_layers(include_self=False)
-                 if isinstance(layer, keras.layers.BatchNormalization)]
-    if native_bn:
-        raise DistributedError(
-            f"Expected a portable-zoo model (tlbridge's BatchNorm) for replicas=; received "
-            f"{m.backbone_name!r} with Keras BatchNormalization layers ({native_bn[0]!r}, ...). "
-            f"Load the portable version (tl.load_backbone(..., backend='keras') of a zoo name), "
-            f"or train it in one replica.")
+    """Nothing to join or refuse: replicas read the model's plain variables, and every
+    BatchNorm (tlbridge's, and Keras' own in keras.applications backbones: parallel.py's
+    keras_batchnorm) follows plan.bn_sync, frozen or trainable, in every unfreeze phase."""

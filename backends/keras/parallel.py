@@ -7,12 +7,17 @@ update in cross-replica context, the same formulas as one process. BatchNorm sta
 summed across replicas with the replica context's `all_reduce` (bn_sync="global"); running
 statistics are written by replica 0 alone, from the global statistics ("global") or from its
 own share ("local": torch DDP's rank-0 buffers, so both backends mean the same thing).
+
+Keras' own BatchNormalization (keras.applications backbones) follows the same two rules
+while a replica step is traced (keras_batchnorm): "global" turns on its `synchronized`
+moments, and its moving-statistic writes are made replica 0's alone.
 """
 from __future__ import annotations
 
 import contextlib
 import os
 
+import keras
 import tensorflow as tf
 
 from tlbridge import parallel
@@ -116,6 +121,48 @@ def replica_context():
 
 def bn_sync() -> str | None:
     return _SYNC["mode"]
+
+
+@contextlib.contextmanager
+def keras_batchnorm(model, bn_sync: str):
+    """Keras BatchNormalization layers under replicas, while a step is traced.
+
+    "global": Keras' own `synchronized=True` moments (the sums of x and x^2 and the count
+    all-reduced over replicas, differentiably: the global batch's mean and biased variance,
+    as E[x^2] - E[x]^2). Moving statistics: written by replica 0 alone. Left to Keras, every
+    replica's `assign` to the model's plain variables lands, one after the other (measured:
+    under "local" the moving mean took replica 0's update, then replica 1's on top of it)."""
+    layers = [layer for layer in model._flatten_layers(include_self=False)
+              if isinstance(layer, keras.layers.BatchNormalization)]
+    saved = [(layer, layer.synchronized) for layer in layers]
+    patched = [v for layer in layers for v in layer.non_trainable_weights]
+    try:
+        for layer in layers:
+            layer.synchronized = layer.synchronized or bn_sync == "global"
+        for v in patched:       # the instance's own attribute shadows the class's method
+            object.__setattr__(v, "assign", _first_replica_assign(v))
+        yield
+    finally:
+        for layer, synchronized in saved:
+            layer.synchronized = synchronized
+        for v in patched:
+            object.__delattr__(v, "assign")
+
+
+def _first_replica_assign(variable):
+    """variable.assign, made in replica 0 only when called inside a replica step."""
+    assign = type(variable).assign
+
+    def first_only(value):
+        ctx = replica_context()
+        if ctx is None:
+            return assign(variable, value)
+
+        def write():
+            assign(variable, value)
+            return tf.constant(True)
+        return tf.cond(first_replica(ctx), write, lambda: tf.constant(False))
+    return first_only
 
 
 def first_replica(ctx) -> tf.Tensor:

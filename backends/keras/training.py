@@ -262,7 +262,8 @@ def _mirrored_step(p: _StepParts, plan):
 
     @tf.function(input_signature=p.signature(), autograph=False)
     def step(x, y, rows):
-        with mixed_policy(p.model, p.precision), par.tracing(plan.bn_sync):
+        with mixed_policy(p.model, p.precision), par.tracing(plan.bn_sync), \
+                par.keras_batchnorm(p.model, plan.bn_sync):
             loss, parts, trained, grads = strategy.run(replica_step, args=(x, y))
         trained = tf.stack(strategy.experimental_local_results(trained))   # per replica
         loss = strategy.reduce(total_op, loss, axis=None)

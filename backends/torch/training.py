@@ -5,6 +5,7 @@ import numpy as np
 import torch
 
 from tlbridge import inputs
+from tlbridge.errors import DataError
 from tlbridge.losses import Loss
 from tlbridge.optim import OptimizerConfig
 
@@ -12,6 +13,21 @@ from . import parallel as par
 from .compute import loss_fn, multi_loss, task_counts, to_nchw
 
 _AMP = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def check_autocast(device_type: str, precision: str) -> None:
+    """Mixed precision runs the forward pass under torch.autocast(device_type): refuse, before
+    any step, a torch that has no autocast there (MPS gained float16 autocast in torch 2.5)."""
+    try:
+        from torch.amp.autocast_mode import is_autocast_available
+        available = is_autocast_available(device_type)
+    except ImportError:         # an older torch: autocast on cuda and cpu only
+        available = device_type in ("cuda", "cpu")
+    if not available:
+        raise DataError(f"Expected torch.autocast to support device type {device_type!r} for "
+                        f"precision={precision!r}; received torch {torch.__version__}, which has "
+                        f"no autocast there (on 'mps' it arrived in torch 2.5). Upgrade torch, "
+                        f"or train with precision='fp32'.")
 
 
 class Trainer:
@@ -25,6 +41,8 @@ class Trainer:
         self.loss = Loss() if loss is None else loss
         self.device = next(net.parameters()).device
         self.precision = precision
+        if precision != "fp32":
+            check_autocast(self.device.type, precision)
         # fp16: dynamic loss scaling (2^16 to start, halved on inf/NaN, doubled after 2000 steps)
         self.scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
         self.parallel = parallel        # tlbridge.parallel.Plan, or None for one process

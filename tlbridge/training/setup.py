@@ -56,7 +56,7 @@ def prepare(m, train, *, val, epochs, batch_size, optimizer, unfreeze, loss, ear
     """A Run whose every setting has been checked; nothing has changed yet."""
     be = registry.load(m.backend)
     spec = api.loss_spec(m, loss)
-    precision = devices.check_precision(precision, m.dtype, m.device)
+    precision = devices.check_precision(precision, m.dtype, m.device, m.backend)
     par = options.parallel(parallel)
     dp = tlplan.parallel_plan(m, par)
     ds, vds = _data(m, spec, train, val, batch_size, seed)
