@@ -17,7 +17,8 @@ Adding an engine (e.g. Keras on JAX), in four steps:
 
 Optional parts: `DataParallel` (fine_tune data-parallel: a tlbridge.parallel.Plan reaches
 init_parallel and make_trainer) and `Replicas` (data-parallel over devices in one process,
-fine_tune(..., parallel=tl.Parallel(replicas=N))). Which backend a launch hands a Plan to is
+fine_tune(..., parallel=tl.Parallel(replicas=N))), and `Float64Truth` (the float32 judge's
+reference runs, torch only). Which backend a launch hands a Plan to is
 decided in tlbridge/training/plan.py (parallel_plan: torchrun -> torch, replicas -> keras).
 
 Conventions every member follows (docs/parity.md): weights cross the boundary as numpy arrays
@@ -137,6 +138,12 @@ class Backend(Protocol):
     def logits(self, m: TransferModel, x: np.ndarray, batch_size: int) -> np.ndarray:
         """Head outputs before any activation (N, outputs), in inference mode."""
 
+    def activations(self, m: TransferModel, x: np.ndarray, training: bool) -> tuple[list, np.ndarray]:
+        """([(kind, input, pool)], logits) of one forward pass, for the float32 judge
+        (tlbridge/fp32.py): the input of every nonlinearity in forward order, float64 in the
+        framework's own layout (tlbridge/fp32.py lines them up); kind "relu", "relu6", "maxpool" (pool: torch's (size, stride, padding), the input
+        unpadded) or "smooth" (GELU, SiLU, sigmoid). Train mode updates BatchNorm statistics."""
+
     def loss_and_grads(self, m: TransferModel, x: np.ndarray, y: np.ndarray, training: bool,
                        loss: Loss | MultiLoss) -> tuple[float, dict[str, np.ndarray]]:
         """(loss, canonical gradient of every trainable parameter) of one batch, no update;
@@ -192,6 +199,19 @@ class Replicas(DataParallel, Protocol):
         """Split the CPU into n devices for replicas=n (before the framework starts)."""
 
 
+@runtime_checkable
+class Float64Truth(Protocol):
+    """Optional: the float32 judge's reference runs (tlbridge/fp32.py); torch, whose float64
+    model is the truth."""
+
+    def channels_last(self, m: TransferModel, on: bool) -> None:
+        """Run the model's convolutions in channels_last memory (TensorFlow's CPU kernels)."""
+
+    def decided(self, m: TransferModel, sites: list) -> ContextManager:
+        """While open, the model takes every kink decision (ReLU, ReLU6, max-pool) of another
+        run's activations() `sites`, with its own values."""
+
+
 def members(protocol: type) -> tuple[str, ...]:
     """The names a Protocol lists (its own and inherited): attributes, then methods."""
     names: dict[str, None] = {}
@@ -204,7 +224,8 @@ def members(protocol: type) -> tuple[str, ...]:
     return tuple(names)
 
 
-PARTS: dict[str, type] = {"DataParallel": DataParallel, "Replicas": Replicas}
+PARTS: dict[str, type] = {"DataParallel": DataParallel, "Replicas": Replicas,
+                          "Float64Truth": Float64Truth}
 REQUIRED: tuple[str, ...] = members(Backend)
 OPTIONAL: dict[str, tuple[str, ...]] = {part: members(p) for part, p in PARTS.items()}
 TRAINER: tuple[str, ...] = members(Trainer)

@@ -27,6 +27,8 @@ BLOCKS = {
     "data_throughput": ("benchmarks/data_throughput.py",
                         ".venv/bin/python benchmarks/data_throughput.py"),
     "parity": ("benchmarks/parity_table.py", "make parity"),
+    "parity_summary": ("benchmarks/parity_table.py", "make parity"),
+    "op_error": ("benchmarks/op_error.py", ".venv/bin/python benchmarks/op_error.py"),
     "speed": ("benchmarks/speed.py", "make speed"),
     "fusion": ("benchmarks/fusion.py", ".venv/bin/python benchmarks/fusion.py"),
     "few_shot": ("benchmarks/few_shot.py", ".venv/bin/python benchmarks/few_shot.py"),

@@ -1,9 +1,9 @@
 """Both backends in one process: the same weights give the same loss, every gradient and the
 same BatchNorm statistics (docs/parity.md #1-#5, #8-#10), for every portable backbone.
 
-float64 is the truth: torch and Keras agree to 1e-10 per tensor. float32 is judged per tensor
-against it: Keras must be as accurate as torch (tlbridge.parity: keras <= max(1e-4, 4 x torch),
-never above 1e-2), on configurations whose conditioning is certified in float64 first.
+float64 is the truth: torch and Keras agree to 1e-10 per tensor. float32 is judged against it on
+every backbone (tlbridge/fp32.py): forward quantities, per-tensor gradient medians over 12
+batches and kink flips, Keras within 4 x torch.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from helpers import both_backends
 
 import tlbridge as tl
-from tlbridge import inputs, parity, zoo
+from tlbridge import fp32, parity, zoo
 
 pytestmark = both_backends
 
@@ -72,51 +72,34 @@ def test_float64_loss_every_gradient_and_bn_stats_agree(bb, training, frozen, k)
     assert r.stats <= parity.TOL["float64"], f"weights/BN statistics differ by {r.stats:.3g} after the pass"
 
 
-def _modes(judged: bool):
-    out = []
-    for case in CASES:
-        (name, options), label = case.values[0], case.id
-        modes = parity.config(name, **options).fp32_modes
-        out += [pytest.param(case.values[0], mode, id=f"{label}-{mode}")
-                for mode in ("eval", "train") if (mode in modes) == judged]
-    return out
+@pytest.fixture(scope="module")
+def judged(bb):
+    """tlbridge.fp32.judge of one backbone in eval and train mode, on its own 32x32 suite
+    (the float64 suites of resnet50 and vgg16 are 64x64), computed once per module."""
+    setup = fp32.setup(bb.name)
+    s = bb.suite(3) if tuple(bb.config.shape) == setup.shape else parity.suite(
+        bb.name, 3, input_shape=setup.shape, **bb.options)
+    return {mode: fp32.judge(s, mode == "train", setup) for mode in ("eval", "train")}
 
 
-@pytest.mark.parametrize("frozen", [False, True], ids=["trainable", "frozen"])
-@pytest.mark.parametrize("bb, mode", _modes(judged=True), indirect=["bb"], scope="module")
-def test_float32_keras_is_as_accurate_as_torch_per_tensor(bb, mode, frozen):
-    cfg = bb.config
-    training = mode == "train"
-    s = bb.suite(3)
-    s.reset(frozen)
-    x, y = parity.batch(bb.inputs, cfg.batch32, 3, seed=cfg.seed32, dtype="float32")
-    m64 = s.models["torch", "float64"]
-    if not frozen:   # the certificate is about the backbone; a frozen one leaves a linear head
-        sens, at = parity.sensitivity(m64, inputs.cast(x, "float64"), y.astype("float64"),
-                                      training=training)
-        assert sens <= parity.SENSITIVITY_MAX, (
-            f"the configuration is no longer well conditioned: float64 gradient {at} moves by {sens:.2g} "
-            f"under the certificate's probes (choose another one in tlbridge.parity.CONFIGS)")
-    r = parity.fp32_vs_fp64(s, x, y, training=training)
-    assert r.zeros == parity.expected_zero_grads(m64, training)
-    for backend, level in r.zero_level.items():
+@pytest.mark.parametrize("mode", ["eval", "train"])
+@pytest.mark.parametrize("bb", CASES, indirect=True, scope="module")
+def test_float32_keras_is_as_accurate_as_torch_on_every_backbone(bb, judged, mode):
+    """Forward quantities and per-tensor gradient medians over 12 batches: Keras <= max(floor,
+    4 x torch), nothing above 1e-2; kink flips against float64: Keras not significantly above
+    4 x torch's (docs/parity.md, "float32")."""
+    j = judged[mode]
+    assert j.batches >= 12
+    assert len(j.grads["keras"]) == len(j.grads[j.ref]) > 1
+    assert {"loss", "logits"} <= set(j.forward["keras"])
+    if bb.name != "token_bag":      # every image backbone has nonlinearities to line up
+        assert any(k[0].isdigit() for k in j.forward["keras"])
+    m64 = bb.suite(3).models["torch", "float64"]
+    assert j.zeros == parity.expected_zero_grads(m64, mode == "train")
+    for backend, level in j.zero_level.items():
         assert level <= parity.ZERO["float32"], f"{backend}: structural zeros at {level:.3g}"
-    bad = [f"{k}: torch {t:.2g}, keras {e:.2g}, bar {b:.2g}" for k, t, e, b in r.failures()]
-    assert not bad, "over the per-tensor bar (or the 1e-2 ceiling):\n" + "\n".join(bad[:10])
-    assert len(r.keras) == len(r.torch) > 1
-
-
-@pytest.mark.parametrize("bb, mode", _modes(judged=False), indirect=["bb"], scope="module")
-def test_configurations_left_out_of_float32_are_ill_conditioned(bb, mode):
-    """The README says float32 cannot be judged there: the certificate must say so too."""
-    cfg = bb.config
-    s = bb.suite(3)
-    s.reset(False)
-    assert cfg.why_not
-    x, y = parity.batch(bb.inputs, cfg.batch32, 3, seed=cfg.seed32, dtype="float32")
-    sens, _ = parity.sensitivity(s.models["torch", "float64"], inputs.cast(x, "float64"), y.astype("float64"),
-                                 training=mode == "train")
-    assert sens > parity.SENSITIVITY_MAX
+    bad = j.failures()
+    assert not bad, "over the float32 bar:\n" + "\n".join(bad[:10])
 
 
 def test_suite_reset_restores_weights_statistics_and_freeze_state():

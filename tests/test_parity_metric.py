@@ -1,10 +1,10 @@
 """The parity metric itself: per-tensor errors, structural zeros, the float32 bar and the
-conditioning certificate cannot hide a real difference."""
+float32 judge (flips, medians) cannot hide a real difference."""
 import numpy as np
 import pytest
 
 import tlbridge as tl
-from tlbridge import parity
+from tlbridge import fp32, parity
 
 
 def test_errors_are_per_tensor_relative_to_the_truth():
@@ -55,20 +55,53 @@ def test_expected_structural_zeros_are_named_by_the_architecture(name, options, 
     assert parity.expected_zero_grads(m, training=True) == set()
 
 
-def test_sensitivity_sees_a_relu_kink_within_the_perturbation():
-    m = tl.replace_head(tl.load_backbone("seed_vgg", backend="torch", input_shape=(8, 8, 3), dtype="float64",
-                                         seed=0, widths=(4,)), 1, hidden=(4,), seed=1)
-    x, y = parity.batch((8, 8, 3), 2, 1, seed=0)
-    calm, _ = parity.sensitivity(m, x, y, training=False)
-    assert calm < 1e-4
-    # put the first hidden unit's pre-activation for sample 0 exactly on its ReLU kink
-    w = tl.get_weights(m)
-    wkey = next(k for k, v in w.items() if k.startswith("head.") and k.endswith(".weight") and v.shape[0] == 4)
-    bkey = wkey[: -len("weight")] + "bias"
-    f = tl.features(m, x)
-    w[bkey] = w[bkey].copy()
-    w[bkey][0] = -(f[0] @ w[wkey][0])
-    tl.set_weights(m, w)
-    # the random signs push it across the kink or away from it: some of four seeds cross
-    kinked = max(parity.sensitivity(m, x, y, training=False, seed=seed)[0] for seed in range(4))
-    assert kinked > 1e-3
+def test_relu_flips_count_sign_changes_against_float64():
+    truth = np.array([[-1e-8, 2e-8, 1.0, -1.0]])
+    assert fp32.flips("relu", np.array([[1e-9, 2e-8, 1.0, -1.0]]), truth) == (1, 4)
+    assert fp32.flips("relu", truth.copy(), truth) == (0, 4)
+    six = np.array([[6.0 - 1e-6, 1.0]])
+    assert fp32.flips("relu6", np.array([[6.0 + 1e-6, 1.0]]), six) == (1, 2)   # the upper kink
+    assert fp32.flips("relu", np.array([[6.0 + 1e-6, 1.0]]), six) == (0, 2)
+    assert fp32.flips("smooth", np.array([[-1.0]]), np.array([[1.0]])) == (0, 0)
+
+
+def test_max_pool_flips_count_a_different_choice_but_not_a_tie():
+    truth = np.zeros((1, 1, 2, 2))                 # NCHW, torch's layout
+    truth[0, 0] = [[1.0, 1.0 + 1e-7], [0.5, 0.0]]
+    swapped = truth.copy()
+    swapped[0, 0, 0, 0] = 1.0 + 2e-7              # float32 picks another element
+    assert fp32.flips("maxpool", swapped, truth, (2, 2, 0)) == (1, 1)
+    tie = np.zeros((1, 1, 2, 2))                   # all equal in float64: any choice is right
+    moved = tie.copy()
+    moved[0, 0, 1, 1] = 1e-9
+    assert fp32.flips("maxpool", moved, tie, (2, 2, 0)) == (0, 1)
+    # torch's -inf padding: a 3x3/2 pool with padding 1 over 4x4 has 2x2 windows
+    assert fp32.flips("maxpool", truth.repeat(2, 2).repeat(2, 3), truth.repeat(2, 2).repeat(2, 3),
+                      (3, 2, 1))[1] == 4
+
+
+def test_flip_test_passes_four_times_torch_and_fails_far_beyond():
+    assert fp32.flip_p_value(0, 0) == 1.0
+    assert fp32.flip_p_value(7, 2) > 0.5                  # 3.5x torch: within 4x
+    assert fp32.flip_p_value(20, 0) > fp32.ALPHA          # 20 flips against none: not yet evidence
+    assert fp32.flip_p_value(60, 2) < fp32.ALPHA          # 30x torch
+    assert fp32.flip_p_value(200, 20) < fp32.ALPHA        # 10x torch
+
+
+def _judgement(forward, grads, flips=(0, 0)):  # the reference run is "torch_cl"
+    return fp32.Judgement({"torch_cl": {k: t for k, (t, _) in forward.items()},
+                           "keras": {k: e for k, (_, e) in forward.items()}},
+                          {"torch_cl": {k: t for k, (t, _) in grads.items()},
+                           "keras": {k: e for k, (_, e) in grads.items()}},
+                          {"torch_cl": flips[0], "keras": flips[1]}, 100, 12, {}, set())
+
+
+def test_judgement_bars_per_tensor_medians_with_floors_and_the_ceiling():
+    ok = _judgement({"logits": (1e-7, 9e-7), "loss": (1e-6, 3.9e-6)}, {"w": (1e-6, 9e-6), "b": (1e-3, 3.9e-3)})
+    assert ok.failures() == []
+    assert ok.ratio("grads") == pytest.approx((9 + 3.9) / 2)
+    assert len(_judgement({"logits": (1e-7, 1.1e-6)}, {"w": (1e-6, 1e-6)}).failures()) == 1   # forward floor
+    assert len(_judgement({"logits": (1e-5, 4.1e-5)}, {"w": (1e-6, 1e-6)}).failures()) == 1   # 4 x torch
+    assert len(_judgement({"logits": (1e-7, 1e-7)}, {"w": (1e-7, 1.1e-5)}).failures()) == 1   # gradient floor
+    assert len(_judgement({"logits": (1e-7, 1e-7)}, {"w": (5e-3, 1.1e-2)}).failures()) == 1   # ceiling
+    assert len(_judgement({"logits": (1e-7, 1e-7)}, {"w": (1e-7, 1e-7)}, (2, 60)).failures()) == 1   # flips

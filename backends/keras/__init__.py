@@ -103,7 +103,7 @@ from tlbridge.model import TransferModel  # noqa: E402
 from tlbridge import zoo  # noqa: E402
 from tlbridge.specs import HeadSpec, ModelSpec  # noqa: E402
 
-from . import backbones, compute, devices, gate, network, parallel, training, weights  # noqa: E402
+from . import backbones, compute, devices, gate, network, parallel, probe, training, weights  # noqa: E402
 from .parallel import cpu_replicas  # noqa: E402
 
 parallel.from_env()     # TLBRIDGE_CPU_REPLICAS=N: split the CPU before TensorFlow starts
@@ -117,7 +117,7 @@ if keras.backend.backend() != "tensorflow":
 NAME = "keras"
 
 __all__ = ["NAME", "native_backbones", "build_backbone", "attach_head", "canonical_shapes",
-           "param_names", "get_weights", "set_weights", "apply_freeze", "features", "logits",
+           "param_names", "get_weights", "set_weights", "apply_freeze", "features", "logits", "activations",
            "loss_and_grads", "make_trainer", "seed_epoch", "swap_batchnorm_momentum", "build_gate",
            "resolve_device", "device_scope", "place_built", "to_device", "set_tf32",
            "cpu_replicas", "replica_plan", "init_parallel"]
@@ -232,6 +232,10 @@ def features(m: TransferModel, x: np.ndarray, batch_size: int) -> np.ndarray:
 
 def logits(m: TransferModel, x: np.ndarray, batch_size: int) -> np.ndarray:
     return compute.logits(m, x, batch_size)
+
+
+def activations(m: TransferModel, x: np.ndarray, training: bool):
+    return probe.activations(m, x, training)
 
 
 def loss_and_grads(m: TransferModel, x: np.ndarray, y: np.ndarray, training: bool, loss):

@@ -8,15 +8,15 @@ import torch
 from tlbridge.model import TransferModel
 from tlbridge.specs import HeadSpec, ModelSpec
 
-from . import backbones, compute, devices, gate, network, parallel, training, weights
+from . import backbones, compute, probe, devices, gate, network, parallel, training, weights
 
 NAME = "torch"
 
 __all__ = ["NAME", "native_backbones", "build_backbone", "attach_head", "canonical_shapes",
-           "param_names", "get_weights", "set_weights", "apply_freeze", "features", "logits",
+           "param_names", "get_weights", "set_weights", "apply_freeze", "features", "logits", "activations",
            "loss_and_grads", "make_trainer", "seed_epoch", "swap_batchnorm_momentum", "build_gate",
            "resolve_device", "device_scope", "place_built", "to_device", "set_tf32",
-           "init_parallel"]
+           "init_parallel", "channels_last", "decided"]
 
 resolve_device = devices.resolve
 device_scope = devices.scope
@@ -97,6 +97,18 @@ def features(m: TransferModel, x: np.ndarray, batch_size: int) -> np.ndarray:
 
 def logits(m: TransferModel, x: np.ndarray, batch_size: int) -> np.ndarray:
     return compute.logits(m.native, x, batch_size)
+
+
+def activations(m: TransferModel, x: np.ndarray, training: bool):
+    return probe.activations(m.native, x, training)
+
+
+def channels_last(m: TransferModel, on: bool) -> None:
+    probe.channels_last(m.native, on)
+
+
+def decided(m: TransferModel, sites: list):
+    return probe.decided(m.native, sites)
 
 
 def loss_and_grads(m: TransferModel, x: np.ndarray, y: np.ndarray, training: bool, loss):
