@@ -105,3 +105,39 @@ def test_judgement_bars_per_tensor_medians_with_floors_and_the_ceiling():
     assert len(_judgement({"logits": (1e-7, 1e-7)}, {"w": (1e-7, 1.1e-5)}).failures()) == 1   # gradient floor
     assert len(_judgement({"logits": (1e-7, 1e-7)}, {"w": (5e-3, 1.1e-2)}).failures()) == 1   # ceiling
     assert len(_judgement({"logits": (1e-7, 1e-7)}, {"w": (1e-7, 1e-7)}, (2, 60)).failures()) == 1   # flips
+
+
+def _tiny():
+    m = tl.replace_head(tl.load_backbone("seed_vgg", backend="torch", input_shape=(8, 8, 3), dtype="float64",
+                                         seed=0, widths=(4, 4)), 1, seed=1)
+    x, y = parity.batch((8, 8, 3), 4, 1, seed=0)
+    return m, x, y
+
+
+def test_float64_with_its_own_kink_decisions_is_float64():
+    """backends/torch/probe.py decided(): the truth float32 gradients are measured against."""
+    from tlbridge import registry
+    be = registry.load("torch")
+    m, x, y = _tiny()
+    sites, _ = fp32.activations(m, x, training=False)
+    assert {kind for kind, _, _ in sites} == {"relu", "maxpool"}
+    _, plain = tl.bce_loss_and_grads(m, x, y)
+    with be.decided(m, sites):
+        _, same = tl.bce_loss_and_grads(m, x, y)
+    assert all(np.array_equal(plain[k], same[k]) for k in plain)
+
+
+def test_another_runs_kink_decisions_change_the_gradient_as_that_run_took_them():
+    """Flipping one ReLU unit's decision (off where float64 keeps it) in the sites handed to
+    decided() moves the gradient, and the loss equals the forward pass with that unit zeroed."""
+    from tlbridge import registry
+    be = registry.load("torch")
+    m, x, y = _tiny()
+    sites, _ = fp32.activations(m, x, training=False)
+    kind, a, pool = sites[0]
+    flipped = a.copy()
+    flipped.flat[np.argmax(a)] = -1.0                     # the largest unit, now "off"
+    _, plain = tl.bce_loss_and_grads(m, x, y)
+    with be.decided(m, [(kind, flipped, pool), *sites[1:]]):
+        _, moved = tl.bce_loss_and_grads(m, x, y)
+    assert max(parity.rel_diff(plain[k], moved[k]) for k in plain) > 1e-3
