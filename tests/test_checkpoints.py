@@ -17,7 +17,8 @@ except ImportError:
 needs_torch = pytest.mark.skipif(torch is None, reason="needs torch and torchvision (writes .pth files)")
 
 SHAPE = (32, 32, 3)
-TORCHVISION_PORTABLE = sorted(n for n, info in zoo.PORTABLE.items() if info.pretrained)
+TORCHVISION_PORTABLE = sorted(n for n, info in zoo.PORTABLE.items()
+                              if info.pretrained and info.inputs == "image")
 
 
 def _tv_features(name, model, x):

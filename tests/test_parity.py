@@ -48,7 +48,11 @@ def _bb(name, options=None, label=None):
     return pytest.param((name, options or {}), id=label or name)
 
 
-CASES = [_bb(name) for name in PORTABLE] + [_bb("seed_vgg", {"batch_norm": True}, "seed_vgg_bn")]
+# the BERT family's architecture at a test's size (its real weights: tests/test_text.py)
+TINY_BERT = {"vocab_size": 50, "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "intermediate_size": 32, "max_position_embeddings": 32}
+CASES = ([_bb(name) for name in PORTABLE if zoo.PORTABLE[name].family != "bert"]
+         + [_bb("seed_vgg", {"batch_norm": True}, "seed_vgg_bn"), _bb("bert", TINY_BERT, "bert_tiny")])
 
 
 @pytest.mark.parametrize("k", [1, 3], ids=["1out", "3out"])

@@ -20,6 +20,8 @@ from .model import TransferModel
 from .multitask import replace_heads
 from .optim import L2SP
 from .training import Checkpoint, EarlyStopping, Parallel, evaluate, fine_tune
+from .text import tokenize
+from .zeroshot import zero_shot_head
 
 __version__ = "0.1.0"
 
@@ -28,6 +30,7 @@ __all__ = [
     "list_backbones", "load_backbone", "replace_head", "replace_heads", "freeze", "unfreeze", "trainable_names",
     "features", "logits", "predict", "bce_loss_and_grads", "loss_and_grads",
     "get_weights", "set_weights", "convert", "save", "load", "to_device", "set_precision", "preprocess", "preprocessing_of",
+    "tokenize", "zero_shot_head",
     "fine_tune", "evaluate", "prototype_head", "linear_probe", "few_shot_eval", "transfer_labels",
     "fuse", "FusedModel", "gate_weights", "soup", "History", "EarlyStopping", "L2SP", "Checkpoint", "Parallel",
     "TransferModel", "data", "errors", "losses", "optim", "parity", "__version__",

@@ -8,8 +8,8 @@ from dataclasses import replace
 
 import numpy as np
 
-from . import (checkpoints, config, devices, freezing, init, inputs, kinds, losses, registry,
-               validation, weights as wio, zoo)
+from . import (bert, checkpoints, config, devices, freezing, init, inputs, kinds, losses,
+               packaged, registry, validation, weights as wio, zoo)
 from .errors import (ArgumentTypeError, CheckpointError, DataError, NoHeadError, NotPortableError,
                      ShapeError, WeightsDownloadError, WeightsMismatchError)
 from .kinds import Composite
@@ -54,8 +54,10 @@ def load_backbone(name: str, *, weights=None, input_shape=None, backend: str | N
     """A pretrained (or seeded random) backbone, without a head.
 
     weights: None (random; for portable backbones the same weights on both backends for
-    one seed), "imagenet", or a checkpoint file: a torchvision state_dict (.pth/.pt), a
-    safetensors file, or keras.applications VGG16 weights (.h5) — see tlbridge.checkpoints.
+    one seed), "imagenet", "pretrained" (weights installed with the package: minilm_l6's,
+    mobilenet_v2's ImageNet file; no download), a checkpoint file (a torchvision state_dict
+    .pth/.pt, a safetensors file, keras.applications VGG16 .h5 — see tlbridge.checkpoints),
+    or, for the "bert" family, a BERT directory (config.json + model.safetensors).
     options: the backbone's builder options (e.g. seed_vgg's widths, batch_norm).
     device: "cpu" (the default), "auto" (the first GPU when there is one), "cuda", "cuda:N" or
     "mps"; `m.device` says where it is (tlbridge/devices.py).
@@ -73,13 +75,37 @@ def load_backbone(name: str, *, weights=None, input_shape=None, backend: str | N
             f"{type(weights).__name__} {weights!r}. To use a dict of arrays, load the backbone "
             f"with weights=None and call tl.set_weights(m, weights, strict=False).")
     opts = info.options(options) if info.portable else dict(options)
+    weights, directory, opts = _pretrained(info, weights, opts, options)
+    if input_shape is None and "max_position_embeddings" in opts:     # a small BERT: its table
+        shape = (min(shape[0], int(opts["max_position_embeddings"])),)
     if info.portable:
         zoo.check_portable_input(name, opts, shape)
         if weights == "imagenet":
             zoo.check_pretrained(info)
     spec = ModelSpec(name, freeze_options(opts), shape, dtype, None,
                      None if info.portable else be_name)
-    return _build(spec, be_name, info.portable, weights, seed, init_weights=True, device=device)
+    m = _build(spec, be_name, info.portable, weights, seed, init_weights=directory is None,
+               device=device)
+    if directory is not None:
+        set_weights(m, bert.read_weights(directory, _be(be_name).canonical_shapes(m)))
+    return m
+
+
+def _pretrained(info, weights, opts: dict, given: dict):
+    """weights="pretrained" (the packaged weights, no download) and BERT directories:
+    (weights for _build, the BERT directory to read or None, the builder options)."""
+    if info.family == "bert":
+        if weights == "imagenet":
+            raise CheckpointError(f"Expected weights=None, 'pretrained' or a BERT directory for "
+                                  f"the text model {info.name!r}; received weights='imagenet'.")
+        directory = bert.resolve(info.name, weights)
+        if directory is None:
+            return weights, None, opts
+        source = bert.PACKAGED_TOKENIZER if weights == "pretrained" else str(directory)
+        return None, directory, bert.options(directory, opts, given, source)
+    if weights == "pretrained":
+        return str(packaged.imagenet_file(info.name)), None, opts
+    return weights, None, opts
 
 
 def _build(spec: ModelSpec, be_name: str, portable: bool, weights, seed, init_weights: bool,
@@ -96,7 +122,8 @@ def _build(spec: ModelSpec, be_name: str, portable: bool, weights, seed, init_we
     be.place_built(m, device)
     if portable and weights is None and init_weights:
         shapes = be.canonical_shapes(m)
-        be.set_weights(m, _cast(init.torchvision_style(shapes, np.random.default_rng(seed)), spec.dtype))
+        start = init.bert_style if zoo.PORTABLE[spec.backbone].family == "bert" else init.torchvision_style
+        be.set_weights(m, _cast(start(shapes, np.random.default_rng(seed)), spec.dtype))
     elif weights == "imagenet" and not native_pretrained:
         expected = be.canonical_shapes(m)
         with _fetching(spec.backbone, be_name, True):
@@ -465,6 +492,10 @@ def preprocess(name_or_model, images) -> np.ndarray:
     In numpy, so both backends see the same bytes; the recipe comes from the backbone's
     catalog entry, or from the checkpoint the model was loaded from (Keras VGG16: BGR, caffe).
     """
+    name = name_or_model.backbone_name if isinstance(name_or_model, TransferModel) else name_or_model
+    if name in zoo.PORTABLE and zoo.PORTABLE[name].inputs == "tokens":
+        raise ArgumentTypeError(f"Expected an image backbone for tl.preprocess; received the text "
+                                f"model {name!r}, which takes token ids. Use tl.tokenize(m, texts).")
     pre = preprocessing_of(name_or_model)
     images = np.asarray(images)
     if images.ndim != 4 or images.shape[-1] != 3:

@@ -30,10 +30,10 @@ from itertools import islice
 
 import numpy as np
 
-from . import inputs
+from . import inputs, text
 from .errors import ArgumentTypeError, BackendNotInstalledError, DataError, ShapeError
 
-__all__ = ["Augment", "Dataset", "arrays", "image_folder", "IMG_EXTENSIONS"]
+__all__ = ["Augment", "Dataset", "arrays", "image_folder", "texts", "IMG_EXTENSIONS"]
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 _DTYPES = ("float32", "float64")
@@ -202,6 +202,27 @@ class _ArraySource:
 
     def finish(self, x, dtype):
         return inputs.cast(x, dtype)
+
+
+class _TextSource(_ArraySource):
+    """Tokenized texts, padded per batch to the batch's longest text."""
+
+    def __init__(self, ids: list, pad_id: int):
+        self.ids, self.pad_id = ids, pad_id
+        self._whole = None
+
+    @property
+    def x(self):
+        """Every text at once, padded to the longest (the feature cache, row hashes)."""
+        if self._whole is None:
+            self._whole = text.pad(self.ids, self.pad_id)
+        return self._whole
+
+    def load(self, idx, dtype):
+        return text.pad([self.ids[i] for i in idx], self.pad_id), None, []
+
+    def finish(self, x, dtype):
+        return x
 
 
 class _FolderSource:
@@ -385,6 +406,8 @@ class Dataset:
     def as_arrays(self):
         """The whole set, un-augmented and in its stored order, as (x, y). This holds every
         decoded image at once; `indexed_batches` walks the set one batch at a time."""
+        if isinstance(self._source, _TextSource):    # one width for all: the longest text
+            return self._source.x, self.labels.astype(self.dtype)
         batches = [(x, y) for _, x, y in self.indexed_batches()]
         if not batches:
             raise DataError(f"Expected at least one readable image; received none of "
@@ -491,6 +514,19 @@ def arrays(x, y, *, batch_size=32, shuffle=True, seed=0, augment=None, drop_last
                    prefetch=prefetch, workers=workers)
 
 
+def texts(texts, labels, *, model, max_length=None, batch_size=32, shuffle=True, seed=0,
+          drop_last=False, dtype="float32", prefetch=2, workers=0) -> Dataset:
+    """A Dataset over texts, tokenized once with the model's own tokenizer (tl.tokenize) and
+    padded per batch to the batch's longest text; labels as for tl.data.arrays. Seeded
+    shuffling as tl.data.arrays; `model` is the text model the batches are for."""
+    ids, pad_id = text.encode(model, texts, max_length)
+    y = _labels(labels, len(ids))
+    shapes = {"input_ids": (None,), "attention_mask": (None,)}
+    return Dataset(_TextSource(ids, pad_id), y.astype(np.float64), shapes, batch_size=batch_size,
+                   shuffle=shuffle, seed=seed, augment=None, drop_last=drop_last, dtype=dtype,
+                   prefetch=prefetch, workers=workers)
+
+
 def _image_array(x) -> np.ndarray:
     if not isinstance(x, np.ndarray):
         x = np.asarray(x)
@@ -541,7 +577,7 @@ def _labels(y, n: int) -> np.ndarray:
     if y.ndim != 2 or y.shape[1] < 1:
         raise ShapeError(f"Expected labels y of shape (N,) or (N, K); received {y.shape}.")
     if y.shape[0] != n:
-        raise ShapeError(f"Expected one label row per image; received {n} image(s) in x "
+        raise ShapeError(f"Expected one label row per sample; received {n} sample(s) in x "
                          f"but {y.shape[0]} label row(s) in y. Pass x and y of the same length.")
     if not (np.issubdtype(y.dtype, np.number) or y.dtype == bool):
         raise DataError(f"Expected numeric labels; received dtype {y.dtype}.")
@@ -713,7 +749,8 @@ class Episodes:
     def arrays(self, i: int):
         """(support_x, support_y, query_x, query_y) of episode i."""
         e = self.episodes[i]
-        return self.x[e.support], e.support_y, self.x[e.query], e.query_y
+        return (inputs.rows(self.x, e.support), e.support_y, inputs.rows(self.x, e.query),
+                e.query_y)
 
     def __repr__(self) -> str:
         return (f"Episodes({len(self)} x {self.n_way}-way {self.n_shot}-shot, "
@@ -729,7 +766,8 @@ def episodes(data, n_way: int, n_shot: int, n_query: int, n_episodes: int = 100,
     if isinstance(data, Dataset):
         x, y = data.as_arrays()
     elif isinstance(data, (tuple, list)) and len(data) == 2:
-        x, y = np.asarray(data[0]), np.asarray(data[1])
+        x = _named_inputs(data[0])[0] if isinstance(data[0], dict) else np.asarray(data[0])
+        y = np.asarray(data[1])
     else:
         raise DataError(f"Expected data as (x, y) or a tl.data dataset; received "
                         f"{type(data).__name__}.")
@@ -741,9 +779,9 @@ def episodes(data, n_way: int, n_shot: int, n_query: int, n_episodes: int = 100,
     if y.ndim == 2 and y.shape[1] > 1:
         y = np.argmax(y, axis=1)
     y = y.reshape(-1)
-    if len(y) != len(x):
-        raise ShapeError(f"Expected one label per image; received {len(x)} images and "
-                         f"{len(y)} labels.")
+    if len(y) != inputs.length(x):
+        raise ShapeError(f"Expected one label per sample; received {inputs.length(x)} samples "
+                         f"and {len(y)} labels.")
     classes, counts = np.unique(y, return_counts=True)
     if len(classes) < n_way:
         raise DataError(f"Expected at least n_way={n_way} classes; received {len(classes)} "

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import api, devices, inputs, parity, registry, validation
+from . import api, devices, inputs, parity, registry, validation, zoo
 
 BATCHES = 12
 FLOOR = {"forward": 1e-6, "grads": 1e-5}   # errors below these are float32's own rounding
@@ -41,7 +41,7 @@ class Setup:
 
 
 def setup(name: str) -> Setup:
-    return Setup(shape=(16,)) if name == "token_bag" else Setup()
+    return Setup(shape=(16,)) if zoo.PORTABLE[name].inputs == "tokens" else Setup()
 
 
 def flips(kind: str, a: np.ndarray, truth: np.ndarray, pool=None) -> tuple[int, int]:

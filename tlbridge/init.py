@@ -39,6 +39,18 @@ def torchvision_style(shapes: dict[str, tuple], rng: np.random.Generator) -> dic
     return out
 
 
+def bert_style(shapes: dict[str, tuple], rng: np.random.Generator, std: float = 0.02) -> dict[str, np.ndarray]:
+    """transformers' BertPreTrainedModel init: linear and embedding weights N(0, 0.02), biases
+    0, LayerNorm weight 1 / bias 0."""
+    out = {}
+    for name, shape in shapes.items():
+        if len(shape) == 2:
+            out[name] = rng.normal(0.0, std, size=shape)
+        else:
+            out[name] = np.ones(shape) if name.endswith("LayerNorm.weight") else np.zeros(shape)
+    return out
+
+
 def linear_head(dims: list[int], rng: np.random.Generator, names: list[str]) -> dict[str, np.ndarray]:
     """torch.nn.Linear's default init for a chain of layers dims[0] -> ... -> dims[-1]."""
     out = {}

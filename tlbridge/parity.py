@@ -81,6 +81,8 @@ CONFIGS = {
 def config(name: str, **options) -> Config:
     """The measured configuration of a backbone (seed_vgg with batch_norm=True is "seed_vgg_bn")."""
     key = f"{name}_bn" if options.get("batch_norm") else name
+    if key not in CONFIGS and zoo.PORTABLE[name].inputs == "tokens":
+        return CONFIGS["token_bag"]
     return CONFIGS.get(key, Config())
 
 
@@ -114,10 +116,13 @@ def expected_zero_grads(m, training: bool) -> set:
     """Gradients that are exactly zero by the architecture: in train mode, a train-mode
     BatchNorm removes any per-channel shift of its input, so a bias whose output reaches the next
     BatchNorm only through linear maps (a conv bias right before BN; a projection BN's bias, via
-    residual adds and 1x1 convs) has zero gradient. Eval mode has none."""
+    residual adds and 1x1 convs) has zero gradient. Eval mode has none of those. In attention
+    (either mode) the key bias adds q.b_k to every key's score alike, which the softmax removes:
+    its gradient is zero."""
     trainable = set(api.trainable_names(m))
+    keys = {k for k in trainable if k.endswith("attention.self.key.bias")}
     if not training:
-        return set()
+        return keys
     weights = api.get_weights(m)
     out = set()
     rule = _PROJECTION_BN_BIAS.get(m.backbone_name)
@@ -130,7 +135,7 @@ def expected_zero_grads(m, training: bool) -> set:
             bn = f"{parent}.{int(idx) + 1}"
             if f"{bn}.running_var" in weights and f"{bn}.weight" in trainable:
                 out.add(k)
-    return out
+    return out | keys
 
 
 def calibrate(m, x, y, passes: int = CALIBRATE) -> None:

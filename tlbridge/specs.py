@@ -47,6 +47,7 @@ class InputSpec:
     dtype: str = "float"
     kind: str = "image"
     high: int | None = None       # tokens: the vocabulary size (ids must be below it)
+    longest: int | None = None    # tokens: the most positions the model has (L must not exceed it)
 
     @property
     def is_float(self) -> bool:

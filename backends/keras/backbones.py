@@ -9,7 +9,7 @@ import keras
 
 from tlbridge.errors import NoPretrainedWeightsError
 
-from . import mobile
+from . import bert, mobile
 from .network import Mirror
 
 VGG16_CFG = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
@@ -96,7 +96,7 @@ def token_bag(mirror: Mirror, x, pretrained: bool, vocab_size=1000, dim=64):
 
 
 PORTABLE = {"seed_vgg": seed_vgg, "vgg16": vgg16, "resnet18": resnet18, "resnet50": resnet50,
-            "token_bag": token_bag, **mobile.PORTABLE}
+            "token_bag": token_bag, "bert": bert.bert, "minilm_l6": bert.bert, **mobile.PORTABLE}
 
 
 def native_names() -> list[str]:

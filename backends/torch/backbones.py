@@ -13,6 +13,8 @@ from torchvision.models import vgg as tv_vgg
 
 from tlbridge.errors import NoPretrainedWeightsError, UnsupportedLayerError
 
+from . import bert
+
 
 class SeedVGG(nn.Module):
     """conv3x3 + (BN) + ReLU + maxpool2x2 per width, then a channel-major flatten."""
@@ -99,6 +101,8 @@ PORTABLE = {
     "efficientnet_b0": _efficientnet_b0,
     "convnext_tiny": _convnext_tiny,
     "token_bag": _token_bag,
+    "bert": bert.build,
+    "minilm_l6": bert.build,
 }
 
 # torchvision models whose auxiliary classifiers we switch off: they change the train-mode output

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import api, data as tldata, inputs
-from ..errors import DataError
+from ..errors import DataError, ShapeError
 
 
 def as_dataset(d, batch_size, shuffle, seed, dtype, what, m=None, loss=None) -> tldata.Dataset:
@@ -56,6 +56,10 @@ def _check_named(signature, shapes: dict, what: str) -> None:
             want = tuple("L" if d is None else d for d in spec.shape)
             raise DataError(f"Expected {what} input {spec.name!r} of per-sample shape {want}; "
                             f"received {got}.")
+        if spec.longest is not None and got and got[0] is not None and got[0] > spec.longest:
+            raise ShapeError(f"Expected {what} input {spec.name!r} of at most {spec.longest} "
+                             f"positions (the model's position table); received {got[0]}. "
+                             f"Tokenize with max_length <= {spec.longest}.")
 
 
 def feature_cache(m, ds: tldata.Dataset):
