@@ -1,4 +1,4 @@
-"""The text benchmark's corpus loader, on small fortune files the test writes (no package needed)."""
+"""The text benchmark's corpus loader, on small fortune files the tests write (no package)."""
 from __future__ import annotations
 
 import importlib.metadata
