@@ -201,7 +201,8 @@ def test_packaged_imagenet_mobilenet_v2_is_torchvisions_file_on_both_backends(ba
     model = torchvision.models.mobilenet_v2()
     model.load_state_dict(torch.load(path, weights_only=True))
     x = np.random.default_rng(2).normal(size=(2, *SHAPE))
-    m = tl.load_backbone("mobilenet_v2", backend=backend, weights=path, input_shape=SHAPE, dtype="float64")
+    m = tl.load_backbone("mobilenet_v2", backend=backend, weights="pretrained", input_shape=SHAPE,
+                         dtype="float64")                # weights="pretrained": the packaged file
     assert parity.rel_diff(_tv_features("mobilenet_v2", model, x), tl.features(m, x)) <= 1e-10
     w = tl.get_weights(m)
     assert not np.allclose(w["backbone.features.0.1.running_var"], 1.0)   # ImageNet statistics
@@ -219,3 +220,5 @@ def test_packaged_weights_refuse_a_file_that_is_not_the_named_one(tmp_path, monk
         packaged.imagenet_file("mobilenet_v2")
     with pytest.raises(errors.CheckpointError, match="one of"):
         packaged.imagenet_file("resnet18")
+    with pytest.raises(errors.CheckpointError, match=r"one of \['mobilenet_v2'\]; received 'resnet18'"):
+        tl.load_backbone("resnet18", backend="torch", weights="pretrained", input_shape=SHAPE)

@@ -94,20 +94,21 @@ def test_weights_dir_takes_the_architecture_from_config_json(small_dir):
         tl.load_backbone("bert", weights=small_dir, backend="torch", hidden_size=48)
 
 
-@pytest.mark.parametrize("loss, k", [("bce", 1), ("ce", 3)])
-def test_float64_loss_and_every_gradient_agree_on_the_real_weights(loss, k):
+def test_float64_loss_and_every_gradient_agree_on_the_real_weights():
     """float64, the packaged weights: torch and Keras to 1e-10 on the loss and every gradient
-    (embeddings, attention, LayerNorm, FFN, head); the key biases are zero by the softmax."""
-    ms = [tl.replace_head(tl.load_backbone("minilm_l6", weights="pretrained", backend=b,
-                                           dtype="float64"), k, loss=loss, seed=1)
-          for b in ("torch", "keras")]
-    batch = tl.tokenize(ms[0], TEXTS[:4])
-    y = (np.arange(4) % 2)[:, None].astype(float) if loss == "bce" else np.arange(4) % k
-    for training in (False, True):
-        r = parity.compare(*ms, batch, y, training=training)
-        assert r.n_grads == len(tl.trainable_names(ms[0])) == 101 + 2     # backbone, head
-        assert r.loss <= 1e-10 and r.grads <= 1e-10, (r.loss, r.grads, r.grads_at)
-        assert r.zeros == parity.expected_zero_grads(ms[0], training)
+    (embeddings, attention, LayerNorm, FFN, head) for a BCE and a CE head, eval and train mode;
+    the key biases are zero by the softmax."""
+    backbones = [tl.load_backbone("minilm_l6", weights="pretrained", backend=b, dtype="float64")
+                 for b in ("torch", "keras")]
+    batch = tl.tokenize(backbones[0], TEXTS[:4])
+    for loss, k in (("bce", 1), ("ce", 3)):
+        ms = [tl.replace_head(b, k, loss=loss, seed=1) for b in backbones]
+        y = (np.arange(4) % 2)[:, None].astype(float) if loss == "bce" else np.arange(4) % k
+        for training in (False, True):
+            r = parity.compare(*ms, batch, y, training=training)
+            assert r.n_grads == len(tl.trainable_names(ms[0])) == 101 + 2     # backbone, head
+            assert r.loss <= 1e-10 and r.grads <= 1e-10, (loss, r.loss, r.grads, r.grads_at)
+            assert r.zeros == parity.expected_zero_grads(ms[0], training)
 
 
 @pytest.mark.parametrize("backend", ["torch", "keras"])
@@ -185,3 +186,16 @@ def test_fine_tune_two_epochs_agrees_across_backends_in_float64(small_dir):
                                             dtype="float64"))
     moved = out["torch"][1]["backbone.encoder.layer.1.attention.self.query.weight"]
     assert not np.array_equal(moved, start["backbone.encoder.layer.1.attention.self.query.weight"])
+
+
+def test_token_rows_hash_their_tokens_not_their_padding(small_dir):
+    """fine_tune records the rows it trained on (tl.fuse's own-training-data guard): the same
+    texts padded to another width are the same rows; other texts are not."""
+    from tlbridge import inputs
+    m = tl.load_backbone("bert", weights=small_dir, backend="torch")
+    tight = tl.tokenize(m, TEXTS)
+    wide = {k: np.pad(v, ((0, 0), (0, 5))) for k, v in tight.items()}
+    assert np.array_equal(inputs.row_hashes(tight), inputs.row_hashes(wide))
+    assert len(set(inputs.row_hashes(tight).tolist())) == len(TEXTS)
+    ds = tl.data.texts(TEXTS, np.zeros(len(TEXTS)), model=m, batch_size=2)
+    assert inputs.overlap(ds.in_memory_inputs(), inputs.row_hashes(tight)) == 1.0

@@ -46,8 +46,14 @@ ROW_DECIMALS = 3        # rounded: a float32 copy of float64 rows hashes alike
 def row_hashes(x) -> np.ndarray:
     """A 64-bit identity per row, by content: up to ROW_SAMPLES evenly spaced values of the row
     (every input's, side by side), rounded to ROW_DECIMALS, hashed. The same rows in another
-    dtype, order or subset give the same hashes (fusion's "own training data" guard)."""
+    dtype, order or subset give the same hashes (fusion's "own training data" guard). Token
+    rows hash their real tokens only, so any padding gives the same hash."""
     import hashlib
+    if is_multi(x) and {"input_ids", "attention_mask"} <= set(x):   # tokens: padding is no content
+        ids, mask = np.asarray(x["input_ids"]), np.asarray(x["attention_mask"]).astype(bool)
+        return np.array([int.from_bytes(hashlib.blake2b(ids[i][mask[i]].astype(np.int64).tobytes(),
+                                                        digest_size=8).digest(), "little")
+                         for i in range(len(ids))], dtype=np.uint64)
     parts = []
     for v in (x.values() if is_multi(x) else [x]):
         flat = np.asarray(v).reshape(len(v), -1)
