@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from . import optim
+from . import demo_imagenet, optim
 
 SHAPE = (32, 32, 3)
 RECIPE = dict(epochs=5, batch_size=32, optimizer=optim.SGD(0.01, momentum=0.9, schedule="cosine"),
@@ -70,6 +70,7 @@ def main(out_dir: str = "benchmarks/out") -> int:
     runs = _fine_tune_both(tl, backbone_file, (xt, yt), (xv, yv))
     _report(tl, runs, len(xt), len(xv), say)
     say(f"loss curves: {_plot_losses(runs['torch'][1], runs['keras'][1], out_dir)}")
+    demo_imagenet.run(tl, out_dir, say)
     with open(os.path.join(out_dir, "demo.md"), "w") as f:   # the format of benchmarks/_out.py
         f.write("\n".join(["```", *transcript, "```"]) + "\n")
     return 0
