@@ -31,6 +31,16 @@ def vgg(backend, dtype="float64", outputs=2):
     return tl.replace_head(m, outputs, seed=1)
 
 
+def resnet(backend, dtype="float64", outputs=2):
+    """Strided convs (7x7 stride 2 padding 3, a 1x1 stride-2 downsample) for the conv adapter."""
+    m = tl.load_backbone("resnet18", seed=0, backend=backend, dtype=dtype,
+                         input_shape=(32, 32, 3))
+    return tl.replace_head(m, outputs, seed=1)
+
+
+RESNET_TARGETS = ["backbone.conv1", "layer2.0.conv1", "layer2.0.downsample.0", "layer4.1.conv2"]
+
+
 def _lora_names(m):
     return [n for n in tl.get_weights(m) if ".lora_" in n]
 
@@ -87,10 +97,12 @@ def test_one_seed_gives_the_same_adapters_on_both_backends():
 
 
 @both_backends
-@pytest.mark.parametrize("build,training", [(bert, False), (bert, True), (vgg, True)],
-                         ids=["bert-eval", "bert-train", "seed_vgg-train"])
+@pytest.mark.parametrize("build,training", [(bert, False), (bert, True), (vgg, True),
+                                            (resnet, True)],
+                         ids=["bert-eval", "bert-train", "seed_vgg-train", "resnet18-train"])
 def test_float64_loss_and_adapter_gradients_agree_across_backends(build, training):
-    mt = tl.add_lora(build("torch"), rank=2, alpha=4, seed=0)
+    targets = RESNET_TARGETS if build is resnet else None
+    mt = tl.add_lora(build("torch"), rank=2, alpha=4, targets=targets, seed=0)
     _random_b(mt)
     mk = tl.convert(mt, "keras")
     x, y = parity.batch(mt.inputs, 4, 2, seed=3)
@@ -111,6 +123,21 @@ def test_fine_tune_changes_adapters_and_head_only(backend):
     assert moved <= set(tl.trainable_names(m))      # no base weight, no BatchNorm statistic
     assert "head.weight" in moved and "backbone.features.0.lora_B.weight" in moved
     assert "backbone.features.0.lora_A.weight" in moved     # once B != 0, A moves too
+
+
+@both_backends
+@pytest.mark.parametrize("build", [bert, vgg], ids=["bert", "seed_vgg"])
+def test_two_epochs_of_fine_tune_agree_across_backends_in_float64(build):
+    x, y = parity.batch(build("torch").inputs, 12, 2, seed=6)
+    out = {}
+    for backend in ("torch", "keras"):
+        m = tl.add_lora(build(backend), rank=2, alpha=4, seed=0)
+        hist = tl.fine_tune(m, (x, y), epochs=2, batch_size=4, progress=False,
+                            optimizer=tl.optim.Adam(lr=1e-2))
+        out[backend] = (hist["loss"], tl.get_weights(m))
+    assert np.allclose(out["torch"][0], out["keras"][0], rtol=1e-9, atol=0)
+    worst, at = parity.worst(out["torch"][1], out["keras"][1], floor_rel=1e-6)
+    assert worst <= 1e-9, (worst, at)
 
 
 @both_backends
