@@ -214,3 +214,78 @@ def test_depthwise_convs_are_refused_with_the_reason(backend):
     with pytest.raises(AdapterError, match="depthwise.*peft#2202"):
         tl.add_lora(m, rank=2, targets="backbone.features.2.conv.*")
     _unchanged(m, w, spec)
+
+
+# ---- adapter files in peft's layout -----------------------------------------------------------
+
+def _trained(backend, build=bert, **kwargs):
+    m = tl.add_lora(build(backend), rank=2, alpha=4, seed=0, **kwargs)
+    rng = np.random.default_rng(9)
+    tl.set_weights(m, {n: rng.normal(0.0, 0.1, v.shape) for n, v in tl.get_weights(m).items()
+                       if ".lora_" in n or n.startswith("head.")}, strict=False)
+    return m
+
+
+@both_backends
+def test_adapters_trained_on_one_backend_load_on_the_other(tmp_path):
+    """Saved on Keras, loaded onto the same base on torch (and back): the same logits."""
+    from safetensors.numpy import load_file
+    import json
+    mk = _trained("keras", targets=["query", "value", "intermediate.dense"])
+    tl.add_lora(mk, rank=3, alpha=5, targets="output.dense", seed=1)     # another rank too
+    tl.save_adapters(mk, tmp_path / "a")
+    keys = set(load_file(str(tmp_path / "a" / "adapter_model.safetensors")))
+    assert "base_model.model.backbone.encoder.layer.0.attention.self.query.lora_A.weight" in keys
+    assert "base_model.model.head.weight" in keys and not any("LayerNorm" in k for k in keys)
+    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert (cfg["peft_type"], cfg["r"], cfg["lora_alpha"], cfg["bias"]) == ("LORA", 2, 4.0, "none")
+    assert cfg["rank_pattern"]["backbone.encoder.layer.1.output.dense"] == 3
+    x, _ = parity.batch(mk.inputs, 4, 2, seed=2)
+    z = tl.logits(mk, x)
+    for backend in ("torch", "keras"):
+        m = tl.load_adapters(bert(backend), tmp_path / "a")
+        assert m.spec.adapters == mk.spec.adapters
+        assert tl.trainable_names(m) == tl.trainable_names(mk)
+        np.testing.assert_allclose(tl.logits(m, x), z, rtol=0, atol=1e-12)
+
+
+@pytest.fixture(scope="module")
+def peft():
+    return pytest.importorskip("peft")
+
+
+@both_backends
+def test_peft_reads_tlbridge_adapter_files_and_tlbridge_reads_peft(tmp_path, peft):
+    import torch
+    mt = _trained("torch", targets=["query", "value", "intermediate.dense"])
+    tl.save_adapters(mt, tmp_path / "ours")
+    x, _ = parity.batch(mt.inputs, 4, 2, seed=2)
+    z = tl.logits(mt, x)
+    base = bert("torch")
+    pm = peft.PeftModel.from_pretrained(base.native, str(tmp_path / "ours")).eval()
+    with torch.no_grad():
+        got = pm({k: torch.from_numpy(v) for k, v in x.items()}).numpy()
+    np.testing.assert_allclose(got, z, rtol=0, atol=1e-12)
+    with torch.no_grad():                       # peft's own files, onto Keras
+        for p in pm.parameters():
+            if p.requires_grad:
+                p.add_(0.01)
+        theirs = pm({k: torch.from_numpy(v) for k, v in x.items()}).numpy()
+    pm.save_pretrained(str(tmp_path / "theirs"))
+    mk = tl.load_adapters(bert("keras"), tmp_path / "theirs")
+    np.testing.assert_allclose(tl.logits(mk, x), theirs, rtol=0, atol=1e-12)
+
+
+def test_adapters_for_another_base_are_refused(backend, tmp_path):
+    tl.save_adapters(_trained(backend, targets="query"), tmp_path)
+    other = tl.replace_head(tl.load_backbone("bert", seed=0, backend=backend, dtype="float64",
+                                             **{**BERT, "hidden_size": 8}), 2, seed=1)
+    w, spec = tl.get_weights(other), other.spec
+    with pytest.raises(AdapterError, match="another base"):
+        tl.load_adapters(other, tmp_path)
+    _unchanged(other, w, spec)
+    narrow = bert(backend, outputs=3)
+    with pytest.raises(AdapterError, match="same head"):
+        tl.load_adapters(narrow, tmp_path)
+    with pytest.raises(AdapterError, match="adapter directory"):
+        tl.load_adapters(narrow, tmp_path / "nowhere")

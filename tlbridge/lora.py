@@ -66,12 +66,18 @@ def add_lora(m: TransferModel, rank: int = 8, alpha: float = 16, targets=None,
     chosen = _resolve(targets, layers, m)
     _check_rank(rank, chosen, layers)
     added = tuple((name, rank, alpha, dropout) for name in chosen)
-    tensors = {**api.get_weights(m), **api.report_tensors(m),
-               **draw(added, layers, seed)}
+    return adapt(m, added, draw(added, layers, seed))
+
+
+def adapt(m: TransferModel, added: tuple, tensors: dict) -> TransferModel:
+    """m rebuilt in place with the adapters `added` (checked) starting from `tensors` (their
+    lora_A / lora_B, and any other weight to replace); every parameter but the adapters and
+    the head frozen."""
     names = api._param_names(m)
     frozen = {n for n in names if not is_adapter(n) and not _is_head(n)}
-    spec = replace(m.spec, adapters=tuple(m.spec.adapters) + added)
-    _install(m, api._rebuild(spec, m.backend, tensors, frozen, device=m.device))
+    spec = replace(m.spec, adapters=tuple(m.spec.adapters) + tuple(added))
+    weights = {**api.get_weights(m), **api.report_tensors(m), **tensors}
+    _install(m, api._rebuild(spec, m.backend, weights, frozen, device=m.device))
     return m
 
 
