@@ -289,3 +289,36 @@ def test_adapters_for_another_base_are_refused(backend, tmp_path):
         tl.load_adapters(narrow, tmp_path)
     with pytest.raises(AdapterError, match="adapter directory"):
         tl.load_adapters(narrow, tmp_path / "nowhere")
+
+
+def test_soups_take_merged_adapters_and_refuse_unmerged_ones(backend):
+    """Averaging A and B apart is not averaging the updates B A: merge first."""
+    ms = [_trained(backend, targets="query") for _ in range(2)]
+    tl.set_weights(ms[1], {k: v + 0.05 for k, v in tl.get_weights(ms[1]).items()
+                           if k.endswith("lora_B.weight")}, strict=False)
+    with pytest.raises(AdapterError, match="merge_lora"):
+        tl.soup(ms)
+    x, _ = parity.batch(ms[0].inputs, 4, 2, seed=2)
+    for m in ms:
+        tl.merge_lora(m)
+    s = tl.soup(ms, warn=False)
+    mean = {k: (tl.get_weights(ms[0])[k] + tl.get_weights(ms[1])[k]) / 2
+            for k in tl.get_weights(ms[0])}
+    assert parity.worst(tl.get_weights(s), mean)[0] <= 1e-15
+    assert tl.logits(s, x).shape == (4, 2)
+
+
+def test_checkpoint_resume_continues_a_lora_run_and_needs_the_same_adapters(backend, tmp_path):
+    x, y = parity.batch(bert(backend).inputs, 8, 2, seed=1)
+    straight = tl.add_lora(bert(backend), rank=2, seed=0)
+    tl.fine_tune(straight, (x, y), epochs=2, batch_size=4, progress=False)
+    first = tl.add_lora(bert(backend), rank=2, seed=0)
+    tl.fine_tune(first, (x, y), epochs=1, batch_size=4, checkpoint=tmp_path, progress=False)
+    resumed = tl.add_lora(bert(backend), rank=2, seed=0)
+    tl.fine_tune(resumed, (x, y), epochs=2, batch_size=4, progress=False,
+                 checkpoint=tl.Checkpoint(tmp_path, resume=True))
+    assert parity.worst(tl.get_weights(resumed), tl.get_weights(straight))[0] == 0.0
+    other = tl.add_lora(bert(backend), rank=3, seed=0)
+    with pytest.raises(tl.errors.TLBridgeError, match="adapters"):
+        tl.fine_tune(other, (x, y), epochs=3, batch_size=4, progress=False,
+                     checkpoint=tl.Checkpoint(tmp_path, resume=True))
