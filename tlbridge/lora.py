@@ -198,8 +198,11 @@ def _resolve(targets, layers: dict, m) -> list[str]:
             hit.update(found)
         chosen = [n for n in layers if n in hit]
     if not chosen:
-        raise AdapterError(f"Expected at least one Linear or Conv2d layer in the backbone of "
-                           f"{m.backbone_name!r} to adapt; received none (on {m.backend}).")
+        raise AdapterError(
+            f"Expected at least one Linear or groups=1 Conv2d layer in the backbone of "
+            f"{m.backbone_name!r} to adapt; received none on {m.backend}. On Keras, LoRA needs "
+            f"a portable backbone (tl.list_backbones(portable=True)); a keras.applications "
+            f"model has no tlbridge mirror to rebuild with adapters.")
     _check_layers(chosen, layers, m)
     return chosen
 
