@@ -322,3 +322,19 @@ def test_checkpoint_resume_continues_a_lora_run_and_needs_the_same_adapters(back
     with pytest.raises(tl.errors.TLBridgeError, match="adapters"):
         tl.fine_tune(other, (x, y), epochs=3, batch_size=4, progress=False,
                      checkpoint=tl.Checkpoint(tmp_path, resume=True))
+
+
+@both_backends
+def test_adapter_dropout_is_off_in_inference_and_on_in_training():
+    mt = tl.add_lora(bert("torch"), rank=2, targets="query", dropout=0.5, seed=0)
+    _random_b(mt)
+    mk = tl.convert(mt, "keras")
+    assert mk.spec.adapters[0][3] == 0.5
+    x, y = parity.batch(mt.inputs, 4, 2, seed=2)
+    np.testing.assert_allclose(tl.logits(mk, x), tl.logits(mt, x), rtol=0, atol=1e-12)
+    for m in (mt, mk):      # the small BERT has no other dropout: only the adapter's differs
+        assert tl.loss_and_grads(m, x, y, training=True)[0] != \
+            tl.loss_and_grads(m, x, y, training=False)[0], m.backend
+    plain = tl.add_lora(bert("keras"), rank=2, targets="query", seed=0)
+    assert tl.loss_and_grads(plain, x, y, training=True)[0] == \
+        tl.loss_and_grads(plain, x, y, training=False)[0]
