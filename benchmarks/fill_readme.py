@@ -34,6 +34,8 @@ BLOCKS = {
     "few_shot": ("benchmarks/few_shot.py", ".venv/bin/python benchmarks/few_shot.py"),
     "data_parallel": ("benchmarks/data_parallel.py",
                       ".venv/bin/python benchmarks/data_parallel.py"),
+    "text_transfer": ("benchmarks/text_transfer.py",
+                      ".venv/bin/python benchmarks/text_transfer.py"),
     "demo": ("tlbridge/demo.py", "make demo"),
 }
 

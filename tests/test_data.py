@@ -133,7 +133,7 @@ def test_start_batch_skips_exactly():
 
 
 @pytest.mark.parametrize("x, y, err, words", [
-    (np.zeros((4, H, W, 3), "float32"), np.zeros(3), ShapeError, "4 image"),
+    (np.zeros((4, H, W, 3), "float32"), np.zeros(3), ShapeError, "4 sample"),
     (np.full((2, H, W, 3), np.nan, "float32"), np.zeros(2), DataError, "NaN"),
     (np.zeros((2, H, W, 3), "float32"), np.array([0, np.inf]), DataError, "finite labels"),
     (np.zeros((2, H, W, 3), "float32"), np.array(["a", "b"]), DataError, "numeric labels"),

@@ -199,3 +199,18 @@ def test_token_rows_hash_their_tokens_not_their_padding(small_dir):
     assert len(set(inputs.row_hashes(tight).tolist())) == len(TEXTS)
     ds = tl.data.texts(TEXTS, np.zeros(len(TEXTS)), model=m, batch_size=2)
     assert inputs.overlap(ds.in_memory_inputs(), inputs.row_hashes(tight)) == 1.0
+
+
+def test_batches_of_a_tokenized_dict_drop_their_padding_columns(small_dir):
+    """tl.features / tl.data.arrays cut a dict padded to its longest text into batches of their
+    own width: the same features as one text at a time, narrower batches."""
+    from tlbridge import inputs
+    m = tl.load_backbone("bert", weights=small_dir, backend="keras", dtype="float64")
+    texts = ["short", "also short", " ".join(["long"] * 40), "tiny"]
+    x = tl.tokenize(m, texts)
+    alone = np.concatenate([tl.features(m, tl.tokenize(m, [t])) for t in texts])
+    np.testing.assert_allclose(tl.features(m, x, batch_size=2), alone, rtol=0, atol=1e-12)
+    ds = tl.data.arrays(x, np.zeros(4), batch_size=2, shuffle=False)
+    assert [b["input_ids"].shape[1] for b, _ in ds.epoch(0)] == [4, 42]
+    assert inputs.concat([inputs.trim(inputs.rows(x, slice(0, 2))),
+                          inputs.rows(x, slice(2, 4))])["input_ids"].shape == x["input_ids"].shape

@@ -198,7 +198,7 @@ class _ArraySource:
         self.x = x
 
     def load(self, idx, dtype):
-        return inputs.cast(inputs.rows(self.x, idx), dtype), None, []
+        return inputs.cast(inputs.trim(inputs.rows(self.x, idx)), dtype), None, []
 
     def finish(self, x, dtype):
         return inputs.cast(x, dtype)

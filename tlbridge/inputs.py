@@ -29,9 +29,30 @@ def cast(x, dtype: str):
 
 
 def concat(batches: list):
+    """One set of samples from several; token batches of different widths are padded (with
+    masked zeros) to the widest."""
     if batches and is_multi(batches[0]):
+        widths = {b["attention_mask"].shape[1] for b in batches if "attention_mask" in b}
+        if len(widths) > 1:
+            widest = max(widths)
+            batches = [{k: np.pad(v, ((0, 0), (0, widest - v.shape[1]))) for k, v in b.items()}
+                       for b in batches]
         return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
     return np.concatenate(batches)
+
+
+def trim(x):
+    """Token inputs without their trailing columns of padding only (the mask is 0 there in
+    every row): the same features and gradients (padding is masked), shorter steps."""
+    if not is_multi(x) or "attention_mask" not in x or np.ndim(x["attention_mask"]) != 2:
+        return x
+    mask = np.asarray(x["attention_mask"])
+    real = np.nonzero(mask.any(axis=0))[0]
+    width = int(real[-1]) + 1 if len(real) else mask.shape[1]
+    if width == mask.shape[1]:
+        return x
+    return {k: (v[:, :width] if np.ndim(v) == 2 and v.shape[1] == mask.shape[1] else v)
+            for k, v in x.items()}
 
 
 def shapes(x) -> dict:

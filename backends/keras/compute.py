@@ -39,7 +39,7 @@ def _forward_fn(m, which: str):
 def _batched(m, which, x, batch_size):
     fn = _forward_fn(m, which)
     with devices.scope(m.state.get("device", "cpu")):
-        return np.concatenate([np.asarray(fn(constant(inputs.rows(x, slice(i, i + batch_size)))))
+        return np.concatenate([np.asarray(fn(constant(inputs.trim(inputs.rows(x, slice(i, i + batch_size))))))
                                for i in range(0, inputs.length(x), batch_size)], axis=0)
 
 

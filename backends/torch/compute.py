@@ -41,7 +41,7 @@ def _batched(fn, net: nn.Module, x, batch_size: int) -> np.ndarray:
     was_training = net.training
     net.eval()
     try:
-        outs = [fn(to_nchw(net, inputs.rows(x, slice(i, i + batch_size)))).cpu().numpy()
+        outs = [fn(to_nchw(net, inputs.trim(inputs.rows(x, slice(i, i + batch_size))))).cpu().numpy()
                 for i in range(0, inputs.length(x), batch_size)]
     finally:
         net.train(was_training)
