@@ -338,3 +338,24 @@ def test_adapter_dropout_is_off_in_inference_and_on_in_training():
     plain = tl.add_lora(bert("keras"), rank=2, targets="query", seed=0)
     assert tl.loss_and_grads(plain, x, y, training=True)[0] == \
         tl.loss_and_grads(plain, x, y, training=False)[0]
+
+
+def test_new_heads_keep_the_adapters_and_ema_trains_only_them(backend):
+    """replace_head / replace_heads on a LoRA model keep its adapters and its frozen base;
+    fine_tune with an EMA leaves every base weight as it was."""
+    m = tl.add_lora(bert(backend), rank=2, targets="query", seed=0)
+    base = {k: v for k, v in tl.get_weights(m).items() if ".lora_" not in k and
+            not k.startswith("head.")}
+    lora = _lora_names(m)
+    one = tl.replace_head(m, 3, seed=2)
+    many = tl.replace_heads(m, {"a": ("bce", 1), "b": ("ce", 3)}, seed=3)
+    for new in (one, many):
+        assert new.spec.adapters == m.spec.adapters
+        assert set(lora) <= set(tl.trainable_names(new))
+        assert not set(base) & set(tl.trainable_names(new))
+    x, y = parity.batch(one.inputs, 8, 3, seed=1)
+    tl.fine_tune(one, (x, y), epochs=1, batch_size=4, progress=False,
+                 optimizer=tl.optim.SGD(lr=0.1, ema=tl.optim.EMA(0.5)))
+    after = tl.get_weights(one)
+    assert all(np.array_equal(after[k], v) for k, v in base.items())
+    assert any(after[k].any() for k in lora if k.endswith("lora_B.weight"))
