@@ -110,6 +110,12 @@ class Backend(Protocol):
         """(native, state) of frozen members side by side (tlbridge/gate.py); state holds
         "feature_dim" and "gate": {"gate_dim", "members", "outputs"}."""
 
+    # -- adapters --------------------------------------------------------------------------
+    def lora_layers(self, m: TransferModel) -> dict[str, tuple]:
+        """Canonical module name -> (kind "linear" | "conv", in, out, kh, kw, groups) of every
+        Linear / Conv2d of the backbone LoRA could wrap; build_backbone wraps those listed in
+        spec.adapters (tlbridge/lora.py)."""
+
     # -- weights and freezing --------------------------------------------------------------
     def canonical_shapes(self, m: TransferModel) -> dict[str, tuple]:
         """Canonical name -> torch-layout shape of every tensor (parameters and buffers)."""

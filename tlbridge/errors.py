@@ -8,6 +8,7 @@ from __future__ import annotations
 
 __all__ = [
     "TLBridgeError",
+    "AdapterError",
     "ArgumentTypeError",
     "UnknownOptionError",
     "UnknownBackendError",
@@ -102,6 +103,11 @@ class NoPretrainedWeightsError(TLBridgeError, ValueError):
 
 class UnsupportedLayerError(TLBridgeError, NotImplementedError):
     """A layer the backend cannot mirror yet (e.g. a grouped convolution on Keras)."""
+
+
+class AdapterError(TLBridgeError, ValueError):
+    """LoRA adapters asked for where they cannot go (tlbridge/lora.py): no such layer, a bad
+    rank, a layer adapted twice, a merge without adapters, adapter files for another base."""
 
 
 class TrainingDivergedError(TLBridgeError, RuntimeError):

@@ -8,7 +8,7 @@ import warnings
 import numpy as np
 
 from . import inputs, losses
-from .errors import DataError, WeightsMismatchError
+from .errors import AdapterError, DataError, WeightsMismatchError
 from .fusion import check_model_list
 
 METHODS = ("uniform", "greedy")
@@ -18,6 +18,12 @@ BN_MODES = ("average", "recompute")
 def _check_ingredients(models) -> list:
     models = check_model_list(models, "models", "ingredient", "to make a soup of")
     first = models[0]
+    adapted = [i for i, m in enumerate(models) if m.spec.adapters]
+    if adapted:
+        raise AdapterError(
+            f"Expected ingredients without LoRA adapters; ingredients {adapted} have unmerged "
+            f"adapters, and averaging lora_A and lora_B apart is not averaging the updates "
+            f"B A. Merge each first: tl.merge_lora(m) (docs/lora.md).")
     ref = (first.backbone_name, dict(first.spec.options), tuple(first.input_shape))
     for i, m in enumerate(models[1:], 1):
         mine = (m.backbone_name, dict(m.spec.options), tuple(m.input_shape))

@@ -118,6 +118,7 @@ class ModelSpec:
     head: HeadSpec | None = None
     native_backend: str | None = None   # set for native-only backbones
     preprocessing: Preprocessing | None = None   # None: the catalog's default for the backbone
+    adapters: tuple = ()          # LoRA: ((module, rank, alpha, dropout), ...) (tlbridge/lora.py)
 
     def to_json(self) -> str:
         data: dict[str, Any] = asdict(self)
@@ -142,6 +143,8 @@ class ModelSpec:
             native_backend=data.get("native_backend"),
             preprocessing=(Preprocessing.from_dict(data["preprocessing"])
                            if data.get("preprocessing") else None),
+            adapters=tuple((str(n), int(r), float(a), float(d))
+                           for n, r, a, d in data.get("adapters", ())),
         )
 
 

@@ -98,12 +98,12 @@ with _quiet_tensorflow_startup():
     import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-from tlbridge.errors import BackendNotInstalledError  # noqa: E402
+from tlbridge.errors import BackendNotInstalledError, UnsupportedLayerError  # noqa: E402
 from tlbridge.model import TransferModel  # noqa: E402
 from tlbridge import zoo  # noqa: E402
 from tlbridge.specs import HeadSpec, ModelSpec  # noqa: E402
 
-from . import backbones, compute, devices, gate, network, parallel, probe, training, weights  # noqa: E402
+from . import backbones, compute, devices, gate, lora, network, parallel, probe, training, weights  # noqa: E402
 from .parallel import cpu_replicas  # noqa: E402
 
 parallel.from_env()     # TLBRIDGE_CPU_REPLICAS=N: split the CPU before TensorFlow starts
@@ -120,7 +120,7 @@ __all__ = ["NAME", "native_backbones", "build_backbone", "attach_head", "canonic
            "param_names", "get_weights", "set_weights", "apply_freeze", "features", "logits", "activations",
            "loss_and_grads", "make_trainer", "seed_epoch", "swap_batchnorm_momentum", "build_gate",
            "resolve_device", "device_scope", "place_built", "to_device", "set_tf32",
-           "cpu_replicas", "replica_plan", "init_parallel"]
+           "lora_layers", "cpu_replicas", "replica_plan", "init_parallel"]
 
 resolve_device = devices.resolve
 device_scope = devices.scope
@@ -145,11 +145,17 @@ def build_backbone(spec: ModelSpec, portable: bool, pretrained: bool, seed: int 
     options = dict(spec.options)
     if portable:
         inputs = _inputs(spec)
-        mirror = network.Mirror(spec.dtype, scope="backbone.")
+        mirror = network.Mirror(spec.dtype, scope="backbone.", adapters=spec.adapters)
         feats = backbones.PORTABLE[spec.backbone](mirror, inputs, pretrained, **options)
         backbone_slots = weights.slots_for(mirror.entries)
         layers = [layer for _, _, layer in mirror.entries]
+        adaptable = lora.layers_of(mirror.entries)
     else:
+        if spec.adapters:
+            raise UnsupportedLayerError(
+                f"Expected a portable backbone for LoRA on Keras; received the Keras-native "
+                f"{spec.backbone!r}. Use a portable backbone ({sorted(zoo.PORTABLE)}) or torch.")
+        adaptable = {}
         previous = keras.config.floatx()
         keras.config.set_floatx(spec.dtype)
         try:
@@ -162,7 +168,7 @@ def build_backbone(spec: ModelSpec, portable: bool, pretrained: bool, seed: int 
     feature_model = keras.Model(inputs, feats, name=f"{spec.backbone}_features")
     state = {"inputs": inputs, "feats": feats, "feature_model": feature_model,
              "backbone_slots": backbone_slots, "slots": backbone_slots, "layers": layers,
-             "feature_dim": int(feats.shape[-1])}
+             "feature_dim": int(feats.shape[-1]), "lora_layers": adaptable}
     return feature_model, state
 
 
@@ -204,6 +210,10 @@ def attach_head(m: TransferModel, head: HeadSpec):
     state["slots"] = state["backbone_slots"] + weights.slots_for(mirror.entries) + extra_slots
     state["layers"] = state["layers"] + [layer for _, _, layer in mirror.entries] + extra_layers
     return model, state
+
+
+def lora_layers(m: TransferModel) -> dict[str, tuple]:
+    return dict(m.state.get("lora_layers", {}))
 
 
 def canonical_shapes(m: TransferModel) -> dict[str, tuple]:

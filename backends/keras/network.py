@@ -13,7 +13,7 @@ from keras import layers, ops
 from tlbridge.errors import UnsupportedLayerError
 from tlbridge.specs import HeadSpec
 
-from . import parallel
+from . import lora, parallel
 
 
 def _batch_norm_train(x, gamma, beta, epsilon):
@@ -270,10 +270,12 @@ class AdaptiveAvgPool2D(layers.Layer):
 class Mirror:
     """Creates Keras layers that mirror torch modules, recording (canonical prefix, kind, layer)."""
 
-    def __init__(self, dtype: str, scope: str = ""):
+    def __init__(self, dtype: str, scope: str = "", adapters=()):
         self.dtype = dtype
         self.scope = scope            # "backbone." for backbones, "" for the head
         self.entries: list[tuple[str, str, layers.Layer]] = []
+        # LoRA (spec.adapters): canonical module name -> (rank, alpha, dropout); lora.adapt
+        self.adapters = {name: (r, a, d) for name, r, a, d in adapters}
 
     def _record(self, prefix, kind, layer):
         self.entries.append((prefix, kind, layer))
@@ -299,7 +301,8 @@ class Mirror:
                 f"Expected groups=1 or a depthwise conv (groups == in == out channels); received "
                 f"groups={groups} (in {in_ch}, out {filters}). A grouped convolution has no Keras "
                 f"mirror yet; use a portable backbone without grouped convs.")
-        return self._record(self.scope + prefix, kind, layer)(x)
+        y = self._record(self.scope + prefix, kind, layer)(x)
+        return lora.adapt(self, x, y, self.scope + prefix, layer)
 
     def bn(self, x, prefix, eps=1e-5, momentum=0.1):
         layer = TorchBatchNorm(eps, momentum, name=self.scope + prefix, dtype=self.dtype)
@@ -307,7 +310,8 @@ class Mirror:
 
     def dense(self, x, prefix, units, bias=True):
         layer = layers.Dense(units, use_bias=bias, name=self.scope + prefix, dtype=self.dtype)
-        return self._record(self.scope + prefix, "dense", layer)(x)
+        y = self._record(self.scope + prefix, "dense", layer)(x)
+        return lora.adapt(self, x, y, self.scope + prefix, layer)
 
     def act(self, x, name):
         return layers.Activation(name, dtype=self.dtype)(x)

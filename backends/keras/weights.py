@@ -56,6 +56,9 @@ _KINDS = {
     "layernorm": [("gamma", "weight", _same, _same, True), ("beta", "bias", _same, _same, True)],
     "layer_scale": [("gamma", "layer_scale", _scale_to, _scale_from, True)],
     "embedding": [("embeddings", "weight", _same, _same, True)],
+    "lora_dense": [("lora_A", "lora_A.weight", _t, _t, True), ("lora_B", "lora_B.weight", _t, _t, True)],
+    "lora_conv": [("lora_A", "lora_A.weight", _conv_to, _conv_from, True),
+                  ("lora_B", "lora_B.weight", _conv_to, _conv_from, True)],
 }
 
 

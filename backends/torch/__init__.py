@@ -8,7 +8,7 @@ import torch
 from tlbridge.model import TransferModel
 from tlbridge.specs import HeadSpec, ModelSpec
 
-from . import backbones, compute, probe, devices, gate, network, parallel, training, weights
+from . import backbones, compute, probe, devices, gate, lora, network, parallel, training, weights
 
 NAME = "torch"
 
@@ -16,7 +16,7 @@ __all__ = ["NAME", "native_backbones", "build_backbone", "attach_head", "canonic
            "param_names", "get_weights", "set_weights", "apply_freeze", "features", "logits", "activations",
            "loss_and_grads", "make_trainer", "seed_epoch", "swap_batchnorm_momentum", "build_gate",
            "resolve_device", "device_scope", "place_built", "to_device", "set_tf32",
-           "init_parallel", "channels_last", "decided"]
+           "lora_layers", "init_parallel", "channels_last", "decided"]
 
 resolve_device = devices.resolve
 device_scope = devices.scope
@@ -44,6 +44,7 @@ def build_backbone(spec: ModelSpec, portable: bool, pretrained: bool, seed: int 
         module = backbones.PORTABLE[spec.backbone](pretrained, **options)
     else:
         module = backbones.build_native(spec.backbone, pretrained, options)
+    lora.wrap(module, spec.adapters, "backbone.")
     net = network.TLNet(module).to(network.DTYPES[spec.dtype]).eval()
     with torch.no_grad():
         dim = net.backbone(compute.example(spec)).shape[-1]
@@ -69,6 +70,10 @@ def attach_head(m: TransferModel, head: HeadSpec):
     net = network.TLNet(m.native.backbone, module, dropout).to(network.DTYPES[m.dtype])
     net.train(False)
     return net, dict(m.state)
+
+
+def lora_layers(m: TransferModel) -> dict[str, tuple]:
+    return lora.layers(m.native)
 
 
 def canonical_shapes(m: TransferModel) -> dict[str, tuple]:
