@@ -6,6 +6,10 @@ Real data that ships with scikit-learn (the 8x8 digits, upscaled to 32x32 RGB; n
 2. target task: digits 5-9, "is it 7 or more?". The saved backbone is loaded on PyTorch and on
    Keras, gets a new head, is frozen (head trained on cached features), then unfrozen
    gradually and fine-tuned — the same fine_tune call on both backends.
+3. real ImageNet weights: MobileNetV2 from torchvision's own checkpoint (packaged, hash-checked)
+   beside the same recipe from random init (tlbridge/demo_imagenet.py);
+4. real text: zero-shot -> few-shot -> fine-tune of all-MiniLM-L6-v2 on fortunes by topic
+   (tlbridge/demo_text.py).
 Prints a per-epoch side-by-side table and writes, under benchmarks/out/, a PNG of both loss
 curves and demo.md (the transcript benchmarks/fill_readme.py copies into the README).
 """
@@ -17,7 +21,7 @@ import time
 
 import numpy as np
 
-from . import demo_imagenet, optim
+from . import demo_imagenet, demo_text, optim
 
 SHAPE = (32, 32, 3)
 RECIPE = dict(epochs=5, batch_size=32, optimizer=optim.SGD(0.01, momentum=0.9, schedule="cosine"),
@@ -71,6 +75,7 @@ def main(out_dir: str = "benchmarks/out") -> int:
     _report(tl, runs, len(xt), len(xv), say)
     say(f"loss curves: {_plot_losses(runs['torch'][1], runs['keras'][1], out_dir)}")
     demo_imagenet.run(tl, out_dir, say)
+    demo_text.run(tl, out_dir, say)
     with open(os.path.join(out_dir, "demo.md"), "w") as f:   # the format of benchmarks/_out.py
         f.write("\n".join(["```", *transcript, "```"]) + "\n")
     return 0

@@ -59,7 +59,7 @@ def run(tl, out_dir: str, say) -> dict:
     """The text step of the demo; returns {backend: {step: (accuracy, seconds)}}."""
     train, test, names = _data()
     runs = {b: _one_backend(tl, b, train, test, names) for b in ("torch", "keras")}
-    say(f"\n3. text: fortune-mod's fortunes by topic ({len(names)} topics; {len(train[0])} train / "
+    say(f"\n4. text: fortune-mod's fortunes by topic ({len(names)} topics; {len(train[0])} train / "
         f"{len(test[0])} test texts), all-MiniLM-L6-v2 from the packaged weights (no download)")
     say(f"{'step':>26} {'acc torch':>10} {'acc keras':>10} {'s torch':>8} {'s keras':>8}")
     for step in ("zero-shot", f"{SHOTS}-shot prototypes", "fine-tune from zero-shot"):
