@@ -34,7 +34,7 @@ parity: $(STAMP)
 
 # tlbridge against keras.fit and a raw torch loop, same weights, same batches (about 12 min on 2 cores)
 speed: $(STAMP)
-	$(PY) benchmarks/speed.py resnet50 mobilenet_v2 efficientnet_b0
+	$(PY) benchmarks/speed.py resnet50 mobilenet_v2 efficientnet_b0 minilm_l6
 
 # copy the tables the benchmarks and the demo wrote (benchmarks/out/*.md) into README.md
 readme: $(STAMP)

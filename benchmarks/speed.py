@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/speed.py resnet50 mobilenet_v2 efficientnet_b0
     .venv/bin/python benchmarks/speed.py seed_vgg --image-size 32 --batch-size 16 --repeats 3
+    .venv/bin/python benchmarks/speed.py minilm_l6 --texts 256 --text-repeats 3
 
 For each portable backbone and each installed backend, four runners train one model each,
 all built from one seed (so the same weights) on the same random images and the same batch
@@ -9,6 +10,11 @@ order, SGD lr 1e-3 momentum 0.875 (a fresh optimizer state each epoch, as each
 `fine_tune(epochs=1)` call starts one), BCE from logits:
   torch: a plain torch loop on the tlbridge-built nn.Module  vs  tl.fine_tune
   keras: keras.fit (Keras' own SGD) on the tlbridge-built keras.Model  vs  tl.fine_tune
+Text: minilm_l6 (all-MiniLM-L6-v2, its packaged pretrained weights) trains on --texts English
+texts of 8-60 words (benchmarks/_texts.py: the prose of the Python documentation, no download),
+each batch padded to its own longest text by tl.data.texts; the torch loop and keras.fit get
+exactly those batches (keras.fit as a tf.data.Dataset whose length dimension is open, so it
+traces once, not once per length; see TextRunners._setup_keras), over --text-repeats epochs.
 The runners take turns one epoch at a time (so a slow minute of the machine hits all of
 them), after one warm-up epoch each; an epoch is timed as the whole call a user makes
 (`fine_tune(epochs=1)`, `fit(epochs=1)`, the loop). Inference compares tl.features and
@@ -43,6 +49,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _texts  # noqa: E402
 
 # Momentum 0.875, not the classic 0.9: Keras' SGD casts its momentum through a float32 tensor
 # (keras/src/optimizers/sgd.py: ops.cast(self.momentum, variable.dtype); 0.9 -> 0.89999998),
@@ -52,6 +59,7 @@ LR, MOMENTUM, SEED = 1e-3, 0.875, 0
 TOLERANCE = 1e-9                                # float64 losses of the runners (see verify)
 CHECK_BATCHES = 2
 BOUND = {"torch": 1.05, "keras": 1.10}          # issue 8: tl within this factor of the framework
+TEXT = ("minilm_l6",)                           # text backbones timed: packaged weights, tokenizer
 
 
 # ------------------------------------------------------------------------------- measuring
@@ -100,7 +108,16 @@ def _summary(times: list[float], images: int) -> dict:
 
 
 # ------------------------------------------------------------------------------- one backend
-def _data(args, dtype, n):
+def is_text(name: str) -> bool:
+    """A text backbone (token inputs): timed on texts, with its packaged weights and tokenizer."""
+    from tlbridge import zoo
+    return name in zoo.PORTABLE and zoo.PORTABLE[name].inputs == "tokens"
+
+
+def _data(args, dtype, n, name=""):
+    if is_text(name):                       # texts (a list of str) and labels (N, 1)
+        x, y = _texts.texts(args.texts, seed=SEED)
+        return x[:n], y[:n, None].astype(dtype)
     rng = np.random.default_rng(SEED)
     s = args.image_size
     x = rng.normal(size=(args.images, s, s, 3)).astype(dtype)
@@ -109,9 +126,21 @@ def _data(args, dtype, n):
 
 
 def _model(tl, backend, name, args, dtype):
-    m = tl.load_backbone(name, backend=backend, input_shape=(args.image_size, args.image_size, 3),
-                         dtype=dtype, seed=SEED)
+    if is_text(name):                       # the real weights: the check runs where users train
+        m = tl.load_backbone(name, weights="pretrained", backend=backend, dtype=dtype)
+    else:
+        m = tl.load_backbone(name, backend=backend, dtype=dtype, seed=SEED,
+                             input_shape=(args.image_size, args.image_size, 3))
     return tl.replace_head(m, 1, seed=SEED + 1)
+
+
+def samples(args, name: str) -> int:
+    return args.texts if is_text(name) else args.images
+
+
+def repeats(args, name: str) -> int:
+    """Measured epochs: a text epoch costs several image epochs, so text rows take fewer."""
+    return args.text_repeats if is_text(name) else args.repeats
 
 
 class Runners:
@@ -120,9 +149,10 @@ class Runners:
 
     def __init__(self, tl, backend, name, args, dtype, n):
         self.tl, self.args, self.dtype = tl, args, dtype
-        self.x, self.y = _data(args, dtype, n)
+        self.x, self.y = _data(args, dtype, n, name)
         self.base = _model(tl, backend, name, args, dtype)
         self.ours = _model(tl, backend, name, args, dtype)
+        self.infer_x = self.inference_inputs()
         getattr(self, f"_setup_{backend}")()
 
     @functools.lru_cache(maxsize=None)
@@ -131,6 +161,16 @@ class Runners:
         the timed epochs)."""
         return self.tl.data.arrays(self.x, self.y, batch_size=self.args.batch_size,
                                    seed=repeat).plan(0)[0]
+
+    def prepare(self, repeat):
+        """Whatever the runners share for this repeat, made before the timed epochs."""
+        self.order(repeat)
+
+    def inference_inputs(self):
+        return self.x
+
+    def describe(self, n_rep: int) -> dict:
+        return {}
 
     def tl_epoch(self, repeat):
         ds = self.tl.data.arrays(self.x, self.y, batch_size=self.args.batch_size, seed=repeat,
@@ -169,20 +209,14 @@ class Runners:
                     xb = xt[i:i + b]
                     (net.backbone(xb) if which == "features" else net(xb)).numpy()
 
-        self.raw_epoch, self.raw_infer = raw_epoch, raw_infer
-        self.info = {"device": "cpu", "tf32": "n/a (cpu)",
-                     "threads": f"torch intra-op {torch.get_num_threads()}, "
-                                f"inter-op {torch.get_num_interop_threads()}"}
+        self.raw_epoch, self.raw_infer, self.info = raw_epoch, raw_infer, _torch_info()
 
     # -- keras: compile + fit (Keras' own SGD, momentum slots zeroed per epoch), predict_on_batch
     def _setup_keras(self):
         import keras
-        import tensorflow as tf
 
         km, fm, b = self.base.native, self.base.state["feature_model"], self.args.batch_size
-        with _floatx(keras, self.dtype):      # the loss tracker in the model's dtype
-            km.compile(optimizer=keras.optimizers.SGD(LR, momentum=MOMENTUM),
-                       loss=keras.losses.BinaryCrossentropy(from_logits=True))
+        _compile(keras, km, self.dtype)
 
         def raw_epoch(repeat):
             order = self.order(repeat)
@@ -198,15 +232,149 @@ class Runners:
             for i in range(0, len(self.x), b):
                 np.asarray(model.predict_on_batch(self.x[i:i + b]))
 
-        self.raw_epoch, self.raw_infer = raw_epoch, raw_infer
-        gpus = tf.config.list_physical_devices("GPU")
-        self.info = {
-            "device": (tf.config.experimental.get_device_details(gpus[0]).get("device_name", "GPU")
-                       if gpus else "cpu"),
-            "tf32": (str(tf.config.experimental.tensor_float_32_execution_enabled()) if gpus
-                     else "n/a (cpu)"),
-            "threads": (f"TF intra-op {tf.config.threading.get_intra_op_parallelism_threads() or 'auto'}, "
-                        f"inter-op {tf.config.threading.get_inter_op_parallelism_threads() or 'auto'}")}
+        self.raw_epoch, self.raw_infer, self.info = raw_epoch, raw_infer, _keras_info()
+
+
+def _compile(keras, km, dtype):
+    with _floatx(keras, dtype):              # the loss tracker in the model's dtype
+        km.compile(optimizer=keras.optimizers.SGD(LR, momentum=MOMENTUM),
+                   loss=keras.losses.BinaryCrossentropy(from_logits=True))
+
+
+def _torch_info() -> dict:
+    import torch
+    return {"device": "cpu", "tf32": "n/a (cpu)",
+            "threads": f"torch intra-op {torch.get_num_threads()}, "
+                       f"inter-op {torch.get_num_interop_threads()}"}
+
+
+def _keras_info() -> dict:
+    import tensorflow as tf
+    gpus = tf.config.list_physical_devices("GPU")
+    return {
+        "device": (tf.config.experimental.get_device_details(gpus[0]).get("device_name", "GPU")
+                   if gpus else "cpu"),
+        "tf32": (str(tf.config.experimental.tensor_float_32_execution_enabled()) if gpus
+                 else "n/a (cpu)"),
+        "threads": (f"TF intra-op {tf.config.threading.get_intra_op_parallelism_threads() or 'auto'}, "
+                    f"inter-op {tf.config.threading.get_inter_op_parallelism_threads() or 'auto'}")}
+
+
+class TextRunners(Runners):
+    """The runners on texts. tl.data.texts tokenizes once and pads each batch to its own longest
+    text; the plain torch loop and keras.fit get exactly those batches, in the same order, made
+    before the timed epochs (tokenizing is a one-off a user pays once, not per epoch), so the
+    padding each runner computes on is the same. Inference: the texts padded to their longest."""
+
+    def inference_inputs(self):
+        return self.tl.tokenize(self.ours, self.x)
+
+    def describe(self, n_rep: int) -> dict:
+        """Tokens per text (min, median, max), the padded lengths of the timed batches, and
+        the share of their positions that are real tokens."""
+        n = self.infer_x["attention_mask"].sum(axis=1)
+        masks = [xb["attention_mask"] for r in range(n_rep + 1) for xb, _ in self.batches(r)]
+        return {"tokens": [int(n.min()), float(np.median(n)), int(n.max())],
+                "batch_lengths": [int(m.shape[1]) for m in masks],
+                "real_share": float(sum(m.sum() for m in masks) / sum(m.size for m in masks))}
+
+    @functools.lru_cache(maxsize=None)
+    def dataset(self, repeat):
+        return self.tl.data.texts(self.x, self.y, model=self.ours, batch_size=self.args.batch_size,
+                                  seed=repeat, dtype=self.dtype)
+
+    def order(self, repeat):
+        return self.dataset(repeat).plan(0)[0]
+
+    @functools.lru_cache(maxsize=None)
+    def batches(self, repeat) -> list:
+        """[(x dict, y)] as fine_tune's epoch gets them from the dataset."""
+        return list(self.dataset(repeat).epoch(0))
+
+    def prepare(self, repeat):
+        self.batches(repeat)
+        self.feed(repeat)
+
+    def feed(self, repeat):
+        """What the framework's loop reads for this repeat (Keras: a tf.data.Dataset)."""
+        return self.batches(repeat)
+
+    def tl_epoch(self, repeat):
+        h = self.tl.fine_tune(self.ours, self.dataset(repeat), epochs=1, progress=False,
+                              optimizer=self.tl.optim.SGD(LR, momentum=MOMENTUM),
+                              feature_cache=False, seed=repeat)
+        return float(h["loss"][-1])
+
+    def _setup_torch(self):
+        import torch
+        import torch.nn.functional as F
+
+        net, b, x = self.base.native, self.args.batch_size, self.infer_x
+
+        def raw_epoch(repeat):
+            opt = torch.optim.SGD(net.parameters(), lr=LR, momentum=MOMENTUM)
+            net.train()
+            losses = []
+            for xb, yb in self.batches(repeat):
+                xb = {k: torch.from_numpy(v) for k, v in xb.items()}
+                opt.zero_grad(set_to_none=True)
+                loss = F.binary_cross_entropy_with_logits(net(xb), torch.from_numpy(yb))
+                loss.backward()
+                opt.step()
+                losses.append(loss.item())
+            net.eval()
+            return float(np.mean(losses))
+
+        def raw_infer(which):
+            net.eval()
+            with torch.no_grad():
+                for i in range(0, len(self.x), b):
+                    xb = {k: torch.from_numpy(v[i:i + b]) for k, v in x.items()}
+                    (net.backbone(xb) if which == "features" else net(xb)).numpy()
+
+        self.raw_epoch, self.raw_infer, self.info = raw_epoch, raw_infer, _torch_info()
+
+    def _setup_keras(self):
+        """keras.fit over this repeat's batches as a tf.data.Dataset (from_tensors per batch,
+        concatenated, built before the timed epochs): no Python in the loop, and the length
+        dimension stays open, so fit traces once. tf.data's autotuning is off: with it on,
+        deleting fit's iterator at the end of an epoch waits for the autotuner's thread, up to
+        8 s per fit call on this model (profiled: ~UnboundedThreadPool::LogicalThreadWrapper),
+        and from a Python generator (Dataset.from_generator) the wait fell into whichever
+        runner's epoch collected the iterator's garbage. A keras.utils.PyDataset fixes any
+        dimension its first two batches share and fails on a later batch of another length."""
+        import keras
+        import tensorflow as tf
+
+        km, fm, b, x = self.base.native, self.base.state["feature_model"], self.args.batch_size, self.infer_x
+        _compile(keras, km, self.dtype)
+
+        options = tf.data.Options()
+        options.autotune.enabled = False      # see the docstring
+
+        @functools.lru_cache(maxsize=None)
+        def feed(repeat):
+            parts = [tf.data.Dataset.from_tensors(batch) for batch in self.batches(repeat)]
+            return functools.reduce(lambda data, part: data.concatenate(part), parts).with_options(options)
+
+        def raw_epoch(repeat):
+            for v in getattr(km.optimizer, "momentums", []):
+                v.assign(np.zeros(v.shape, v.dtype))
+            with _floatx(keras, self.dtype):
+                h = km.fit(self.feed(repeat), epochs=1, verbose=0)
+            return float(h.history["loss"][0])
+
+        def raw_infer(which):
+            model = fm if which == "features" else km
+            for i in range(0, len(self.x), b):
+                np.asarray(model.predict_on_batch({k: v[i:i + b] for k, v in x.items()}))
+
+        self.feed = feed
+        self.raw_epoch, self.raw_infer, self.info = raw_epoch, raw_infer, _keras_info()
+
+
+def runners(tl, backend, name, args, dtype, n) -> Runners:
+    return (TextRunners if is_text(name) else Runners)(tl, backend, name, args, dtype, n)
 
 
 @contextlib.contextmanager
@@ -225,7 +393,7 @@ def verify(tl, backend, name, args) -> dict:
     losses cannot show that: a deep ReLU net at random init amplifies rounding (ResNet-50:
     torch fp32 is 6.5e-3 from fp64 after one SGD step, measured), so fp32 runs of one
     computation drift apart; float64 shows whether the computations are the same."""
-    r = Runners(tl, backend, name, args, "float64", CHECK_BATCHES * args.batch_size)
+    r = runners(tl, backend, name, args, "float64", CHECK_BATCHES * args.batch_size)
     return {"raw": {"losses": [r.raw_epoch(e) for e in range(2)]},
             "tl": {"losses": [r.tl_epoch(e) for e in range(2)]}}
 
@@ -236,7 +404,7 @@ def probe_memory(backend: str, name: str, runner: str, args) -> dict:
     peak. Kept out of the timed runs: the sampling thread would cost them time."""
     import tlbridge as tl
 
-    r = Runners(tl, backend, name, args, args.dtype, args.images)
+    r = runners(tl, backend, name, args, args.dtype, samples(args, name))
     fn = r.raw_epoch if runner == "raw" else r.tl_epoch
     gpu = None
     if backend == "keras":
@@ -257,13 +425,13 @@ def run_backend(backend: str, name: str, args) -> dict:
     import tlbridge as tl
 
     check = verify(tl, backend, name, args)
-    r = Runners(tl, backend, name, args, args.dtype, args.images)
-    x, ours = r.x, r.ours
-    for repeat in range(args.repeats + 1):
-        r.order(repeat)                                    # drawn outside the timed epochs
+    r = runners(tl, backend, name, args, args.dtype, samples(args, name))
+    x, ours, n_rep = r.infer_x, r.ours, repeats(args, name)
+    for repeat in range(n_rep + 1):
+        r.prepare(repeat)                                  # drawn outside the timed epochs
     runs = {"raw": r.raw_epoch, "tl": r.tl_epoch}
     train = {k: {"times": [], "losses": []} for k in runs}
-    for repeat in range(args.repeats + 1):                 # repeat 0 is the warm-up epoch
+    for repeat in range(n_rep + 1):                        # repeat 0 is the warm-up epoch
         turns = list(runs.items())
         for key, fn in (turns if repeat % 2 else turns[::-1]):    # ABBA: drift hits both
             seconds, loss = _timed(lambda: fn(repeat))
@@ -279,7 +447,7 @@ def run_backend(backend: str, name: str, args) -> dict:
                  "raw logits": lambda: r.raw_infer("logits"),
                  "tl logits": lambda: tl.logits(ours, x, batch_size=args.batch_size)}
     infer = {k: {"times": []} for k in infer_fns}
-    for repeat in range(args.repeats + 1):
+    for repeat in range(n_rep + 1):
         turns = list(infer_fns.items())
         for key, fn in (turns if repeat % 2 else turns[::-1]):
             seconds, _ = _timed(fn)
@@ -290,8 +458,9 @@ def run_backend(backend: str, name: str, args) -> dict:
 
     for table in (train, infer):
         for rec in table.values():
-            rec.update(_summary(rec.pop("times"), args.images))
+            rec.update(_summary(rec.pop("times"), samples(args, name)))
     return {"backend": backend, "backbone": name, "check": check, "train": train, "infer": infer,
+            "data": r.describe(n_rep),
             **r.info,
             "versions": _versions(backend)}
 
@@ -316,7 +485,8 @@ def _worker(backend, name, args, probe=None) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), name, "--worker", backend,
            *(["--probe", probe] if probe else []),
            "--image-size", str(args.image_size), "--batch-size", str(args.batch_size),
-           "--images", str(args.images), "--repeats", str(args.repeats), "--dtype", args.dtype]
+           "--images", str(args.images), "--texts", str(args.texts), "--repeats", str(args.repeats),
+           "--text-repeats", str(args.text_repeats), "--dtype", args.dtype]
     env = dict(os.environ, TLBRIDGE_BACKEND=backend)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -374,14 +544,33 @@ def _cell(rec) -> str:
     return f"{rec['img_s']:.1f} ({rec['iqr'][0]:.1f}–{rec['iqr'][1]:.1f})"
 
 
+def _train_header(results: list[dict], args) -> str:
+    images = [r for r in results if not is_text(r["backbone"])]
+    texts = [r for r in results if is_text(r["backbone"])]
+    head = "Training: "
+    if images:
+        head += (f"img/s per epoch, median (IQR) over {args.repeats} epochs after a warm-up epoch; "
+                 f"{args.images} random images {args.image_size}×{args.image_size}. ")
+    for name in dict.fromkeys(r["backbone"] for r in texts):
+        d = next(r["data"] for r in texts if r["backbone"] == name)
+        head += (f"{name}: texts/s per epoch, median (IQR) over {args.text_repeats} epochs after a "
+                 f"warm-up epoch; {args.texts} texts of {_texts.SHORTEST}–{_texts.LONGEST} words "
+                 f"(English prose of the Python documentation, {d['tokens'][0]}–{d['tokens'][2]} "
+                 f"tokens, median {d['tokens'][1]:.0f}), its packaged pretrained weights, each batch "
+                 f"padded to its longest text by tl.data.texts ({min(d['batch_lengths'])}–"
+                 f"{max(d['batch_lengths'])} tokens; {d['real_share']:.0%} of the positions are "
+                 f"real tokens); the torch loop and keras.fit get the same padded batches "
+                 f"(keras.fit as a tf.data.Dataset, length left open: one trace; tf.data "
+                 f"autotuning off, see docs/speed.md). ")
+    return (head + f"Batch {args.batch_size}, {args.dtype}, SGD lr {LR:g} momentum {MOMENTUM:g}. "
+            f"*ratio* = tlbridge's time ÷ the framework's, epoch by epoch (median, IQR; the two run "
+            f"back to back, in alternating order) (the bar: ≤ 1.05 torch, ≤ 1.10 keras); *first* = "
+            f"the first call's seconds (graph tracing included); *mem* = peak resident memory of "
+            f"the first two epochs above the built model, MiB, each runner alone in a fresh process.")
+
+
 def table(results: list[dict], args, agreement: dict) -> list[str]:
-    lines = [f"Training: img/s per epoch, median (IQR) over {args.repeats} epochs after a warm-up "
-             f"epoch; {args.images} images {args.image_size}×{args.image_size}, batch "
-             f"{args.batch_size}, {args.dtype}, SGD lr {LR:g} momentum {MOMENTUM:g}. *ratio* = tlbridge's time ÷ the framework's, "
-             f"epoch by epoch (median, IQR; the two run back to back, in alternating order) "
-             f"(the bar: ≤ 1.05 torch, ≤ 1.10 keras); *first* = the first call's seconds "
-             f"(graph tracing included); *mem* = peak resident memory of the first two epochs above "
-             f"the built model, MiB, each runner alone in a fresh process.",
+    lines = [_train_header(results, args),
              "",
              "| backbone | backend | framework | tlbridge | ratio | first (fw / tl) | mem (fw / tl) |",
              "|---|---|---|---|---|---|---|"]
@@ -399,9 +588,10 @@ def table(results: list[dict], args, agreement: dict) -> list[str]:
               + ("" if args.dtype == "float64" else
                  " The measured float32 runs drift apart by " + ", ".join(
                      f"{a['drift']:.0e} ({n})" for n, a in agreement.items())
-                 + " in their epoch losses: rounding amplified by training from random init, "
-                   "as much between torch's own float32 and float64 runs.")]
-    lines += ["", "Inference: img/s, median (IQR), same images and batch.", "",
+                 + " in their epoch losses: rounding amplified by training (most from random "
+                   "init), as much between torch's own float32 and float64 runs.")]
+    lines += ["", "Inference: img/s (texts/s), median (IQR), same inputs and batch (texts padded "
+              "to the longest of them).", "",
               "| backbone | backend | framework features | tl.features | framework logits | tl.logits | ratio (logits) |",
               "|---|---|---|---|---|---|---|"]
     for r in results:
@@ -424,6 +614,8 @@ def table(results: list[dict], args, agreement: dict) -> list[str]:
               + (f" --batch-size {args.batch_size}" if args.batch_size != 32 else "")
               + (f" --images {args.images}" if args.images != 256 else "")
               + (f" --repeats {args.repeats}" if args.repeats != 7 else "")
+              + (f" --texts {args.texts}" if args.texts != 256 else "")
+              + (f" --text-repeats {args.text_repeats}" if args.text_repeats != 3 else "")
               + (f" --dtype {args.dtype}" if args.dtype != "float32" else "")
               + (f" --backends {args.backends}" if args.backends else "") + "`"]
     return lines
@@ -449,7 +641,7 @@ def plot(results: list[dict], path: str) -> None:
         ax.bar(np.arange(len(names)) + (k - 1.5) * width, vals, width, yerr=np.array(errs).T,
                label=label, capsize=2)
     ax.set_xticks(np.arange(len(names)), names)
-    ax.set_ylabel("training images / s")
+    ax.set_ylabel("training images (texts) / s")
     ax.legend(fontsize=8)
     ax.set_title("tlbridge vs the plain framework (median, IQR)", fontsize=10)
     fig.tight_layout()
@@ -457,20 +649,28 @@ def plot(results: list[dict], path: str) -> None:
     plt.close(fig)
 
 
-def main(argv=None) -> None:
+def _arguments(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("backbones", nargs="+", help="portable backbones, e.g. resnet50 mobilenet_v2")
+    p.add_argument("backbones", nargs="+",
+                   help="portable backbones, e.g. resnet50 mobilenet_v2, or minilm_l6 (texts)")
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--images", type=int, default=256, help="images per epoch")
+    p.add_argument("--texts", type=int, default=256, help="texts per epoch (text backbones)")
     p.add_argument("--repeats", type=int, default=7, help="measured epochs (after one warm-up)")
+    p.add_argument("--text-repeats", type=int, default=3,
+                   help="measured epochs of a text backbone (each costs several image epochs)")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     p.add_argument("--backends", default=None, help="comma-separated; default: every installed one")
     p.add_argument("--out", default=None, help="folder for speed.md/.json/.png (default benchmarks/out)")
     p.add_argument("--no-memory", action="store_true", help="skip the memory probes (a process each)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--probe", default=None, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = _arguments(argv)
     if args.worker and args.probe:
         print(json.dumps(probe_memory(args.worker, args.backbones[0], args.probe, args)))
         return
@@ -481,10 +681,11 @@ def main(argv=None) -> None:
     import tlbridge as tl
     from _out import OUT, write_table
 
-    unknown = [b for b in args.backbones if b not in tl.list_backbones(portable=True)]
+    known = [b for b in tl.list_backbones(portable=True) if not is_text(b) or b in TEXT]
+    unknown = [b for b in args.backbones if b not in known]
     if unknown:
-        raise SystemExit(f"Unknown portable backbone(s) {unknown}. Expected some of "
-                         f"{tl.list_backbones(portable=True)}.")
+        raise SystemExit(f"Unknown portable backbone(s) {unknown}. Expected some of {known} "
+                         f"(the text backbones with packaged weights and tokenizer: {TEXT}).")
     backends = args.backends.split(",") if args.backends else tl.available_backends()
     results, agreement = [], {}
     for name in args.backbones:
