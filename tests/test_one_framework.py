@@ -97,7 +97,10 @@ def test_torch_only():
 
 # --------------------------------------------------------------------- what each extra installs
 
-FRAMEWORKS = {"torch": {"torch", "torchvision"}, "keras": {"keras", "tensorflow"}}
+# the jax extra runs the Keras backend on Keras' JAX engine (KERAS_BACKEND=jax)
+FRAMEWORKS = {"torch": {"torch", "torchvision"}, "keras": {"keras", "tensorflow"},
+              "jax": {"keras", "jax"}}
+BACKEND_DIR = {"torch": "torch", "keras": "keras", "jax": "keras"}
 
 
 def _canonical(name: str) -> str:
@@ -146,7 +149,7 @@ def _third_party_imports(files) -> dict[str, list[str]]:
     return found
 
 
-@pytest.mark.parametrize("extra", ["torch", "keras"])
+@pytest.mark.parametrize("extra", ["torch", "keras", "jax"])
 def test_each_framework_extra_installs_every_package_tlbridge_imports(extra):
     """`pip install "tlbridge[torch]"` (or [keras]) must run the whole API on that framework:
     every package tlbridge and that backend import is named by the extra (not left to `all`,
@@ -154,10 +157,10 @@ def test_each_framework_extra_installs_every_package_tlbridge_imports(extra):
     framework is exempt: asking for it is refused with an install hint (tests above). The demo
     script has its own extra."""
     files = [p for p in (ROOT / "tlbridge").glob("*.py") if p.name != "demo.py"]
-    files += list((ROOT / "backends" / extra).glob("*.py"))
+    files += list((ROOT / "backends" / BACKEND_DIR[extra]).glob("*.py"))
     dists = importlib.metadata.packages_distributions()
     closure = _extra_closure(extra)
-    other = set().union(*(mods for fw, mods in FRAMEWORKS.items() if fw != extra))
+    other = set().union(*(mods for fw, mods in FRAMEWORKS.items() if fw != extra)) - FRAMEWORKS[extra]
     missing = {}
     for module, where in sorted(_third_party_imports(files).items()):
         if module in other:

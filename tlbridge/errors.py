@@ -24,6 +24,7 @@ __all__ = [
     "NoHeadError",
     "NoPretrainedWeightsError",
     "UnsupportedLayerError",
+    "EngineFeatureError",
     "TrainingDivergedError",
     "DeviceNotAvailableError",
     "DistributedError",
@@ -103,6 +104,11 @@ class NoPretrainedWeightsError(TLBridgeError, ValueError):
 
 class UnsupportedLayerError(TLBridgeError, NotImplementedError):
     """A layer the backend cannot mirror yet (e.g. a grouped convolution on Keras)."""
+
+
+class EngineFeatureError(TLBridgeError, NotImplementedError):
+    """A feature Keras' current engine (KERAS_BACKEND=jax) does not run in tlbridge yet: names
+    the feature and the engine that has it."""
 
 
 class AdapterError(TLBridgeError, ValueError):

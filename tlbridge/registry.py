@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import sys
 import warnings
 from dataclasses import dataclass
@@ -41,8 +42,29 @@ def _has(module: str) -> bool:
         return False
 
 
+KERAS_ENGINES = {"tensorflow": 'pip install "tlbridge[keras]"', "jax": 'pip install "tlbridge[jax]"'}
+
+
+def keras_engine() -> str:
+    """The engine Keras runs on: Keras' own switch (KERAS_BACKEND, read when keras is first
+    imported; tensorflow unless set), or the engine of a keras already imported."""
+    keras = sys.modules.get("keras")
+    if keras is not None and hasattr(keras, "backend"):
+        return keras.backend.backend()
+    return os.environ.get("KERAS_BACKEND", "tensorflow")
+
+
+def _requires(name: str) -> tuple[tuple, str]:
+    """(modules needed, install hint): the Keras backend needs its engine, not TensorFlow."""
+    entry = BACKENDS[name]
+    if name != "keras":
+        return entry.requires, entry.install_hint
+    engine = keras_engine()
+    return ("keras", engine), KERAS_ENGINES.get(engine, entry.install_hint)
+
+
 def is_installed(name: str) -> bool:
-    return all(_has(req) for req in BACKENDS[name].requires)
+    return all(_has(req) for req in _requires(name)[0])
 
 
 def load(name: str) -> ModuleType:
@@ -50,11 +72,12 @@ def load(name: str) -> ModuleType:
     if name in _loaded:
         return _loaded[name]
     entry = BACKENDS[name]
-    missing = [req for req in entry.requires if not _has(req)]
+    requires, hint = _requires(name)
+    missing = [req for req in requires if not _has(req)]
     if missing:
         raise BackendNotInstalledError(
             f"The {name!r} backend needs {', '.join(missing)}, which is not installed. "
-            f"Install it with: {entry.install_hint}"
+            f"Install it with: {hint}"
         )
     _guard_import_order(name)
     module = importlib.import_module(entry.module)
@@ -74,7 +97,7 @@ def _guard_import_order(name: str) -> None:
     """
     if not _has("triton") or "triton._C.libtriton" in sys.modules:
         return
-    if name == "keras" and "tensorflow" not in sys.modules:
+    if name == "keras" and "tensorflow" not in sys.modules and keras_engine() == "tensorflow":
         try:
             importlib.import_module("triton._C.libtriton")
         except Exception:  # a broken Triton must not stop the Keras backend

@@ -1,5 +1,7 @@
-"""The Keras 3 backend (on TensorFlow): implements backends/contract.py (Backend, DataParallel,
-Replicas); its twin `tlbridge.backends.torch` exposes the same names."""
+"""The Keras 3 backend: implements backends/contract.py (Backend, DataParallel, Replicas); its
+twin `tlbridge.backends.torch` exposes the same names. Keras runs on TensorFlow (the default) or
+on JAX (KERAS_BACKEND=jax, Keras' own switch): the layers are shared, the steps, devices and
+distribution sit in engine_tf.py / engine_jax.py."""
 from __future__ import annotations
 
 import contextlib
@@ -13,6 +15,10 @@ import tempfile
 # WARNING and ERROR logs (the cuInit line is an ERROR); a value the user set is kept as it is.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+if os.environ["KERAS_BACKEND"] == "jax" and "keras" not in sys.modules:
+    # float64 layers compute in float32 on JAX unless x64 is on before any array is made
+    import jax
+    jax.config.update("jax_enable_x64", True)
 
 _ABSL_RECORD = re.compile(r"([IWEF])\d{4} ")
 _ABSL_PREINIT = "WARNING: All log messages before absl::InitializeLog() is called"
@@ -94,7 +100,10 @@ def _quiet_tensorflow_startup():
                 python_stderr.flush()
 
 
-with _quiet_tensorflow_startup():
+if os.environ["KERAS_BACKEND"] == "tensorflow" and "keras" not in sys.modules:
+    with _quiet_tensorflow_startup():
+        import keras  # noqa: E402
+else:
     import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -103,16 +112,25 @@ from tlbridge.model import TransferModel  # noqa: E402
 from tlbridge import zoo  # noqa: E402
 from tlbridge.specs import HeadSpec, ModelSpec  # noqa: E402
 
-from . import backbones, compute, devices, gate, lora, network, parallel, probe, training, weights  # noqa: E402
-from .parallel import cpu_replicas  # noqa: E402
-
-parallel.from_env()     # TLBRIDGE_CPU_REPLICAS=N: split the CPU before TensorFlow starts
-
-if keras.backend.backend() != "tensorflow":
+if keras.backend.backend() not in ("tensorflow", "jax"):
     raise BackendNotInstalledError(
-        f"tlbridge's Keras backend runs Keras 3 on TensorFlow; received "
-        f"KERAS_BACKEND={keras.backend.backend()!r}. Set KERAS_BACKEND=tensorflow before "
-        "importing keras.")
+        f"Expected Keras 3 on TensorFlow or JAX for tlbridge's Keras backend; received "
+        f"KERAS_BACKEND={keras.backend.backend()!r}. Set KERAS_BACKEND=tensorflow (or jax) "
+        "before importing keras.")
+if keras.backend.backend() == "jax":
+    import jax  # noqa: E402
+    if not jax.config.jax_enable_x64:   # keras imported before tlbridge: not too late yet
+        jax.config.update("jax_enable_x64", True)
+
+from . import backbones, engine, gate, lora, network, seeds, weights  # noqa: E402
+
+if engine.TENSORFLOW:
+    from . import engine_tf as impl  # noqa: E402
+else:
+    from . import engine_jax as impl  # noqa: E402
+
+cpu_replicas = impl.cpu_replicas
+impl.from_env()     # TLBRIDGE_CPU_REPLICAS=N: split the CPU before TensorFlow starts
 
 NAME = "keras"
 
@@ -122,17 +140,17 @@ __all__ = ["NAME", "native_backbones", "build_backbone", "attach_head", "canonic
            "resolve_device", "device_scope", "place_built", "to_device", "set_tf32",
            "lora_layers", "cpu_replicas", "replica_plan", "init_parallel"]
 
-resolve_device = devices.resolve
-device_scope = devices.scope
-to_device = devices.to_device
-set_tf32 = devices.set_tf32
+resolve_device = impl.resolve_device
+device_scope = impl.device_scope
+to_device = impl.to_device
+set_tf32 = impl.set_tf32
 
 
 def place_built(m: TransferModel, device: str) -> None:
     """A model just built under device_scope(device) records where its variables live."""
     m.state["device"] = device
 
-seed_epoch = training.seed_epoch
+seed_epoch = impl.seed_epoch
 
 
 def native_backbones() -> list[str]:
@@ -141,7 +159,7 @@ def native_backbones() -> list[str]:
 
 def build_backbone(spec: ModelSpec, portable: bool, pretrained: bool, seed: int | None):
     if seed is not None:
-        keras.utils.set_random_seed(seed)
+        seeds.set_random_seed(seed)
     options = dict(spec.options)
     if portable:
         inputs = _inputs(spec)
@@ -237,24 +255,24 @@ def apply_freeze(m: TransferModel) -> None:
 
 
 def features(m: TransferModel, x: np.ndarray, batch_size: int) -> np.ndarray:
-    return compute.features(m, x, batch_size)
+    return impl.features(m, x, batch_size)
 
 
 def logits(m: TransferModel, x: np.ndarray, batch_size: int) -> np.ndarray:
-    return compute.logits(m, x, batch_size)
+    return impl.logits(m, x, batch_size)
 
 
 def activations(m: TransferModel, x: np.ndarray, training: bool):
-    return probe.activations(m, x, training)
+    return impl.activations(m, x, training)
 
 
 def loss_and_grads(m: TransferModel, x: np.ndarray, y: np.ndarray, training: bool, loss):
-    return compute.loss_and_grads(m, x, y, training, loss)
+    return impl.loss_and_grads(m, x, y, training, loss)
 
 
 def make_trainer(m: TransferModel, cfg, groups, regularizer, anchors, loss, precision="fp32",
                  parallel=None):
-    return training.Trainer(m, cfg, groups, regularizer, anchors, loss, precision, parallel)
+    return impl.Trainer(m, cfg, groups, regularizer, anchors, loss, precision, parallel)
 
 
 def swap_batchnorm_momentum(m: TransferModel, momenta):
@@ -272,7 +290,7 @@ def swap_batchnorm_momentum(m: TransferModel, momenta):
 
 def replica_plan(replicas, bn_sync: str):
     """fine_tune(..., replicas=N or a MirroredStrategy): the plan its Trainer runs."""
-    return parallel.plan(replicas, bn_sync)
+    return impl.replica_plan(replicas, bn_sync)
 
 
 def init_parallel(plan, m: TransferModel) -> None:

@@ -7,13 +7,22 @@ from __future__ import annotations
 
 import numpy as np
 import keras
-import tensorflow as tf
 from keras import layers, ops
 
 from tlbridge.errors import UnsupportedLayerError
 from tlbridge.specs import HeadSpec
 
-from . import lora, parallel
+from . import engine, lora
+
+
+def mean(x, axis, keepdims=False):
+    """ops.mean on TensorFlow; sum / count elsewhere: Keras 3.15.1 computes the mean of a
+    float64 tensor in float32 on the other engines (keras-team/keras#23223)."""
+    if engine.TENSORFLOW:
+        return ops.mean(x, axis=axis, keepdims=keepdims)
+    axes = [axis] if isinstance(axis, int) else list(axis)
+    count = int(np.prod([x.shape[a] for a in axes]))
+    return ops.sum(x, axis=axis, keepdims=keepdims) / count
 
 
 def _batch_norm_train(x, gamma, beta, epsilon):
@@ -31,22 +40,26 @@ def _batch_norm_train(x, gamma, beta, epsilon):
     acc = "float64"
 
     def reduce_mean(t):
-        return ops.cast(ops.mean(ops.cast(t, acc), axis=axes), t.dtype)
+        if engine.TENSORFLOW:
+            return ops.cast(ops.mean(ops.cast(t, acc), axis=axes), t.dtype)
+        n = ops.cast(ops.prod(ops.shape(t)[:-1]), acc)
+        return ops.cast(ops.sum(ops.cast(t, acc), axis=axes) / n, t.dtype)
 
     def reduce_sum(t):
         return ops.cast(ops.sum(ops.cast(t, acc), axis=axes), t.dtype)
 
-    x_const = tf.stop_gradient(x)       # the statistics' own gradient is in the closed form
+    x_const = ops.stop_gradient(x)      # the statistics' own gradient is in the closed form
     mean = reduce_mean(x_const)
     var = reduce_mean(ops.square(x_const - mean))
     invstd = ops.rsqrt(var + epsilon)
 
-    @tf.custom_gradient
+    @ops.custom_gradient
     def normalize(x, gamma, beta):
         xc = x - mean
         y = xc * (invstd * gamma) + beta
 
-        def grad(dy):
+        def grad(*args, upstream=None):     # TF passes dy; JAX passes upstream=dy
+            dy = args[0] if upstream is None else upstream
             n = ops.cast(ops.prod(ops.shape(x)[:-1]), x.dtype)
             dbeta = reduce_sum(dy)
             dotp = reduce_sum(dy * xc)
@@ -57,43 +70,6 @@ def _batch_norm_train(x, gamma, beta, epsilon):
         return y, grad
 
     return mean, var, normalize(x, gamma, beta)
-
-
-def _batch_norm_train_global(x, gamma, beta, epsilon, ctx):
-    """_batch_norm_train over every replica's rows (data-parallel, bn_sync="global"): the
-    replica context's all_reduce sums x and the row count, then the centred squares; the
-    backward sums dy and dy * (x - mean) the same way and uses the global count. Returns
-    (mean, biased variance, output, global count)."""
-    axes = list(range(len(x.shape) - 1))
-    acc = "float64"
-    total = tf.distribute.ReduceOp.SUM
-    x_const = tf.cast(tf.stop_gradient(x), acc)
-    count = tf.cast(tf.reduce_prod(tf.shape(x)[:-1]), acc)
-    sums = ctx.all_reduce(total, tf.concat([tf.reduce_sum(x_const, axis=axes), count[None]], 0))
-    n = sums[-1]
-    mean64 = sums[:-1] / n
-    var64 = ctx.all_reduce(total, tf.reduce_sum(tf.square(x_const - mean64), axis=axes)) / n
-    mean, var = tf.cast(mean64, x.dtype), tf.cast(var64, x.dtype)
-    invstd = ops.rsqrt(var + epsilon)
-    n_x = tf.cast(n, x.dtype)
-
-    @tf.custom_gradient
-    def normalize(x, gamma, beta):
-        xc = x - mean
-        y = xc * (invstd * gamma) + beta
-
-        def grad(dy):
-            dbeta = tf.reduce_sum(tf.cast(dy, acc), axis=axes)
-            dotp = tf.reduce_sum(tf.cast(dy * xc, acc), axis=axes)
-            both = tf.cast(ctx.all_reduce(total, tf.concat([dbeta, dotp], 0)), x.dtype)
-            c = int(x.shape[-1])
-            k = both[c:] * invstd * invstd / n_x
-            dx = (dy - both[:c] / n_x - xc * k) * (invstd * gamma)
-            return dx, tf.cast(dotp, x.dtype) * invstd, tf.cast(dbeta, x.dtype)
-
-        return y, grad
-
-    return mean, var, normalize(x, gamma, beta), n_x
 
 
 @keras.saving.register_keras_serializable("tlbridge")
@@ -124,29 +100,18 @@ class TorchBatchNorm(layers.Layer):
 
     def call(self, x, training=None):
         if training and self.trainable and self.gamma.trainable:
-            ctx = parallel.replica_context()
-            if ctx is not None and parallel.bn_sync() == "global":
-                mean, var, y, n = _batch_norm_train_global(
-                    x, tf.identity(self.gamma.value), tf.identity(self.beta.value),
-                    self.epsilon, ctx)
-            else:
-                mean, var, y = _batch_norm_train(x, tf.identity(self.gamma.value),
-                                                 tf.identity(self.beta.value), self.epsilon)
-                n = tf.cast(tf.reduce_prod(tf.shape(x)[:-1]), x.dtype)
-            unbiased = var * (n / tf.maximum(n - 1.0, 1.0))
+            ctx = engine.replica_context()
+            if ctx is not None:     # tf.distribute replicas (backends/keras/parallel.py)
+                from . import parallel
+                return parallel.batch_norm_in_replica(self, x, ctx, _batch_norm_train)
+            mean, var, y = _batch_norm_train(x, ops.copy(self.gamma.value),
+                                             ops.copy(self.beta.value), self.epsilon)
+            n = ops.cast(ops.prod(ops.shape(x)[:-1]), x.dtype)
+            unbiased = var * (n / ops.maximum(n - 1.0, 1.0))
             m = self.momentum
-            if ctx is None:
-                self.moving_mean.assign((1.0 - m) * self.moving_mean + m * mean)
-                self.moving_variance.assign((1.0 - m) * self.moving_variance + m * unbiased)
-                return y
-
-            def update():       # replica 0 alone writes: one update, no race between replicas
-                self.moving_mean.assign((1.0 - m) * self.moving_mean + m * mean)
-                self.moving_variance.assign((1.0 - m) * self.moving_variance + m * unbiased)
-                return tf.constant(True)
-            deps = tf.cond(parallel.first_replica(ctx), update, lambda: tf.constant(False))
-            with tf.control_dependencies([deps]):
-                return tf.identity(y)
+            self.moving_mean.assign((1.0 - m) * self.moving_mean + m * mean)
+            self.moving_variance.assign((1.0 - m) * self.moving_variance + m * unbiased)
+            return y
         mean, var = self.moving_mean, self.moving_variance
         return (x - mean) * ops.rsqrt(var + self.epsilon) * self.gamma + self.beta
 
@@ -169,9 +134,13 @@ class TorchLayerNorm(layers.Layer):
         self.beta = self.add_weight(shape=c, initializer="zeros", name="beta")
 
     def call(self, x):
-        mean = ops.mean(x, axis=-1, keepdims=True)
-        var = ops.var(x, axis=-1, keepdims=True)
-        return (x - mean) * ops.rsqrt(var + self.epsilon) * self.gamma + self.beta
+        if engine.TENSORFLOW:
+            mu = ops.mean(x, axis=-1, keepdims=True)
+            var = ops.var(x, axis=-1, keepdims=True)
+        else:       # sum / count: Keras' mean and var round float64 through float32 there
+            mu = mean(x, -1, keepdims=True)
+            var = mean(ops.square(x - mu), -1, keepdims=True)
+        return (x - mu) * ops.rsqrt(var + self.epsilon) * self.gamma + self.beta
 
     def get_config(self):
         return {**super().get_config(), "epsilon": self.epsilon}
@@ -184,6 +153,16 @@ class TorchGELU(layers.Layer):
 
     def call(self, x):
         return x * 0.5 * (1.0 + ops.erf(x * 0.7071067811865476))
+
+
+@keras.saving.register_keras_serializable("tlbridge")
+class Tanh(layers.Layer):
+    """tanh through expm1, for the engines where Keras 3.15.1's ops.tanh computes float64 in
+    float32 (its result_type, keras-team/keras#23223): sign(x) * -e / (2 + e), e = expm1(-2|x|)."""
+
+    def call(self, x):
+        e = ops.expm1(-2.0 * ops.abs(x))
+        return ops.sign(x) * (-e / (2.0 + e))
 
 
 @keras.saving.register_keras_serializable("tlbridge")
@@ -267,6 +246,22 @@ class AdaptiveAvgPool2D(layers.Layer):
         return {**super().get_config(), "output_size": self.output_size}
 
 
+@keras.saving.register_keras_serializable("tlbridge")
+class GlobalMean(layers.Layer):
+    """GlobalAveragePooling2D as sum / (H * W), for the engines where Keras' own rounds float64
+    through float32 (keras-team/keras#23223)."""
+
+    def __init__(self, keepdims=False, **kwargs):
+        super().__init__(**kwargs)
+        self.keepdims = bool(keepdims)
+
+    def call(self, x):
+        return mean(x, (1, 2), keepdims=self.keepdims)
+
+    def get_config(self):
+        return {**super().get_config(), "keepdims": self.keepdims}
+
+
 class Mirror:
     """Creates Keras layers that mirror torch modules, recording (canonical prefix, kind, layer)."""
 
@@ -314,6 +309,8 @@ class Mirror:
         return lora.adapt(self, x, y, self.scope + prefix, layer)
 
     def act(self, x, name):
+        if name == "tanh" and not engine.TENSORFLOW:
+            return Tanh(dtype=self.dtype)(x)
         return layers.Activation(name, dtype=self.dtype)(x)
 
     def relu(self, x):
@@ -344,7 +341,7 @@ class Mirror:
 
     def squeeze_excitation(self, x, prefix, squeeze, activation="silu"):
         """torchvision.ops.SqueezeExcitation: x * sigmoid(fc2(act(fc1(avgpool(x)))))."""
-        s = layers.GlobalAveragePooling2D(keepdims=True, dtype=self.dtype)(x)
+        s = self.global_avgpool(x, keepdims=True)
         s = self.act(self.conv(s, f"{prefix}.fc1", squeeze, 1), activation)
         s = self.act(self.conv(s, f"{prefix}.fc2", int(x.shape[-1]), 1), "sigmoid")
         return self.multiply(s, x)
@@ -354,8 +351,10 @@ class Mirror:
         x = self.pad(x, padding)
         return layers.MaxPooling2D(size, strides=stride, padding="valid", dtype=self.dtype)(x)
 
-    def global_avgpool(self, x):
-        return layers.GlobalAveragePooling2D(dtype=self.dtype)(x)
+    def global_avgpool(self, x, keepdims=False):
+        if engine.TENSORFLOW:
+            return layers.GlobalAveragePooling2D(keepdims=keepdims, dtype=self.dtype)(x)
+        return GlobalMean(keepdims, dtype=self.dtype)(x)
 
     def adaptive_avgpool(self, x, size):
         return AdaptiveAvgPool2D(size, dtype=self.dtype)(x)

@@ -18,6 +18,7 @@ import contextlib
 import os
 
 import keras
+from keras import ops
 import tensorflow as tf
 
 from tlbridge import parallel
@@ -186,3 +187,63 @@ def share(x, ctx):
     a = r * base + tf.minimum(r, extra)
     size = base + tf.cast(r < extra, tf.int32)
     return x[a:a + size]
+
+
+def batch_norm_in_replica(layer, x, ctx, batch_norm_train):
+    """TorchBatchNorm's train-mode pass inside a replica step: the statistics over every
+    replica's rows (bn_sync="global") or this replica's; replica 0 alone writes the moving
+    statistics (one update, no race between replicas)."""
+    if bn_sync() == "global":
+        mean, var, y, n = _batch_norm_train_global(
+            x, tf.identity(layer.gamma.value), tf.identity(layer.beta.value), layer.epsilon, ctx)
+    else:
+        mean, var, y = batch_norm_train(x, tf.identity(layer.gamma.value),
+                                        tf.identity(layer.beta.value), layer.epsilon)
+        n = tf.cast(tf.reduce_prod(tf.shape(x)[:-1]), x.dtype)
+    unbiased = var * (n / tf.maximum(n - 1.0, 1.0))
+    m = layer.momentum
+
+    def update():
+        layer.moving_mean.assign((1.0 - m) * layer.moving_mean + m * mean)
+        layer.moving_variance.assign((1.0 - m) * layer.moving_variance + m * unbiased)
+        return tf.constant(True)
+    deps = tf.cond(first_replica(ctx), update, lambda: tf.constant(False))
+    with tf.control_dependencies([deps]):
+        return tf.identity(y)
+
+
+def _batch_norm_train_global(x, gamma, beta, epsilon, ctx):
+    """_batch_norm_train over every replica's rows (data-parallel, bn_sync="global"): the
+    replica context's all_reduce sums x and the row count, then the centred squares; the
+    backward sums dy and dy * (x - mean) the same way and uses the global count. Returns
+    (mean, biased variance, output, global count)."""
+    axes = list(range(len(x.shape) - 1))
+    acc = "float64"
+    total = tf.distribute.ReduceOp.SUM
+    x_const = tf.cast(tf.stop_gradient(x), acc)
+    count = tf.cast(tf.reduce_prod(tf.shape(x)[:-1]), acc)
+    sums = ctx.all_reduce(total, tf.concat([tf.reduce_sum(x_const, axis=axes), count[None]], 0))
+    n = sums[-1]
+    mean64 = sums[:-1] / n
+    var64 = ctx.all_reduce(total, tf.reduce_sum(tf.square(x_const - mean64), axis=axes)) / n
+    mean, var = tf.cast(mean64, x.dtype), tf.cast(var64, x.dtype)
+    invstd = ops.rsqrt(var + epsilon)
+    n_x = tf.cast(n, x.dtype)
+
+    @tf.custom_gradient
+    def normalize(x, gamma, beta):
+        xc = x - mean
+        y = xc * (invstd * gamma) + beta
+
+        def grad(dy):
+            dbeta = tf.reduce_sum(tf.cast(dy, acc), axis=axes)
+            dotp = tf.reduce_sum(tf.cast(dy * xc, acc), axis=axes)
+            both = tf.cast(ctx.all_reduce(total, tf.concat([dbeta, dotp], 0)), x.dtype)
+            c = int(x.shape[-1])
+            k = both[c:] * invstd * invstd / n_x
+            dx = (dy - both[:c] / n_x - xc * k) * (invstd * gamma)
+            return dx, tf.cast(dotp, x.dtype) * invstd, tf.cast(dbeta, x.dtype)
+
+        return y, grad
+
+    return mean, var, normalize(x, gamma, beta), n_x

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import keras
 import numpy as np
-import tensorflow as tf
 from keras import layers
 
-from .compute import constant, input_spec
+from . import engine
 from .network import TorchGELU
 
 _SMOOTH = {"silu", "swish", "sigmoid", "gelu"}
@@ -47,19 +46,30 @@ def _probe(m):
         found = [(kind, *_site(layer)) for layer in net._flatten_layers(include_self=False)
                  if (kind := _kind(layer))]
         model = keras.Model(m.state["inputs"], [t for _, t, _ in found] + list(net.outputs))
-        # traced once per mode (eager Keras is several times slower)
-        fns = {mode: tf.function(lambda x, mode=mode: model(x, training=mode), autograph=False,
-                                 input_signature=[input_spec(m.state["inputs"])])
-               for mode in (False, True)}
+        fns = _compiled(model, m.state["inputs"])
         m.state["_probe"] = (fns, [(kind, pool) for kind, _, pool in found])
     return m.state["_probe"]
+
+
+def _compiled(model, inputs) -> dict:
+    """The probe model per mode: a tf.function on TensorFlow, traced once per mode (eager Keras
+    is several times slower); a plain call on JAX (a train-mode pass writes BatchNorm's
+    statistics, which a jitted call would not)."""
+    if not engine.TENSORFLOW:
+        return {mode: (lambda x, mode=mode: model(x, training=mode)) for mode in (False, True)}
+    import tensorflow as tf
+    from .compute import constant, input_spec
+    return {mode: (lambda x, f=tf.function(lambda x, mode=mode: model(x, training=mode),
+                                           autograph=False, input_signature=[input_spec(inputs)]):
+                   f(constant(x)))
+            for mode in (False, True)}
 
 
 def activations(m, x, training: bool) -> tuple[list, np.ndarray]:
     """([(kind, input, pool)], logits) of one forward pass. BatchNorm in train mode updates
     its statistics."""
     fns, kinds = _probe(m)
-    outs = fns[bool(training)](constant(x))
+    outs = fns[bool(training)](x)
     outs = outs if isinstance(outs, (list, tuple)) else [outs]     # no nonlinearity: logits only
     arrays = [np.asarray(o, np.float64) for o in outs]
     return [(kind, a, pool) for (kind, pool), a in zip(kinds, arrays[:-1])], arrays[-1]

@@ -25,6 +25,7 @@ from tlbridge.optim import OptimizerConfig
 from . import devices, parallel as par
 from .compute import constant, input_spec, loss_fn, multi_loss, task_counts
 from .network import TorchBatchNorm
+from .seeds import seed_epoch  # noqa: F401  (moved: every engine shares it)
 
 _POLICY = {"bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
 GROWTH_INTERVAL = 2000          # fp16 loss scaling: torch.amp.GradScaler's defaults
@@ -415,18 +416,3 @@ class Trainer:
             slot, name = key.split("/", 1)   # a buffer means at least one update was made
             if slot != "step" and name not in self.steps:
                 self.steps[name] = 1
-
-
-def seed_epoch(m, seed: int) -> None:
-    """Reset the model's own random streams (dropout, stochastic depth) from `seed`, so an
-    epoch draws the same masks in every run of this backend (resumed runs included).
-
-    Only the layers' SeedGenerator states are set: keras.utils.set_random_seed would also
-    reseed TensorFlow globally, which clears TF's function caches and made the next step
-    re-instantiate the whole compiled step (2 s per epoch on MobileNetV2, measured)."""
-    k = 0
-    for layer in m.native._flatten_layers(include_self=False):
-        for sg in getattr(layer, "_seed_generators", ()):
-            value = np.random.SeedSequence([seed, k]).generate_state(1)[0] % (2 ** 31)
-            sg.state.assign(np.array([value, 0], dtype=sg.state.dtype))
-            k += 1
