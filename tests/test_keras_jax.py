@@ -185,6 +185,30 @@ def test_what_jax_does_not_run_yet_is_refused_with_the_engine_to_use():
 
 
 @on_jax
+@both_backends
+def test_a_parameter_the_loss_does_not_reach_gets_no_update_as_on_torch():
+    """A multi-task head without uncertainty weighting never reads its log-variances: torch
+    gives them no .grad (TensorFlow's tape: None), so weight decay and momentum leave them; JAX
+    differentiates to zeros, and the step must skip them all the same."""
+    tasks = {"a": ("bce", 1), "b": ("mse", 2)}
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(12, 16, 16, 3))
+    y = {"a": (rng.random(12) > 0.5).astype(float), "b": rng.normal(size=(12, 2))}
+    out = {}
+    for backend in ("torch", "keras"):
+        m = tl.load_backbone("seed_vgg", backend=backend, input_shape=(16, 16, 3), dtype="float64",
+                             seed=0, widths=(4, 8), batch_norm=False)
+        m = tl.replace_heads(m, tasks, seed=1)
+        tl.set_weights(m, {**tl.get_weights(m), "task_log_vars": np.array([0.5, -0.25])})
+        tl.fine_tune(m, (x, y), epochs=1, batch_size=6, progress=False, feature_cache=False,
+                     optimizer=tl.optim.SGD(0.05, momentum=0.9, weight_decay=0.1))
+        out[backend] = tl.get_weights(m)
+    np.testing.assert_array_equal(out["torch"]["task_log_vars"], [0.5, -0.25])
+    np.testing.assert_array_equal(out["keras"]["task_log_vars"], [0.5, -0.25])
+    assert parity.worst(out["torch"], out["keras"], floor_rel=1e-6)[0] <= 1e-9
+
+
+@on_jax
 def test_this_jax_process_never_imported_tensorflow():
     """Last in this file: the parity, training and trace tests above ran on JAX without it."""
     assert "tensorflow" not in sys.modules
