@@ -24,6 +24,7 @@ from tlbridge.optim import OptimizerConfig
 
 from . import engine
 from .losses import loss_fn, multi_loss
+from .network import TorchBatchNorm
 from .seeds import seed_epoch  # noqa: F401  (the engine's seed_epoch)
 
 __all__ = ["features", "logits", "loss_and_grads", "activations", "Trainer", "traced_steps",
@@ -98,9 +99,10 @@ def loss_and_grads(m, x: np.ndarray, y: np.ndarray, training: bool, loss):
     cache = m.state.setdefault("_grad_fns", {})
     if key not in cache:
         cache[key] = _grad_fn(m, slots, training, loss)
-    fn, trainable, others = cache[key]
+    fn, trainable, others, bns = cache[key]
+    momenta = tuple(float(layer.momentum) for layer in bns)    # Python floats: weakly typed
     with device_scope(m.state.get("device", "cpu")):
-        (value, after), grads = fn(_values(trainable), _values(others), x, y)
+        (value, after), grads = fn(_values(trainable), _values(others), momenta, x, y)
     _write(others, after)
     return float(value), {s.name: np.asarray(s.to_canonical(np.asarray(g)))
                           for s, g in zip(slots, grads)}
@@ -111,14 +113,31 @@ def _grad_fn(m, slots, training, loss):
     trainable = [s.variable for s in slots]
     ids = {id(v) for v in trainable}
     others = [v for v in variables_of(m.native, log_vars) if id(v) not in ids]
+    bns = [layer for layer in m.native._flatten_layers(include_self=False)
+           if isinstance(layer, (TorchBatchNorm, keras.layers.BatchNormalization))]
 
-    def objective(tv, ov, x, y):
+    def objective(tv, ov, momenta, x, y):
         def run():
             z = m.native(x, training=training)
             return loss_fn(z, y, loss, None if log_vars is None else log_vars.value)
-        value, after = stateless(trainable + others, list(tv) + list(ov), run)
+        with _momenta(bns, momenta):
+            value, after = stateless(trainable + others, list(tv) + list(ov), run)
         return value, after[len(tv):]
-    return jax.jit(jax.value_and_grad(objective, has_aux=True)), trainable, others
+    return jax.jit(jax.value_and_grad(objective, has_aux=True)), trainable, others, bns
+
+
+@contextlib.contextmanager
+def _momenta(bns, momenta):
+    """BatchNorm momenta as arguments of the jitted pass, not constants of its trace: soups
+    and the float32 judge change them between passes (swap_batchnorm_momentum)."""
+    saved = [layer.momentum for layer in bns]
+    try:
+        for layer, value in zip(bns, momenta):
+            layer.momentum = value
+        yield
+    finally:
+        for layer, value in zip(bns, saved):
+            layer.momentum = value
 
 
 def activations(m, x, training: bool):
