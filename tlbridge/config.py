@@ -48,8 +48,9 @@ def get_backend() -> str:
         if is_installed(name):
             return name
     raise BackendNotInstalledError(
-        "No backend is installed. Expected torch+torchvision or keras+tensorflow. "
-        'Install one with: pip install "tlbridge[torch]" or pip install "tlbridge[keras]"'
+        "No backend is installed. Expected torch+torchvision, keras+tensorflow or keras+jax "
+        "(KERAS_BACKEND=jax). Install one with: pip install \"tlbridge[torch]\", "
+        'pip install "tlbridge[keras]" or pip install "tlbridge[jax]"'
     )
 
 
