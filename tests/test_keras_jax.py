@@ -209,6 +209,20 @@ def test_a_parameter_the_loss_does_not_reach_gets_no_update_as_on_torch():
 
 
 @on_jax
+@both_backends
+def test_batchnorm_statistics_recomputed_with_changing_momenta_match_torch_on_jax():
+    """recompute_batchnorm (model soups) changes BatchNorm's momentum between passes (1/k):
+    the jitted pass must read it each time, not keep the first trace's."""
+    from tlbridge.soup import recompute_batchnorm
+    mt, mk = parity.pair("seed_vgg", dtype="float64", num_outputs=2, input_shape=(32, 32, 3), seed=0, **SMALL)
+    x, _ = _data(n=24, seed=6)
+    for m in (mt, mk):
+        recompute_batchnorm(m, x, batch_size=8)
+    diff, at = parity.worst(tl.get_weights(mt), tl.get_weights(mk))
+    assert diff <= 1e-10, f"{diff:.2e} at {at}"
+
+
+@on_jax
 def test_this_jax_process_never_imported_tensorflow():
     """Last in this file: the parity, training and trace tests above ran on JAX without it."""
     assert "tensorflow" not in sys.modules
