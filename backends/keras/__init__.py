@@ -103,7 +103,7 @@ from tlbridge.model import TransferModel  # noqa: E402
 from tlbridge import zoo  # noqa: E402
 from tlbridge.specs import HeadSpec, ModelSpec  # noqa: E402
 
-from . import backbones, compute, devices, gate, lora, network, parallel, probe, training, weights  # noqa: E402
+from . import backbones, compute, devices, export, gate, lora, network, parallel, probe, training, weights  # noqa: E402
 from .parallel import cpu_replicas  # noqa: E402
 
 parallel.from_env()     # TLBRIDGE_CPU_REPLICAS=N: split the CPU before TensorFlow starts
@@ -120,8 +120,10 @@ __all__ = ["NAME", "native_backbones", "build_backbone", "attach_head", "canonic
            "param_names", "get_weights", "set_weights", "apply_freeze", "features", "logits", "activations",
            "loss_and_grads", "make_trainer", "seed_epoch", "swap_batchnorm_momentum", "build_gate",
            "resolve_device", "device_scope", "place_built", "to_device", "set_tf32",
-           "lora_layers", "cpu_replicas", "replica_plan", "init_parallel"]
+           "lora_layers", "export_model", "saved_model_runner", "cpu_replicas", "replica_plan", "init_parallel"]
 
+export_model = export.export_model
+saved_model_runner = export.saved_model_runner
 resolve_device = devices.resolve
 device_scope = devices.scope
 to_device = devices.to_device
