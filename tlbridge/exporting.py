@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 
-import numpy as np
 
 from . import api, multitask, parity
 from .errors import ArgumentTypeError, BackendNotInstalledError, ExportError

@@ -9,7 +9,8 @@ from __future__ import annotations
 import sys
 import traceback
 
-from .parser import UsageError, build_parser
+from .parser import build_parser
+from .usage import UsageError
 
 USAGE_ERRORS = ("UnknownBackboneError", "UnknownBackendError", "BackendNotInstalledError",
                 "DataError", "ArgumentTypeError", "ShapeError", "FreezeSpecError",

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 from . import inputs, recipe
-from .parser import UsageError
+from .usage import UsageError
 
 
 def _tl(engine: str | None = None):

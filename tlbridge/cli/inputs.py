@@ -8,7 +8,7 @@ import os
 
 import numpy as np
 
-from .parser import UsageError
+from .usage import UsageError
 
 TEXT_FILES = (".csv", ".jsonl")
 

@@ -2,32 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from . import recipe
+from .usage import Parser, UsageError, command as _cmd
 
-
-class UsageError(Exception):
-    """A command the user can fix: the message names what was wrong and what is accepted."""
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse that reports a usage error in one line (not usage + message) and exits 2."""
-
-    command = ""        # the subcommand named on the line, for the hint of a top-level error
-
-    def error(self, message):
-        prog = f"tlbridge {self.command}" if self.prog == "tlbridge" and self.command else self.prog
-        print(f"{prog}: error: {message} (see {prog} --help)", file=sys.stderr)
-        raise SystemExit(2)
-
-
-def _cmd(name: str):
-    """The command's function, imported when it runs (so --help starts no framework)."""
-    def run(args):
-        from . import commands
-        return getattr(commands, name)(args)
-    return run
+__all__ = ["build_parser", "Parser", "UsageError"]
 
 
 def _common(p) -> None:

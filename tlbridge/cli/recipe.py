@@ -6,6 +6,8 @@ import argparse
 import json
 import os
 
+from .usage import UsageError, command
+
 # key: (default, type for a flag or None for a non-flag, help)
 KEYS = {
     "backbone": (None, str, "a name from `tlbridge backbones` (required)"),
@@ -54,13 +56,11 @@ def add_arguments(p) -> None:
             p.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=text)
         elif kind is not None:
             p.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=f"{text} (default: {default})")
-    from .parser import _cmd
-    p.set_defaults(run=_cmd("fine_tune"))
+    p.set_defaults(run=command("fine_tune"))
 
 
 def read_file(path: str) -> dict:
     """A recipe file: YAML (.yaml/.yml, needs PyYAML) or JSON; a mapping of recipe keys."""
-    from .parser import UsageError
     if not os.path.isfile(path):
         raise UsageError(f"config file {path!r} does not exist; expected a YAML or JSON recipe")
     with open(path) as f:
@@ -85,7 +85,6 @@ def read_file(path: str) -> dict:
 
 def resolve(args) -> dict:
     """defaults < file < flags, every key known, required ones present, choices checked."""
-    from .parser import UsageError
     out = {k: v[0] for k, v in KEYS.items()}
     given = read_file(args.config) if args.config else {}
     unknown = sorted(set(given) - set(KEYS))
@@ -109,7 +108,6 @@ def resolve(args) -> dict:
 
 def _unfreeze(value) -> dict:
     """'2:backbone.layer4,4:all' or {2: spec} -> {epoch (int): spec}."""
-    from .parser import UsageError
     if isinstance(value, dict):
         items = value.items()
     elif isinstance(value, str):
