@@ -6,6 +6,7 @@ was wrong and what is accepted; `--debug` shows the traceback as well.
 """
 from __future__ import annotations
 
+import os
 import sys
 import traceback
 
@@ -43,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.print_help()
             return 2
         return int(args.run(args) or 0)
+    except BrokenPipeError:          # `tlbridge backbones | head`
+        sys.stderr = open(os.devnull, "w")
+        return 0
     except KeyboardInterrupt:
         print("tlbridge: interrupted", file=sys.stderr)
         return 130
