@@ -220,7 +220,7 @@ class Float64Truth(Protocol):
 
 @runtime_checkable
 class Export(Protocol):
-    """Optional: tl.export (tlbridge/export.py writes the metadata and runs the check)."""
+    """Optional: tl.export (tlbridge/exporting.py writes the metadata and runs the check)."""
 
     def export_model(self, m: TransferModel, path: str, format: str, outputs: tuple) -> None:
         """Write m as `format` ("onnx", "saved_model"): input the float NHWC batch (or the named
