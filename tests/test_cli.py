@@ -56,7 +56,7 @@ def run(backend, folder, tmp_path_factory):
         recipe = out.parent / "recipe.yaml"
         recipe.write_text("backbone: seed_vgg\nepochs: 3\nbatch_size: 4\nlr: 0.01\n")
         done = cli("fine-tune", "-c", recipe, "--epochs", 1, "--data", folder, "--image-size", SIZE,
-                   "--backend", backend, "--out", out, "--no-progress")
+                   "--backend", backend, "--out", out, "--no-progress", "--checkpoint", out.parent / "ck")
         assert done.returncode == 0, done.stderr[-3000:]
         _RUNS[backend] = out
     return _RUNS[backend]
@@ -71,6 +71,21 @@ def test_fine_tune_writes_model_history_loss_curve_and_the_resolved_recipe(run, 
     assert open(stem + ".loss.png", "rb").read(4) == b"\x89PNG"
     m = tl.load(run)
     assert m.backend == backend and m.num_outputs == 1 and m.inputs[0].shape == (SIZE, SIZE, 3)
+
+
+def test_resume_continues_the_run_and_refuses_another_recipe(run, backend, folder, tmp_path):
+    if backend != "torch":
+        pytest.skip("one backend is enough here: resume itself is tested on both (test_fine_tune.py)")
+    base = ["fine-tune", "-c", run.parent / "recipe.yaml", "--data", folder, "--image-size", SIZE,
+            "--checkpoint", run.parent / "ck", "--resume", "--epochs", 2, "--no-progress"]
+    done = cli(*base, "--out", tmp_path / "m.safetensors")
+    assert done.returncode == 0, done.stderr[-3000:]
+    history = json.loads((tmp_path / "m.history.json").read_text())
+    assert [e["epoch"] for e in history] == [0, 1]
+    first = json.loads(open(str(run)[:-len(".safetensors")] + ".history.json").read())
+    assert history[0]["loss"] == first[0]["loss"]          # epoch 0 is the checkpoint's, not retrained
+    done = cli(*base, "--lr", 0.5, "--out", tmp_path / "other.safetensors")
+    assert done.returncode == 2 and "lr 0.01 -> 0.5" in _errors(done)[0]
 
 
 def images(folder, m):
