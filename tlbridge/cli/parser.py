@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--format", choices=["onnx", "saved_model"], default="onnx")
     s.add_argument("--out", required=True, help="an .onnx file or a SavedModel folder")
     s.add_argument("--backend", choices=["torch", "keras"], help="the framework that writes it "
-                   "(default: torch for ONNX, keras for SavedModel when the model is portable)")
+                   "(default: the file's own; a SavedModel from a torch file converts it to Keras)")
     s.set_defaults(run=_cmd("export"))
     s = sub.add_parser("parity", help="torch vs Keras in float64 on one backbone, per tensor")
     s.add_argument("backbone")
