@@ -93,7 +93,10 @@ def fine_tune(args) -> int:
     if r["resume"] and not r["checkpoint"]:
         raise UsageError("--resume continues from a checkpoint directory; give --checkpoint DIR too")
     tl = _tl(r["engine"])
+    if r["engine"] is not None:
+        r["backend"] = "keras"
     m, train, val, classes = _model(tl, r)
+    r["backend"] = m.backend
     checkpoint = tl.Checkpoint(r["checkpoint"], resume=r["resume"]) if r["checkpoint"] else None
     history = tl.fine_tune(m, train, val=val, epochs=r["epochs"], batch_size=r["batch_size"],
                            optimizer=_optimizer(tl, r), unfreeze=r["unfreeze"] or None,

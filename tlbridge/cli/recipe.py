@@ -12,7 +12,7 @@ from .usage import UsageError, command
 KEYS = {
     "backbone": (None, str, "a name from `tlbridge backbones` (required)"),
     "weights": (None, str, "imagenet | pretrained | a checkpoint file (default: random, seeded)"),
-    "backend": ("torch", str, "torch | keras"),
+    "backend": (None, str, "torch | keras (default: TLBRIDGE_BACKEND, else torch if installed)"),
     "engine": (None, str, "Keras engine: tensorflow (the only one so far; default: KERAS_BACKEND)"),
     "data": (None, str, "an image folder (root/<class>/<image>) or a CSV/JSONL of texts and labels (required)"),
     "val_data": (None, str, "held-out data, the same kind as --data"),
@@ -39,7 +39,7 @@ KEYS = {
     "resume": (False, None, "continue from --checkpoint (flag --resume)"),
     "out": ("model.safetensors", str, "the model file; history, loss curve and recipe go beside it"),
 }
-CHOICES = {"backend": ("torch", "keras"), "engine": (None, "tensorflow"),
+CHOICES = {"backend": (None, "torch", "keras"), "engine": (None, "tensorflow"),
            "optimizer": ("sgd", "adam", "adamw"), "schedule": ("constant", "cosine"),
            "loss": ("auto", "bce", "ce")}
 REQUIRED = ("backbone", "data")
@@ -101,7 +101,7 @@ def resolve(args) -> dict:
     if missing and not args.print_config:
         raise UsageError(f"the recipe lacks {missing}: give --{missing[0].replace('_', '-')} or "
                          f"put it in the config file")
-    if out["engine"] is not None and out["backend"] != "keras":
+    if out["engine"] is not None and out["backend"] not in (None, "keras"):
         raise UsageError(f"--engine {out['engine']} applies to --backend keras; received backend {out['backend']!r}")
     return out
 
