@@ -33,24 +33,46 @@ def unavailable(device: str, available: list[str], backend: str):
         f"else the CPU).")
 
 
+_CHOSEN = {"tf32": None}     # the last set_precision choice (None: each framework's default)
+_AT_START: dict = {}         # each backend's TF32 state before tlbridge first changed it
+
+
 def set_precision(tf32: bool) -> dict:
     """Allow (True) or forbid (False) TF32 in float32 matmuls and convolutions, on every
-    backend already imported; returns the previous settings for `restore_precision`."""
+    backend already imported, and on any backend started later (started_backend); returns
+    the previous settings for `restore_precision`."""
     import sys
 
     from . import registry
-    previous = {}
+    previous = {"_chosen": _CHOSEN["tf32"]}
+    _CHOSEN["tf32"] = bool(tf32)
     for name in ("torch", "keras"):
         module = {"torch": "torch", "keras": "tensorflow"}[name]
         if module in sys.modules:
-            previous[name] = registry.load(name).set_tf32(bool(tf32))
+            state = registry.load(name).set_tf32(bool(tf32))
+            previous[name] = state
+            _AT_START.setdefault(name, state)
     return previous
 
 
+def started_backend(name: str, module) -> None:
+    """A backend imported after set_precision takes the recorded choice (registry.load)."""
+    if _CHOSEN["tf32"] is not None and hasattr(module, "set_tf32"):
+        _AT_START.setdefault(name, module.set_tf32(_CHOSEN["tf32"]))
+
+
 def restore_precision(previous: dict) -> None:
+    """Back to the settings before `set_precision`, also on backends started since then."""
     from . import registry
-    for name, state in previous.items():
-        registry.load(name).set_tf32(state)
+    chosen = previous.get("_chosen")
+    for name in registry._loaded:
+        if name in previous:
+            registry.load(name).set_tf32(previous[name])
+        elif chosen is not None:
+            registry.load(name).set_tf32(chosen)
+        elif name in _AT_START:
+            registry.load(name).set_tf32(_AT_START[name])
+    _CHOSEN["tf32"] = chosen
 
 
 @contextlib.contextmanager

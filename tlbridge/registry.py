@@ -59,6 +59,8 @@ def load(name: str) -> ModuleType:
     _guard_import_order(name)
     module = importlib.import_module(entry.module)
     _loaded[name] = module
+    from . import devices       # TF32 as tl.set_precision chose, also for a backend started later
+    devices.started_backend(name, module)
     return module
 
 
