@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import re
 
+from . import registry
 from .errors import DataError
 
 _NAME = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
@@ -43,15 +44,14 @@ def set_precision(tf32: bool) -> dict:
     the previous settings for `restore_precision`."""
     import sys
 
-    from . import registry
     previous = {"_chosen": _CHOSEN["tf32"]}
+    started = [registry.load(name) for name, module in (("torch", "torch"),
+                                                        ("keras", "tensorflow"))
+               if module in sys.modules]        # loaded first: under the previous choice
     _CHOSEN["tf32"] = bool(tf32)
-    for name in ("torch", "keras"):
-        module = {"torch": "torch", "keras": "tensorflow"}[name]
-        if module in sys.modules:
-            state = registry.load(name).set_tf32(bool(tf32))
-            previous[name] = state
-            _AT_START.setdefault(name, state)
+    for backend in started:
+        previous[backend.NAME] = backend.set_tf32(bool(tf32))
+        _AT_START.setdefault(backend.NAME, previous[backend.NAME])
     return previous
 
 
@@ -61,9 +61,11 @@ def started_backend(name: str, module) -> None:
         _AT_START.setdefault(name, module.set_tf32(_CHOSEN["tf32"]))
 
 
+registry.ON_LOAD.append(started_backend)
+
+
 def restore_precision(previous: dict) -> None:
     """Back to the settings before `set_precision`, also on backends started since then."""
-    from . import registry
     chosen = previous.get("_chosen")
     for name in registry._loaded:
         if name in previous:
