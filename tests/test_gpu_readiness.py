@@ -64,3 +64,62 @@ def test_global_batchnorm_shares_ddps_process_group_on_nccl(one_rank_group):
     assert one_rank_group._bn_group(types.SimpleNamespace(is_cuda=True)) is None
     assert "bn" not in one_rank_group._groups
     assert one_rank_group._bn_group(torch.zeros(1)) is not None
+
+
+def _torchrun(monkeypatch, local_rank: int, gpus: int, world: int = 2):
+    """The environment torchrun gives rank `local_rank` on a node with `gpus` GPUs (mocked:
+    the count only)."""
+    import torch
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    monkeypatch.setenv("RANK", str(local_rank))
+    monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+
+
+@needs_torch
+@pytest.mark.parametrize("rank", [0, 1, 2])
+def test_under_torchrun_each_rank_takes_its_own_gpu(monkeypatch, rank):
+    """Item 1: "cuda" and "auto" resolved to cuda:0 on every rank (NCCL: "Duplicate GPU
+    detected"); each rank now takes cuda:LOCAL_RANK, and an explicit cuda:N stays."""
+    from tlbridge import devices
+    resolve = registry.load("torch").resolve_device
+    _torchrun(monkeypatch, rank, gpus=3, world=3)
+    assert resolve(devices.normalize("cuda")) == f"cuda:{rank}"
+    assert resolve(devices.normalize("auto")) == f"cuda:{rank}"
+    assert resolve("cuda:2") == "cuda:2"
+    monkeypatch.setenv("WORLD_SIZE", "1")               # no torchrun: the first GPU
+    assert resolve(devices.normalize("cuda")) == "cuda:0"
+
+
+@needs_torch
+def test_more_ranks_than_gpus_is_a_tlbridge_error(monkeypatch):
+    from tlbridge import devices
+    _torchrun(monkeypatch, 2, gpus=2, world=4)
+    with pytest.raises(errors.DistributedError, match=r"LOCAL_RANK=2 with 2 GPU\(s\).*"
+                                                      r"--nproc_per_node=2"):
+        registry.load("torch").resolve_device(devices.normalize("auto"))
+
+
+@needs_torch
+def test_nccl_init_binds_the_ranks_gpu(monkeypatch):
+    """Item 1: init_process_group gets device_id (NCCL's communicator on this rank's GPU) after
+    torch.cuda.set_device; NCCL's "Duplicate GPU detected" becomes a tlbridge error."""
+    import torch
+    import torch.distributed as dist
+    par = registry.load("torch").parallel
+    _torchrun(monkeypatch, 1, gpus=2)
+    calls = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", d)))
+    monkeypatch.setattr(dist, "init_process_group",
+                        lambda backend, **kw: calls.append((backend, kw.get("device_id"))))
+    par.init(2, 1, "cuda:1")
+    assert calls == [("set_device", torch.device("cuda:1")), ("nccl", torch.device("cuda:1"))]
+
+    def duplicate(backend, **kw):
+        raise dist.DistBackendError("NCCL error: invalid usage, Duplicate GPU detected : rank 1 "
+                                    "and rank 0 both on CUDA device 1a000")
+    monkeypatch.setattr(dist, "init_process_group", duplicate)
+    with pytest.raises(errors.DistributedError, match=r"own GPU.*LOCAL_RANK 1.*device='cuda'"):
+        par.init(2, 1, "cuda:0")

@@ -19,11 +19,12 @@ _NAME = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
 def normalize(device) -> str:
+    """Lower case, checked; "cuda" stays "cuda": each backend picks the GPU (torch under
+    torchrun: this rank's own, LOCAL_RANK; else the first)."""
     if not isinstance(device, str) or not _NAME.match(device.strip().lower()):
         raise DataError(f"Expected device as 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'; received "
                         f"{device!r}.")
-    device = device.strip().lower()
-    return "cuda:0" if device == "cuda" else device
+    return device.strip().lower()
 
 
 def unavailable(device: str, available: list[str], backend: str):

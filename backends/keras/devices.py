@@ -18,6 +18,8 @@ def resolve(device: str) -> str:
         return next((d for d in have if d != "cpu"), "cpu")
     if device == "mps":     # tensorflow-metal shows an Apple GPU as GPU:0
         device = "cuda:0" if len(have) > 1 else device
+    if device == "cuda":
+        device = "cuda:0"
     if device not in have:
         raise devices.unavailable(device, have, "keras (TensorFlow)")
     return device

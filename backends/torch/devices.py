@@ -5,7 +5,7 @@ import contextlib
 
 import torch
 
-from tlbridge import devices
+from tlbridge import devices, parallel
 
 
 def available() -> list[str]:
@@ -17,10 +17,16 @@ def available() -> list[str]:
 
 
 def resolve(device: str) -> str:
-    """A normalised tlbridge device name -> the one this machine has ("auto": first GPU)."""
+    """A normalised tlbridge device name -> the one this machine has ("auto": a GPU when there
+    is one; "cuda" and "auto" take this rank's own GPU under torchrun: LOCAL_RANK)."""
     have = available()
+    gpus = sum(d.startswith("cuda:") for d in have)
     if device == "auto":
-        return next((d for d in have if d != "cpu"), "cpu")
+        device = "cuda" if gpus else next((d for d in have if d != "cpu"), "cpu")
+    if device == "cuda" and gpus:
+        return f"cuda:{parallel.local_gpu(gpus)}"
+    if device == "cuda":
+        device = "cuda:0"       # refused below, naming what the machine has
     if device not in have:
         raise devices.unavailable(device, have, "torch")
     return device

@@ -31,7 +31,8 @@ from tlbridge.errors import DistributedError
 
 def init(world: int, rank: int, device: str) -> None:
     """Use the process group torchrun set up (MASTER_ADDR/PORT, RANK, WORLD_SIZE), initialising
-    it once: gloo on the CPU, nccl on CUDA."""
+    it once: gloo on the CPU; nccl on CUDA, bound to this rank's GPU (set_device and
+    device_id, so NCCL's communicator and every collective use the model's GPU)."""
     if dist.is_initialized():
         if dist.get_world_size() != world:
             raise DistributedError(f"Expected a process group of {world} ranks (WORLD_SIZE); "
@@ -42,10 +43,28 @@ def init(world: int, rank: int, device: str) -> None:
             f"Expected a torchrun launch (MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE set) for "
             f"distributed fine-tuning; received WORLD_SIZE={world} without MASTER_ADDR. Launch "
             f"with: torchrun --nproc_per_node={world} your_script.py")
-    timeout = float(os.environ.get("TLBRIDGE_DIST_TIMEOUT", "300"))
-    backend = "nccl" if device.startswith("cuda") else "gloo"
-    dist.init_process_group(backend, rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=timeout))
+    timeout = datetime.timedelta(seconds=float(os.environ.get("TLBRIDGE_DIST_TIMEOUT", "300")))
+    if not device.startswith("cuda"):
+        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timeout)
+        return
+    gpu = torch.device(device)
+    torch.cuda.set_device(gpu)
+    try:
+        dist.init_process_group("nccl", rank=rank, world_size=world, timeout=timeout,
+                                device_id=gpu)
+    except (RuntimeError, dist.DistBackendError) as e:
+        if "duplicate gpu" in str(e).lower():
+            raise _duplicate(e, device) from e
+        raise
+
+
+def _duplicate(e: BaseException, device: str) -> DistributedError:
+    return DistributedError(
+        f"Expected each rank on its own GPU; received two ranks on one (this one, rank "
+        f"{os.environ.get('RANK', '?')}, LOCAL_RANK {os.environ.get('LOCAL_RANK', '?')}, on "
+        f"{device}), which NCCL refuses ({str(e).splitlines()[0] if str(e) else ''}). Load "
+        f"the model with device='cuda' or 'auto' (each rank takes cuda:LOCAL_RANK), or give "
+        f"each rank its own device='cuda:N'.")
 
 
 _groups: dict = {}
@@ -139,6 +158,8 @@ def _missing_ranks() -> str:
 
 
 def _named(e: BaseException, what: str) -> DistributedError:
+    if "duplicate gpu" in str(e).lower():
+        return _duplicate(e, f"cuda:{torch.cuda.current_device()}")
     return DistributedError(
         f"Rank {dist.get_rank()} of {dist.get_world_size()} stopped: {_missing_ranks()} "
         f"did not join the {what} all_reduce of step {_entered['steps']} (it died, or "
