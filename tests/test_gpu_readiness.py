@@ -123,3 +123,53 @@ def test_nccl_init_binds_the_ranks_gpu(monkeypatch):
     monkeypatch.setattr(dist, "init_process_group", duplicate)
     with pytest.raises(errors.DistributedError, match=r"own GPU.*LOCAL_RANK 1.*device='cuda'"):
         par.init(2, 1, "cuda:0")
+
+
+@needs_keras
+def test_cpu_replicas_run_on_a_machine_with_one_gpu(monkeypatch):
+    """Item 10: with one logical GPU (mocked) and cpu_replicas(2), replicas=2 was refused
+    because GPUs were always preferred; it now takes the two logical CPUs (and replicas=1
+    still the GPU)."""
+    import types
+
+    import tensorflow as tf
+    par = registry.load("keras").parallel
+    seen = {"GPU": ["/device:GPU:0"], "CPU": ["/device:CPU:0", "/device:CPU:1"]}
+    monkeypatch.setattr(tf.config, "list_logical_devices",
+                        lambda kind=None: [types.SimpleNamespace(name=n) for n in seen[kind]])
+    assert par.devices_for(2) == seen["CPU"]
+    assert par.devices_for(1) == seen["GPU"]
+    with pytest.raises(errors.DistributedError, match="replicas=3"):
+        par.devices_for(3)
+
+
+@needs_torch
+def test_bf16_on_a_gpu_before_ampere_is_refused_on_torch(monkeypatch):
+    """Item 10: bf16 is checked before training (compute capability mocked)."""
+    import torch
+    check = registry.load("torch").training.check_bf16
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (7, 0))
+    with pytest.raises(errors.DataError, match=r"compute capability 7\.0.*precision='fp16'"):
+        check(torch.device("cuda:0"))
+    check(torch.device("cpu"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (8, 0))
+    check(torch.device("cuda:0"))
+
+
+@needs_keras
+def test_bf16_on_a_gpu_before_ampere_is_refused_on_keras(monkeypatch):
+    """Item 10: fine_tune(precision='bf16') on a Keras model on a V100 (mocked: the device's
+    details) stops before the first step."""
+    import tensorflow as tf
+
+    import tlbridge as tl
+    m = tl.replace_head(tl.load_backbone("seed_vgg", backend="keras", input_shape=(8, 8, 3),
+                                         widths=(4,), seed=0), 1, seed=1)
+    m.state["device"] = "cuda:0"            # as if it lived on the GPU
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: ["gpu0"])
+    monkeypatch.setattr(tf.config.experimental, "get_device_details",
+                        lambda d: {"device_name": "Tesla V100", "compute_capability": (7, 0)})
+    x = np.zeros((4, 8, 8, 3), np.float32)
+    with pytest.raises(errors.DataError, match=r"Tesla V100.*compute capability 7\.0"):
+        tl.fine_tune(m, (x, np.zeros((4, 1), np.float32)), epochs=1, progress=False,
+                     precision="bf16")

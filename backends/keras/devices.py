@@ -47,3 +47,20 @@ def set_tf32(enabled) -> bool:
     previous = tf.config.experimental.tensor_float_32_execution_enabled()
     tf.config.experimental.enable_tensor_float_32_execution(bool(enabled))
     return previous
+
+
+def check_bf16(device: str) -> None:
+    """bf16 on an NVIDIA GPU before Ampere (compute capability < 8.0): refused before the
+    first step (no bfloat16 tensor cores; XLA and cuDNN kernels are missing or slow)."""
+    if not device.startswith("cuda"):
+        return
+    gpus = tf.config.list_physical_devices("GPU")
+    index = int(device.split(":")[1])
+    details = tf.config.experimental.get_device_details(gpus[index]) if index < len(gpus) else {}
+    major, minor = details.get("compute_capability", (8, 0))
+    if major < 8:
+        from tlbridge.errors import DataError
+        raise DataError(f"Expected a GPU with bfloat16 support (NVIDIA compute capability 8.0, "
+                        f"Ampere, or newer) for precision='bf16'; received {device} "
+                        f"({details.get('device_name', 'GPU')}) with compute capability "
+                        f"{major}.{minor}. Train with precision='fp16' (loss scaling) or 'fp32'.")

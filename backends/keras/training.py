@@ -292,6 +292,8 @@ class Trainer:
         self.m = m
         self.cfg = cfg
         self.precision = precision
+        if precision == "bf16":
+            devices.check_bf16(m.state.get("device", "cpu"))
         self.parallel = parallel        # tlbridge.parallel.Plan with its MirroredStrategy
         self.loss = Loss() if loss is None else loss
         self.last_parts = None          # multi-task: the last step's per-task losses

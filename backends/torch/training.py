@@ -30,6 +30,19 @@ def check_autocast(device_type: str, precision: str) -> None:
                         f"or train with precision='fp32'.")
 
 
+def check_bf16(device: torch.device) -> None:
+    """bf16 on an NVIDIA GPU before Ampere (compute capability < 8.0) has no bfloat16 tensor
+    cores (torch emulates it, slowly, or fails): refused before the first step."""
+    if device.type != "cuda" or torch.version.hip:
+        return
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 8:
+        raise DataError(f"Expected a GPU with bfloat16 support (NVIDIA compute capability 8.0, "
+                        f"Ampere, or newer) for precision='bf16'; received {device} with compute "
+                        f"capability {major}.{minor}. Train with precision='fp16' (loss scaling) "
+                        f"or 'fp32'.")
+
+
 class Trainer:
     """One optimizer over every parameter, in tlbridge's groups; frozen ones have no gradient
     and torch.optim skips them (no update, no state, no weight decay)."""
@@ -43,6 +56,8 @@ class Trainer:
         self.precision = precision
         if precision != "fp32":
             check_autocast(self.device.type, precision)
+        if precision == "bf16":
+            check_bf16(self.device)
         # fp16: dynamic loss scaling (2^16 to start, halved on inf/NaN, doubled after 2000 steps)
         self.scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
         self.parallel = parallel        # tlbridge.parallel.Plan, or None for one process
