@@ -173,3 +173,24 @@ def test_bf16_on_a_gpu_before_ampere_is_refused_on_keras(monkeypatch):
     with pytest.raises(errors.DataError, match=r"Tesla V100.*compute capability 7\.0"):
         tl.fine_tune(m, (x, np.zeros((4, 1), np.float32)), epochs=1, progress=False,
                      precision="bf16")
+
+
+@needs_torch
+def test_torch_mixed_precision_runs_batchnorm_in_float32():
+    """Item 10: "BatchNorm in float32" under bf16/fp16 held on Keras only; torch's autocast
+    left batch_norm in the dtype the convolution returned (bf16). Every BatchNorm now sees
+    and returns float32 in training steps, and no hook is left behind."""
+    import torch
+
+    import tlbridge as tl
+    m = tl.replace_head(tl.load_backbone("seed_vgg", backend="torch", input_shape=(8, 8, 3),
+                                         widths=(4, 8), batch_norm=True, seed=0), 1, seed=1)
+    bns = [mod for mod in m.native.modules() if isinstance(mod, torch.nn.BatchNorm2d)]
+    seen = set()
+    for bn in bns:
+        bn.register_forward_hook(lambda mod, i, o: seen.add((i[0].dtype, o.dtype)))
+    x = np.random.default_rng(0).normal(size=(8, 8, 8, 3)).astype(np.float32)
+    tl.fine_tune(m, (x, (x[:, :1, 0, 0] > 0).astype(np.float32)), epochs=1, batch_size=4,
+                 progress=False, precision="bf16")
+    assert seen == {(torch.float32, torch.float32)}
+    assert all(not bn._forward_pre_hooks for bn in bns)
