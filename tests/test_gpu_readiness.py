@@ -194,3 +194,59 @@ def test_torch_mixed_precision_runs_batchnorm_in_float32():
                  progress=False, precision="bf16")
     assert seen == {(torch.float32, torch.float32)}
     assert all(not bn._forward_pre_hooks for bn in bns)
+
+
+@needs_keras
+def test_tensorflow_seeing_no_gpu_where_torch_does_is_said_once(monkeypatch):
+    """Item 2: plain `tensorflow` (the CPU build) on a GPU machine kept Keras on the CPU in
+    silence (TF's own warning is hidden by TF_CPP_MIN_LOG_LEVEL=3). torch's CUDA presence is
+    mocked; TensorFlow here really sees no GPU."""
+    import warnings
+
+    import torch
+    kdev = registry.load("keras").devices
+    monkeypatch.setattr(kdev, "_SAID", {"no_gpu": False})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        kdev.available()
+        kdev.available()
+    said = [str(w.message) for w in caught if "TensorFlow sees no GPU" in str(w.message)]
+    assert len(said) == 1 and "\n" not in said[0]
+    assert 'torch sees 2' in said[0] and 'pip install "tlbridge[gpu]"' in said[0]
+
+
+def test_the_gpu_extra_asks_for_tensorflows_cuda_build():
+    import pathlib
+    import re
+    text = (pathlib.Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
+    gpu = re.search(r"^gpu = \[(.*)\]$", text, re.M)
+    assert gpu and '"tensorflow[and-cuda]' in gpu.group(1)
+    assert re.search(r'"torch>=2\.([3-9]|\d\d)', text)      # torch.amp.GradScaler: torch 2.3
+
+
+@needs_keras
+def test_memory_growth_is_set_before_tensorflows_first_gpu_allocation():
+    """Item 3: TensorFlow reserves nearly all GPU memory at its first allocation unless memory
+    growth is set first; torch in the same process then runs out. Two GPUs are mocked (the
+    listing and set_memory_growth); the check is that growth is set for each while
+    TensorFlow's context is not yet initialised, by starting the Keras backend alone."""
+    import subprocess
+    import sys
+    code = (
+        "import tensorflow as tf\n"
+        "from tensorflow.python.eager import context\n"
+        "real = tf.config.list_physical_devices\n"
+        "tf.config.list_physical_devices = lambda kind=None: (['gpu0', 'gpu1'] if kind == 'GPU'"
+        " else real(kind))\n"
+        "calls = []\n"
+        "tf.config.experimental.set_memory_growth = lambda d, on: calls.append("
+        "(d, on, context.context()._context_handle is None))\n"
+        "from tlbridge import registry\n"
+        "registry.load('keras')\n"
+        "print('calls', calls)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "calls [('gpu0', True, True), ('gpu1', True, True)]" in out.stdout, out.stdout

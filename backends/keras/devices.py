@@ -8,8 +8,47 @@ import tensorflow as tf
 from tlbridge import devices
 
 
+_SAID = {"no_gpu": False}
+
+
 def available() -> list[str]:
-    return ["cpu"] + [f"cuda:{i}" for i in range(len(tf.config.list_physical_devices("GPU")))]
+    gpus = len(tf.config.list_physical_devices("GPU"))
+    if not gpus and not _SAID["no_gpu"]:
+        _say_when_torch_sees_a_gpu()
+    return ["cpu"] + [f"cuda:{i}" for i in range(gpus)]
+
+
+def _say_when_torch_sees_a_gpu() -> None:
+    """Plain `tensorflow` is the CPU build: on a GPU machine Keras models silently stay on the
+    CPU, and TensorFlow's own warning is hidden (TF_CPP_MIN_LOG_LEVEL=3). Said once, in one
+    line, when torch (already imported) sees a GPU."""
+    import sys
+    import warnings
+    torch = sys.modules.get("torch")
+    try:
+        gpus = torch.cuda.device_count() if torch is not None and torch.cuda.is_available() else 0
+    except Exception:       # a broken CUDA install: torch's own warning says so
+        gpus = 0
+    if gpus:
+        _SAID["no_gpu"] = True
+        warnings.warn(f"TensorFlow sees no GPU while torch sees {gpus}: Keras models stay on "
+                      f"the CPU; install TensorFlow's CUDA build: pip install "
+                      f"\"tlbridge[gpu]\" (tensorflow[and-cuda]).", RuntimeWarning, stacklevel=3)
+
+
+def grow_gpu_memory() -> None:
+    """Allocate GPU memory as needed, not all at TensorFlow's first allocation, so torch in the
+    same process (parity helpers, convert, benchmarks/gpu_check.py) keeps room. Runs at backend
+    start, before TensorFlow initialises its GPUs; TF_FORCE_GPU_ALLOW_GROWTH=false opts out,
+    and a TensorFlow already running keeps what it has."""
+    import os
+    if os.environ.get("TF_FORCE_GPU_ALLOW_GROWTH", "").lower() == "false":
+        return
+    for gpu in tf.config.list_physical_devices("GPU"):
+        try:
+            tf.config.experimental.set_memory_growth(gpu, True)
+        except (RuntimeError, ValueError):      # already initialised, or a virtual device
+            return
 
 
 def resolve(device: str) -> str:
