@@ -250,3 +250,36 @@ def test_memory_growth_is_set_before_tensorflows_first_gpu_allocation():
                          timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "calls [('gpu0', True, True), ('gpu1', True, True)]" in out.stdout, out.stdout
+
+
+@needs_keras
+def test_keras_training_state_lives_on_the_models_device():
+    """Item 7: optimizer slots, L2-SP anchors and the fp16 loss scale were created outside
+    tf.device: with two logical CPUs and the model on the second (standing for cuda:1: the
+    device name is mapped, nothing else), that state sat on CPU:0. Every variable a step
+    reads or writes is now on the model's device."""
+    import os
+    import subprocess
+    import sys
+    code = (
+        "import numpy as np, tlbridge as tl\n"
+        "from tlbridge import devices, registry\n"
+        "kd = registry.load('keras').devices\n"
+        "kd.tf_name = lambda d: '/CPU:1'\n"
+        "devices._ALLOW_CPU_FP16 = True\n"
+        "m = tl.replace_head(tl.load_backbone('seed_vgg', backend='keras', input_shape=(8, 8, 3),"
+        " widths=(4,), batch_norm=True, seed=0), 1, seed=1)\n"
+        "x = np.random.default_rng(0).normal(size=(8, 8, 8, 3)).astype(np.float32)\n"
+        "tl.fine_tune(m, (x, (x[:, :1, 0, 0] > 0).astype(np.float32)), epochs=1, batch_size=4,"
+        " progress=False, precision='fp16', optimizer=tl.optim.Adam(0.01, regularizer='l2sp'))\n"
+        "c = m.state['_train']\n"
+        "state = [v for t in c.state.values() for v in t.values()] + list(c.anchors.values())\n"
+        "state += [c.loss_scale, c.good_steps]\n"
+        "print('model', sorted({v.value.device[-5:] for v in m.native.variables}))\n"
+        "print('state', len(state), sorted({v.device[-5:] for v in state}))\n")
+    env = {**os.environ, "TLBRIDGE_CPU_REPLICAS": "2"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=180, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "model ['CPU:1']" in out.stdout, out.stdout
+    assert "state" in out.stdout and "['CPU:1']" in out.stdout.split("state")[1], out.stdout
