@@ -4,7 +4,8 @@
 
 Each part runs in a process of its own under its own timeout (a hang or a CUDA crash costs
 that part only), torch first; TensorFlow may be absent (its parts then say so). Results go to
---out as results.json and results.md. Without CUDA every GPU part reports "skipped: no CUDA"
+--out (default: benchmarks/out/gpu_check/results.json and
+benchmarks/out/gpu_check/results.md). Without CUDA every GPU part reports "skipped: no CUDA"
 at once and the rest run on the CPU (tests/test_gpu_check.py). docs/gpu.md says what each
 part shows and which issue-23 item it settles.
 
@@ -466,9 +467,10 @@ def main(argv=None) -> int:
             _run_part(name, args.out, min(PARTS[name][3], left))
         results[name]["seconds"] = time.perf_counter() - t0
         print(f"{name}: {results[name]['status']} ({results[name]['seconds']:.1f} s)", flush=True)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
+    base = os.path.join(args.out, "results")
+    with open(base + ".json", "w") as f:
         json.dump(results, f, indent=1, default=str)
-    with open(os.path.join(args.out, "results.md"), "w") as f:
+    with open(base + ".md", "w") as f:
         f.write(_markdown(results))
     return 1 if any(r["status"].startswith("FAIL") for r in results.values()) else 0
 
