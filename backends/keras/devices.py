@@ -25,12 +25,14 @@ def _say_when_torch_sees_a_gpu() -> None:
     import sys
     import warnings
     torch = sys.modules.get("torch")
+    if torch is None:       # asked again at the next model, once torch is imported
+        return
+    _SAID["no_gpu"] = True
     try:
-        gpus = torch.cuda.device_count() if torch is not None and torch.cuda.is_available() else 0
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     except Exception:       # a broken CUDA install: torch's own warning says so
         gpus = 0
     if gpus:
-        _SAID["no_gpu"] = True
         warnings.warn(f"TensorFlow sees no GPU while torch sees {gpus}: Keras models stay on "
                       f"the CPU; install TensorFlow's CUDA build: pip install "
                       f"\"tlbridge[gpu]\" (tensorflow[and-cuda]).", RuntimeWarning, stacklevel=3)
