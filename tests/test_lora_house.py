@@ -142,14 +142,17 @@ def test_mean_fusion_of_lora_members_and_its_round_trip(backend, tmp_path):
 
 @both_backends
 def test_gated_fusion_of_lora_members_trains_alike_and_leaves_the_members():
-    """tl.fuse(..., "gate") over LoRA members: the gate's fine_tune agrees across backends in
+    """tl.fuse(..., "gate") over LoRA members: untrained, the mean of the members' logits
+    (their adapters at work inside the gate); the gate's fine_tune agrees across backends in
     float64, no member weight moves (adapters included), and the trained fusion converts."""
     members = _members("torch")
     x, _ = learnable(24, 4, SHAPE)
     y = (x.mean(axis=(1, 2, 3))[:, None] > 0).astype(np.float64)
+    mean = np.stack([tl.logits(m, x) for m in members]).mean(0)
     out = {}
     for backend in ("torch", "keras"):
         f = tl.fuse(members, "gate", gate_on="features", hidden=(4,), backend=backend)
+        np.testing.assert_allclose(tl.logits(f, x), mean, rtol=0, atol=1e-12)
         before = [tl.get_weights(m) for m in f.members]
         h = tl.fine_tune(f, (x, y), epochs=2, batch_size=8, optimizer=tl.optim.SGD(0.05),
                          progress=False)
