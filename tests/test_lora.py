@@ -249,6 +249,23 @@ def test_adapters_trained_on_one_backend_load_on_the_other(tmp_path):
         np.testing.assert_allclose(tl.logits(m, x), z, rtol=0, atol=1e-12)
 
 
+@both_backends
+def test_adapters_fine_tuned_on_torch_load_on_keras(tmp_path):
+    """Really trained (one epoch of AdamW: adapters and head), saved, loaded onto the same base
+    on Keras: the same logits (the Keras -> torch direction: tests/test_lora_scale.py)."""
+    mt = tl.add_lora(bert("torch"), rank=2, alpha=4, targets=["query", "value", "output.dense"],
+                     seed=0)
+    x, y = parity.batch(mt.inputs, 8, 2, seed=2)
+    before = tl.get_weights(mt)
+    tl.fine_tune(mt, (x, y), epochs=1, batch_size=4, progress=False,
+                 optimizer=tl.optim.AdamW(lr=1e-2))
+    moved = {k for k, v in tl.get_weights(mt).items() if not np.array_equal(v, before[k])}
+    assert moved == set(tl.trainable_names(mt))
+    tl.save_adapters(mt, tmp_path)
+    mk = tl.load_adapters(bert("keras"), tmp_path)
+    np.testing.assert_allclose(tl.logits(mk, x), tl.logits(mt, x), rtol=0, atol=1e-12)
+
+
 @pytest.fixture(scope="module")
 def peft():
     return pytest.importorskip("peft")

@@ -1,8 +1,8 @@
 """LoRA parity at scale (issue 20 item 4), float64 torch vs Keras: resnet50 with an adapter on
 every one of its 53 convs, and the packaged minilm_l6 (all-MiniLM-L6-v2) with adapters on the
 attention's query/key/value/output dense and the FFN of all 6 layers; B drawn non-zero so every
-adapter gradient is non-trivial. Adapters fine-tuned on one backend, saved in peft's layout and
-loaded onto the other's pretrained encoder, give the same logits. Small inputs keep it cheap:
+adapter gradient is non-trivial. Adapters fine-tuned on Keras, saved in peft's layout and
+loaded onto torch's pretrained encoder, give the same logits. Small inputs keep it cheap:
 benchmarks/lora_parity.py runs the same checks at 64x64 with a larger batch."""
 from __future__ import annotations
 
@@ -92,18 +92,15 @@ def _same_logits(a, b, x):
     assert err <= 1e-12, err
 
 
-def test_minilm_adapters_trained_on_keras_load_on_torch_and_back(tmp_path):
+def test_minilm_adapters_trained_on_keras_load_on_torch(tmp_path):
     """fine_tune on Keras, tl.save_adapters, tl.load_adapters onto a fresh pretrained encoder
-    on torch: the same logits; then trained on torch and loaded back onto Keras: the same."""
+    on torch: the same logits. (Trained on torch, loaded on Keras: tests/test_lora.py, on the
+    small BERT, to keep a third encoder build out of the suite.)"""
     mk = tl.add_lora(_minilm("keras"), rank=4, alpha=8, targets=["query", "value"], seed=0)
     x = tl.tokenize(mk, TEXTS)
     y = np.array([[1, 0], [0, 1], [1, 1], [0, 0]], float)
     _train_one_epoch(mk, x, y)
-    tl.save_adapters(mk, tmp_path / "keras")
-    mt = tl.load_adapters(_minilm("torch", seed=7), tmp_path / "keras")
+    tl.save_adapters(mk, tmp_path)
+    mt = tl.load_adapters(_minilm("torch", seed=7), tmp_path)
     assert mt.spec.adapters == mk.spec.adapters
     _same_logits(mk, mt, x)
-    _train_one_epoch(mt, x, y)
-    tl.save_adapters(mt, tmp_path / "torch")
-    back = tl.load_adapters(_minilm("keras", seed=8), tmp_path / "torch")
-    _same_logits(mt, back, x)
