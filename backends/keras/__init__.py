@@ -107,6 +107,7 @@ from . import backbones, compute, devices, export, gate, lora, network, parallel
 from .parallel import cpu_replicas  # noqa: E402
 
 parallel.from_env()     # TLBRIDGE_CPU_REPLICAS=N: split the CPU before TensorFlow starts
+devices.grow_gpu_memory()   # before TensorFlow's first GPU allocation: torch keeps room
 
 if keras.backend.backend() != "tensorflow":
     raise BackendNotInstalledError(
