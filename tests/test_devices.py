@@ -83,16 +83,22 @@ def test_a_set_precision_round_trip_keeps_torchs_own_matmul_precision():
     get_float32_matmul_precision() raise ("mix of the legacy and new APIs")."""
     import torch
     tdev = registry.load("torch").devices
+    own = torch.get_float32_matmul_precision()
     start = tdev.set_tf32(False)
     tdev.set_tf32(start)
+    a, b = (torch.from_numpy(np.random.default_rng(i).normal(size=(128, 128))) for i in (0, 1))
+    exact = (a @ b).float()
     try:
         torch.set_float32_matmul_precision("medium")
         previous = tl.set_precision(tf32=False)
         assert tdev.tf32_enabled()[0] is False
+        # "medium" makes oneDNN matmuls bf16 on AMX CPUs (errors ~1e-1): forbidding means IEEE
+        assert (a.float() @ b.float() - exact).abs().max().item() <= 1e-4
         devices.restore_precision(previous)
         assert torch.get_float32_matmul_precision() == "medium"
         assert tdev.tf32_enabled() == (True, True)
     finally:
+        torch.set_float32_matmul_precision(own)     # "medium" leaked bf16 matmuls into later tests
         tdev.set_tf32(start)
 
 

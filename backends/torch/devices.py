@@ -63,13 +63,7 @@ def set_tf32(enabled):
     `enabled` a bool or such a state. torch's own precision API only: the user's
     set_float32_matmul_precision("medium") survives a set/restore round trip."""
     if _new_api():
-        matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
-        previous = ("fp32_precision", matmul.fp32_precision, conv.fp32_precision)
-        if isinstance(enabled, tuple):
-            matmul.fp32_precision, conv.fp32_precision = enabled[1], enabled[2]
-        else:
-            matmul.fp32_precision = conv.fp32_precision = "tf32" if enabled else "ieee"
-        return previous
+        return _set_fp32_precision(enabled)
     previous = ("legacy", torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32)
     if isinstance(enabled, tuple):
         torch.set_float32_matmul_precision(enabled[1])
@@ -77,4 +71,27 @@ def set_tf32(enabled):
     else:
         torch.set_float32_matmul_precision("high" if enabled else "highest")
         torch.backends.cudnn.allow_tf32 = bool(enabled)
+    return previous
+
+
+def _fp32_knobs() -> list:
+    """CUDA matmul, cuDNN conv, then oneDNN matmul and conv: torch's "medium" matmul precision
+    also turns CPU float32 matmuls into bf16 ones on AMX/AVX512-BF16 CPUs (1e-1 errors)."""
+    knobs = [torch.backends.cuda.matmul, torch.backends.cudnn.conv]
+    mkldnn = getattr(torch.backends, "mkldnn", None)
+    return knobs + [k for k in (getattr(mkldnn, "matmul", None), getattr(mkldnn, "conv", None))
+                    if isinstance(getattr(k, "fp32_precision", None), str)]
+
+
+def _set_fp32_precision(enabled):
+    """Forbidding TF32 means IEEE float32 everywhere (oneDNN's bf16 too); allowing it touches
+    only the GPU knobs, the CPU's reduced modes stay the user's."""
+    knobs = _fp32_knobs()
+    previous = ("fp32_precision",) + tuple(k.fp32_precision for k in knobs)
+    if isinstance(enabled, tuple):
+        for knob, value in zip(knobs, enabled[1:]):
+            knob.fp32_precision = value
+    else:
+        for knob in knobs[:2] if enabled else knobs:
+            knob.fp32_precision = "tf32" if enabled else "ieee"
     return previous
