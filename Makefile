@@ -45,7 +45,8 @@ demo: $(STAMP)
 parity: $(STAMP)
 	$(PY) benchmarks/parity_table.py
 
-# tlbridge against keras.fit and a raw torch loop, same weights, same batches (about 12 min on 2 cores)
+# tlbridge against keras.fit and a raw torch loop, same weights, same batches (about 20 min on 2 idle
+# cores: the image rows 12, the minilm_l6 text row 8)
 speed: $(STAMP)
 	$(PY) benchmarks/speed.py resnet50 mobilenet_v2 efficientnet_b0 minilm_l6
 

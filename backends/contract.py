@@ -218,6 +218,20 @@ class Float64Truth(Protocol):
         run's activations() `sites`, with its own values."""
 
 
+@runtime_checkable
+class Export(Protocol):
+    """Optional: tl.export (tlbridge/exporting.py writes the metadata and runs the check)."""
+
+    def export_model(self, m: TransferModel, path: str, format: str, outputs: tuple) -> None:
+        """Write m as `format` ("onnx", "saved_model"): input the float NHWC batch (or the named
+        token inputs) tl.logits takes, any batch size; outputs ((name, a, b), ...): logits
+        columns a:b under each name. A format the backend cannot write raises ExportError
+        naming the route that can."""
+
+    def saved_model_runner(self, path: str) -> Any:
+        """A SavedModel folder as a function {input: numpy} -> {output: numpy}."""
+
+
 def members(protocol: type) -> tuple[str, ...]:
     """The names a Protocol lists (its own and inherited): attributes, then methods."""
     names: dict[str, None] = {}
@@ -231,7 +245,7 @@ def members(protocol: type) -> tuple[str, ...]:
 
 
 PARTS: dict[str, type] = {"DataParallel": DataParallel, "Replicas": Replicas,
-                          "Float64Truth": Float64Truth}
+                          "Float64Truth": Float64Truth, "Export": Export}
 REQUIRED: tuple[str, ...] = members(Backend)
 OPTIONAL: dict[str, tuple[str, ...]] = {part: members(p) for part, p in PARTS.items()}
 TRAINER: tuple[str, ...] = members(Trainer)

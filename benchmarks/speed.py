@@ -181,7 +181,6 @@ class Runners:
     # -- torch: a plain loop over the nn.Module, a new torch.optim.SGD per epoch
     def _setup_torch(self):
         import torch
-        import torch.nn.functional as F
 
         net, b = self.base.native, self.args.batch_size
         xt = torch.from_numpy(self.x).permute(0, 3, 1, 2).contiguous()
@@ -189,18 +188,8 @@ class Runners:
 
         def raw_epoch(repeat):
             order = self.order(repeat)
-            opt = torch.optim.SGD(net.parameters(), lr=LR, momentum=MOMENTUM)
-            net.train()
-            losses = []
-            for i in range(0, len(order), b):
-                idx = torch.from_numpy(order[i:i + b])
-                opt.zero_grad(set_to_none=True)
-                loss = F.binary_cross_entropy_with_logits(net(xt[idx]), yt[idx])
-                loss.backward()
-                opt.step()
-                losses.append(loss.item())
-            net.eval()
-            return float(np.mean(losses))
+            idxs = (torch.from_numpy(order[i:i + b]) for i in range(0, len(order), b))
+            return _torch_loop(net, ((xt[idx], yt[idx]) for idx in idxs))
 
         def raw_infer(which):
             net.eval()
@@ -239,6 +228,23 @@ def _compile(keras, km, dtype):
     with _floatx(keras, dtype):              # the loss tracker in the model's dtype
         km.compile(optimizer=keras.optimizers.SGD(LR, momentum=MOMENTUM),
                    loss=keras.losses.BinaryCrossentropy(from_logits=True))
+
+
+def _torch_loop(net, batches) -> float:
+    """One epoch of the plain torch loop a user writes: a new torch.optim.SGD, BCE from logits."""
+    import torch
+    import torch.nn.functional as F
+    opt = torch.optim.SGD(net.parameters(), lr=LR, momentum=MOMENTUM)
+    net.train()
+    losses = []
+    for xb, yb in batches:
+        opt.zero_grad(set_to_none=True)
+        loss = F.binary_cross_entropy_with_logits(net(xb), yb)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    net.eval()
+    return float(np.mean(losses))
 
 
 def _torch_info() -> dict:
@@ -307,23 +313,12 @@ class TextRunners(Runners):
 
     def _setup_torch(self):
         import torch
-        import torch.nn.functional as F
 
         net, b, x = self.base.native, self.args.batch_size, self.infer_x
 
         def raw_epoch(repeat):
-            opt = torch.optim.SGD(net.parameters(), lr=LR, momentum=MOMENTUM)
-            net.train()
-            losses = []
-            for xb, yb in self.batches(repeat):
-                xb = {k: torch.from_numpy(v) for k, v in xb.items()}
-                opt.zero_grad(set_to_none=True)
-                loss = F.binary_cross_entropy_with_logits(net(xb), torch.from_numpy(yb))
-                loss.backward()
-                opt.step()
-                losses.append(loss.item())
-            net.eval()
-            return float(np.mean(losses))
+            return _torch_loop(net, (({k: torch.from_numpy(v) for k, v in xb.items()},
+                                      torch.from_numpy(yb)) for xb, yb in self.batches(repeat)))
 
         def raw_infer(which):
             net.eval()

@@ -11,6 +11,8 @@ the last batch (7) splits 4/3: no sample may be dropped or counted twice.
   5  sgd:global:bf16               a float32 model in mixed precision (bf16)
   6  sgd:global:tokens:unfreeze:cache  the two-input text model (token ids + attention masks,
                                    padded), head on cached features in epoch 0, all in epoch 1
+  7  adam:global:lora              LoRA adapters on every conv (base frozen: BatchNorm on its
+                                   running statistics); only the adapters and the head train
 Every step of every run records the rows each rank / replica trained on (shard_bounds).
 keras.applications backbones (Keras' own BatchNormalization) on 2 replicas:
 tests/workers/keras_native_replicas.py.
@@ -36,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "workers" / "dp_train.py"
 RUNS = ["sgd:global:unfreeze", "adam:global:freeze_bn_biases", "sgd:local",
         "sgd:global:unfreeze:cache", "sgd:global:multi", "sgd:global:bf16",
-        "sgd:global:tokens:unfreeze:cache"]
+        "sgd:global:tokens:unfreeze:cache", "adam:global:lora"]
 
 pytestmark = [both_backends, pytest.mark.slow]
 
@@ -144,7 +146,7 @@ def one_process():
     import tlbridge as tl
     out = {}
     for backend in ("torch", "keras"):
-        for i in (0, 1, 2, 4, 5, 6) if backend == "torch" else (0, 1, 4, 5, 6):
+        for i in (0, 1, 2, 4, 5, 6, 7) if backend == "torch" else (0, 1, 4, 5, 6, 7):
             m, h = dp_train.train(backend, RUNS[i])
             out[backend, i] = tl.get_weights(m), dp_train.losses_of(h)
             if i == 5:
@@ -165,16 +167,16 @@ def test_shards_cover_every_row_once():
             assert max(sizes) - min(sizes) <= 1
 
 
-@pytest.mark.parametrize("i", [0, 1, 4, 6], ids=[RUNS[0], RUNS[1], RUNS[4], RUNS[6]])
+@pytest.mark.parametrize("i", [0, 1, 4, 6, 7], ids=[RUNS[0], RUNS[1], RUNS[4], RUNS[6], RUNS[7]])
 def test_torch_two_ranks_equal_one_process(torch_ranks, one_process, i):
     (w2, loss2), (w1, loss1) = torch_ranks[i], one_process["torch", i]
     assert _max_diff(w2, w1) <= 1e-12
     assert np.max(np.abs(np.array(loss2) - np.array(loss1))) <= 1e-12
-    assert _max_diff(w1, _initial("torch", i == 4, i == 6)) > 1e-3  # it trained
+    assert _max_diff(w1, _initial("torch", i == 4, i == 6, i == 7)) > 1e-3  # it trained
     assert len(loss1) == (6 if i == 4 else 2)       # multi-task: loss, loss_sign, loss_green
 
 
-@pytest.mark.parametrize("i", [0, 1, 4, 6], ids=[RUNS[0], RUNS[1], RUNS[4], RUNS[6]])
+@pytest.mark.parametrize("i", [0, 1, 4, 6, 7], ids=[RUNS[0], RUNS[1], RUNS[4], RUNS[6], RUNS[7]])
 def test_keras_two_replicas_equal_one_process(keras_replicas, one_process, i):
     (w2, loss2), (w1, loss1) = keras_replicas[i], one_process["keras", i]
     assert _max_diff(w2, w1) <= 1e-12
@@ -213,7 +215,7 @@ def test_every_rank_trains_its_share(torch_ranks, keras_replicas, backend, i):
     _assert_shards(_STEP_ROWS[backend, i])
 
 
-@pytest.mark.parametrize("i", [0, 1, 2, 3, 4, 6], ids=RUNS[:5] + RUNS[6:])
+@pytest.mark.parametrize("i", [0, 1, 2, 3, 4, 6, 7], ids=RUNS[:5] + RUNS[6:])
 def test_torch_ranks_equal_keras_replicas(torch_ranks, keras_replicas, i):
     (wt, lt), (wk, lk) = torch_ranks[i], keras_replicas[i]
     assert _max_diff(wt, wk) <= 1e-9
@@ -281,10 +283,21 @@ def test_local_batchnorm_is_not_global(torch_ranks, keras_replicas, one_process)
         assert _max_diff(ranks[2][0], one_process["torch", 2][0]) > 1e-3
 
 
-def _initial(backend, multi=False, text=False):
+def _initial(backend, multi=False, text=False, lora=False):
     dp_train = _worker()
     import tlbridge as tl
-    return tl.get_weights(dp_train.model(backend, multi, text=text))
+    return tl.get_weights(dp_train.model(backend, multi, text=text, lora=lora))
+
+
+def test_lora_on_ranks_and_replicas_trains_only_the_adapters_and_the_head(torch_ranks,
+                                                                          keras_replicas):
+    """Run 7 on 2 torch ranks and 2 Keras replicas: every base weight and BatchNorm statistic
+    is still the initial one, every adapter and the head moved (and equal one process, above)."""
+    for backend, ranks in (("torch", torch_ranks), ("keras", keras_replicas)):
+        w, start = ranks[7][0], _initial(backend, lora=True)
+        moved = {k for k in w if not np.array_equal(w[k], start[k])}
+        lora = {k for k in w if ".lora_" in k}
+        assert len(lora) == 2 * 3 and moved == lora | {"head.weight", "head.bias"}, moved
 
 
 def test_dying_rank_stops_the_run_and_resume_continues(tmp_path, torch_ranks):

@@ -249,6 +249,23 @@ def test_adapters_trained_on_one_backend_load_on_the_other(tmp_path):
         np.testing.assert_allclose(tl.logits(m, x), z, rtol=0, atol=1e-12)
 
 
+@both_backends
+def test_adapters_fine_tuned_on_torch_load_on_keras(tmp_path):
+    """Really trained (one epoch of AdamW: adapters and head), saved, loaded onto the same base
+    on Keras: the same logits (the Keras -> torch direction: tests/test_lora_scale.py)."""
+    mt = tl.add_lora(bert("torch"), rank=2, alpha=4, targets=["query", "value", "output.dense"],
+                     seed=0)
+    x, y = parity.batch(mt.inputs, 8, 2, seed=2)
+    before = tl.get_weights(mt)
+    tl.fine_tune(mt, (x, y), epochs=1, batch_size=4, progress=False,
+                 optimizer=tl.optim.AdamW(lr=1e-2))
+    moved = {k for k, v in tl.get_weights(mt).items() if not np.array_equal(v, before[k])}
+    assert moved == set(tl.trainable_names(mt))
+    tl.save_adapters(mt, tmp_path)
+    mk = tl.load_adapters(bert("keras"), tmp_path)
+    np.testing.assert_allclose(tl.logits(mk, x), tl.logits(mt, x), rtol=0, atol=1e-12)
+
+
 @pytest.fixture(scope="module")
 def peft():
     return pytest.importorskip("peft")
@@ -309,19 +326,41 @@ def test_soups_take_merged_adapters_and_refuse_unmerged_ones(backend):
 
 
 def test_checkpoint_resume_continues_a_lora_run_and_needs_the_same_adapters(backend, tmp_path):
+    """Adam (its moments for the adapters travel in the checkpoint): epoch 1 after a resume is
+    the uninterrupted run's epoch 1, losses and weights bit for bit."""
     x, y = parity.batch(bert(backend).inputs, 8, 2, seed=1)
+    run = dict(batch_size=4, progress=False, optimizer=tl.optim.Adam(1e-2))
     straight = tl.add_lora(bert(backend), rank=2, seed=0)
-    tl.fine_tune(straight, (x, y), epochs=2, batch_size=4, progress=False)
+    whole = tl.fine_tune(straight, (x, y), epochs=2, **run)
     first = tl.add_lora(bert(backend), rank=2, seed=0)
-    tl.fine_tune(first, (x, y), epochs=1, batch_size=4, checkpoint=tmp_path, progress=False)
+    tl.fine_tune(first, (x, y), epochs=1, checkpoint=tmp_path, **run)
     resumed = tl.add_lora(bert(backend), rank=2, seed=0)
-    tl.fine_tune(resumed, (x, y), epochs=2, batch_size=4, progress=False,
-                 checkpoint=tl.Checkpoint(tmp_path, resume=True))
+    h = tl.fine_tune(resumed, (x, y), epochs=2, checkpoint=tl.Checkpoint(tmp_path, resume=True),
+                     **run)
+    assert h["loss"] == whole["loss"] and whole["loss"][1] != whole["loss"][0]
     assert parity.worst(tl.get_weights(resumed), tl.get_weights(straight))[0] == 0.0
     other = tl.add_lora(bert(backend), rank=3, seed=0)
     with pytest.raises(tl.errors.TLBridgeError, match="adapters"):
-        tl.fine_tune(other, (x, y), epochs=3, batch_size=4, progress=False,
-                     checkpoint=tl.Checkpoint(tmp_path, resume=True))
+        tl.fine_tune(other, (x, y), epochs=3, checkpoint=tl.Checkpoint(tmp_path, resume=True),
+                     **run)
+
+
+@both_backends
+def test_a_lora_run_checkpointed_on_torch_resumes_on_keras(tmp_path):
+    """The adapters' Adam moments are stored under canonical names: 1 epoch on torch + a resume
+    on Keras trains what 2 epochs on Keras train (float64)."""
+    x, y = parity.batch(bert("torch").inputs, 8, 2, seed=1)
+    run = dict(batch_size=4, progress=False, optimizer=tl.optim.Adam(1e-2))
+    tl.fine_tune(tl.add_lora(bert("torch"), rank=2, seed=0), (x, y), epochs=1,
+                 checkpoint=tmp_path, **run)
+    resumed = tl.add_lora(bert("keras"), rank=2, seed=0)
+    h = tl.fine_tune(resumed, (x, y), epochs=2, checkpoint=tl.Checkpoint(tmp_path, resume=True),
+                     **run)
+    keras = tl.add_lora(bert("keras"), rank=2, seed=0)
+    whole = tl.fine_tune(keras, (x, y), epochs=2, **run)
+    np.testing.assert_allclose(h["loss"], whole["loss"], rtol=1e-10, atol=0)
+    worst, at = parity.worst(tl.get_weights(resumed), tl.get_weights(keras), floor_rel=1e-6)
+    assert worst <= 1e-10, (worst, at)
 
 
 @both_backends

@@ -155,11 +155,11 @@ def test_each_framework_extra_installs_every_package_tlbridge_imports(extra):
     every package tlbridge and that backend import is named by the extra (not left to `all`,
     as tqdm was: fine_tune's default progress bar failed with ImportError). The other
     framework is exempt: asking for it is refused with an install hint (tests above). The demo
-    script has its own extra."""
+    script has its own extra, and tl.export's converters theirs (tlbridge[export])."""
     files = [p for p in (ROOT / "tlbridge").glob("*.py") if p.name != "demo.py"]
     files += list((ROOT / "backends" / BACKEND_DIR[extra]).glob("*.py"))
     dists = importlib.metadata.packages_distributions()
-    closure = _extra_closure(extra)
+    closure = _extra_closure(extra) | _extra_closure("export")   # tl.export's own, named in its errors
     other = set().union(*(mods for fw, mods in FRAMEWORKS.items() if fw != extra)) - FRAMEWORKS[extra]
     missing = {}
     for module, where in sorted(_third_party_imports(files).items()):

@@ -11,6 +11,7 @@ from .api import (bce_loss_and_grads, convert, features, freeze, get_weights, li
                   preprocessing_of,
                   load, load_backbone, logits, predict, preprocess, replace_head, save,
                   set_weights, trainable_names, unfreeze)
+from .exporting import export
 from .lora import add_lora, merge_lora
 from .lora_files import load_adapters, save_adapters
 from .fewshot import few_shot_eval, linear_probe, prototype_head, transfer_labels
@@ -32,7 +33,7 @@ __all__ = [
     "list_backbones", "load_backbone", "replace_head", "replace_heads", "freeze", "unfreeze", "trainable_names",
     "features", "logits", "predict", "bce_loss_and_grads", "loss_and_grads",
     "get_weights", "set_weights", "convert", "save", "load", "to_device", "set_precision", "preprocess", "preprocessing_of",
-    "tokenize", "zero_shot_head", "add_lora", "merge_lora",
+    "tokenize", "zero_shot_head", "add_lora", "merge_lora", "export",
     "save_adapters", "load_adapters",
     "fine_tune", "evaluate", "prototype_head", "linear_probe", "few_shot_eval", "transfer_labels",
     "fuse", "FusedModel", "gate_weights", "soup", "History", "EarlyStopping", "L2SP", "Checkpoint", "Parallel",

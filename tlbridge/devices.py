@@ -12,17 +12,19 @@ from __future__ import annotations
 import contextlib
 import re
 
+from . import registry
 from .errors import DataError
 
 _NAME = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
 def normalize(device) -> str:
+    """Lower case, checked; "cuda" stays "cuda": each backend picks the GPU (torch under
+    torchrun: this rank's own, LOCAL_RANK; else the first)."""
     if not isinstance(device, str) or not _NAME.match(device.strip().lower()):
         raise DataError(f"Expected device as 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'; received "
                         f"{device!r}.")
-    device = device.strip().lower()
-    return "cuda:0" if device == "cuda" else device
+    return device.strip().lower()
 
 
 def unavailable(device: str, available: list[str], backend: str):
@@ -33,24 +35,47 @@ def unavailable(device: str, available: list[str], backend: str):
         f"else the CPU).")
 
 
+_CHOSEN = {"tf32": None}     # the last set_precision choice (None: each framework's default)
+_AT_START: dict = {}         # each backend's TF32 state before tlbridge first changed it
+
+
 def set_precision(tf32: bool) -> dict:
     """Allow (True) or forbid (False) TF32 in float32 matmuls and convolutions, on every
-    backend already imported; returns the previous settings for `restore_precision`."""
+    backend already imported, and on any backend started later (started_backend); returns
+    the previous settings for `restore_precision`."""
     import sys
 
-    from . import registry
-    previous = {}
-    for name in ("torch", "keras"):
-        module = {"torch": "torch", "keras": "tensorflow"}[name]
-        if module in sys.modules:
-            previous[name] = registry.load(name).set_tf32(bool(tf32))
+    previous = {"_chosen": _CHOSEN["tf32"]}
+    started = [registry.load(name) for name, module in (("torch", "torch"),
+                                                        ("keras", "tensorflow"))
+               if module in sys.modules]        # loaded first: under the previous choice
+    _CHOSEN["tf32"] = bool(tf32)
+    for backend in started:
+        previous[backend.NAME] = backend.set_tf32(bool(tf32))
+        _AT_START.setdefault(backend.NAME, previous[backend.NAME])
     return previous
 
 
+def started_backend(name: str, module) -> None:
+    """A backend imported after set_precision takes the recorded choice (registry.load)."""
+    if _CHOSEN["tf32"] is not None and hasattr(module, "set_tf32"):
+        _AT_START.setdefault(name, module.set_tf32(_CHOSEN["tf32"]))
+
+
+registry.ON_LOAD.append(started_backend)
+
+
 def restore_precision(previous: dict) -> None:
-    from . import registry
-    for name, state in previous.items():
-        registry.load(name).set_tf32(state)
+    """Back to the settings before `set_precision`, also on backends started since then."""
+    chosen = previous.get("_chosen")
+    for name in registry._loaded:
+        if name in previous:
+            registry.load(name).set_tf32(previous[name])
+        elif chosen is not None:
+            registry.load(name).set_tf32(chosen)
+        elif name in _AT_START:
+            registry.load(name).set_tf32(_AT_START[name])
+    _CHOSEN["tf32"] = chosen
 
 
 @contextlib.contextmanager

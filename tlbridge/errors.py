@@ -28,7 +28,7 @@ __all__ = [
     "TrainingDivergedError",
     "DeviceNotAvailableError",
     "DistributedError",
-    "WeightsDownloadError",
+    "WeightsDownloadError", "ExportError",
 ]
 
 
@@ -136,3 +136,7 @@ class DistributedError(TLBridgeError, RuntimeError):
 
 class WeightsDownloadError(TLBridgeError, OSError):
     """Pretrained weights could not be fetched (no network, a proxy, a server error)."""
+
+
+class ExportError(TLBridgeError, RuntimeError):
+    """An export tlbridge cannot write, or one whose outputs differ from the model's."""

@@ -27,6 +27,8 @@ regulariser and the weight average (EMA, as Keras' `use_ema`) travel inside the 
 EMA (decay d; tl.optim.SGD(..., ema=d)), after every optimizer step, for every canonical tensor
 (parameters and BatchNorm running statistics, as timm's ModelEmaV2), in numpy:
     e <- d * e + (1 - d) * w          e starts as the weights when fine_tune starts
+computed as e + (1 - d) * (w - e), so a tensor that never moves (a frozen base, LoRA's) keeps
+its exact value: d * w + (1 - d) * w can round an ulp away from w.
 """
 from __future__ import annotations
 
@@ -259,10 +261,10 @@ def param_groups(names: list[str], lr: float, group_lrs: dict | None) -> list[tu
 
 
 def ema_update(ema: dict, weights: dict, decay: float) -> None:
-    """e <- d * e + (1 - d) * w, in place, in each tensor's own dtype."""
+    """e <- d * e + (1 - d) * w, in place, in each tensor's own dtype, as e + (1 - d)(w - e):
+    exact for a tensor that has not moved (frozen), which d * e + (1 - d) * w is not."""
     for k, e in ema.items():
-        e *= decay
-        e += (1.0 - decay) * weights[k]
+        e += (1.0 - decay) * (weights[k] - e)
 
 
 # ---- schedules: factor(step, total_steps) multiplying every group's base lr ----------------

@@ -46,6 +46,28 @@ def torch_env() -> tuple[int, int] | None:
     return world, int(os.environ.get("RANK", "0"))
 
 
+def local_gpu(gpus: int) -> int:
+    """The GPU this process takes for device "cuda"/"auto": LOCAL_RANK under torchrun (one GPU
+    per rank on each node: two ranks on one GPU make NCCL stop with "Duplicate GPU detected"),
+    else the first."""
+    from .errors import DistributedError
+    if torch_env() is None:
+        return 0
+    raw = os.environ.get("LOCAL_RANK", "0") or "0"
+    try:
+        local = int(raw)
+    except ValueError:
+        raise DistributedError(f"Expected LOCAL_RANK as an int (torchrun sets it); received "
+                               f"{raw!r}.") from None
+    if local >= gpus:
+        raise DistributedError(
+            f"Expected a GPU for each rank on this node (rank LOCAL_RANK trains on cuda:"
+            f"LOCAL_RANK); received LOCAL_RANK={local} with {gpus} GPU(s) visible. Launch "
+            f"torchrun with --nproc_per_node={gpus} or fewer, pass device='cpu' (gloo), or name "
+            f"each rank's GPU yourself with device='cuda:N'.")
+    return local
+
+
 def check_bn_sync(bn_sync) -> str:
     if bn_sync not in BN_SYNC:
         raise DataError(f"Expected bn_sync as one of {list(BN_SYNC)}; received {bn_sync!r}.")

@@ -33,6 +33,7 @@ BACKENDS: dict[str, BackendEntry] = {
 }
 
 _loaded: dict[str, ModuleType] = {}
+ON_LOAD: list = []          # called with (name, module) when a backend is first imported
 
 
 def _has(module: str) -> bool:
@@ -82,6 +83,8 @@ def load(name: str) -> ModuleType:
     _guard_import_order(name)
     module = importlib.import_module(entry.module)
     _loaded[name] = module
+    for hook in ON_LOAD:        # tlbridge/devices.py: TF32 as tl.set_precision chose
+        hook(name, module)
     return module
 
 

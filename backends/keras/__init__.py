@@ -131,6 +131,7 @@ else:
 
 cpu_replicas = impl.cpu_replicas
 impl.from_env()     # TLBRIDGE_CPU_REPLICAS=N: split the CPU before TensorFlow starts
+impl.grow_gpu_memory()  # before the engine's first GPU allocation: torch keeps room
 
 NAME = "keras"
 
@@ -138,8 +139,10 @@ __all__ = ["NAME", "native_backbones", "build_backbone", "attach_head", "canonic
            "param_names", "get_weights", "set_weights", "apply_freeze", "features", "logits", "activations",
            "loss_and_grads", "make_trainer", "seed_epoch", "swap_batchnorm_momentum", "build_gate",
            "resolve_device", "device_scope", "place_built", "to_device", "set_tf32",
-           "lora_layers", "cpu_replicas", "replica_plan", "init_parallel"]
+           "lora_layers", "export_model", "saved_model_runner", "cpu_replicas", "replica_plan", "init_parallel"]
 
+export_model = impl.export_model
+saved_model_runner = impl.saved_model_runner
 resolve_device = impl.resolve_device
 device_scope = impl.device_scope
 to_device = impl.to_device

@@ -29,7 +29,7 @@ from .seeds import seed_epoch  # noqa: F401  (the engine's seed_epoch)
 
 __all__ = ["features", "logits", "loss_and_grads", "activations", "Trainer", "traced_steps",
            "seed_epoch", "resolve_device", "device_scope", "to_device", "set_tf32", "cpu_replicas",
-           "from_env", "replica_plan"]
+           "from_env", "replica_plan", "grow_gpu_memory", "export_model", "saved_model_runner"]
 
 
 # -- stateless calls ------------------------------------------------------------------------
@@ -465,3 +465,16 @@ def from_env() -> None:
 
 def replica_plan(replicas, bn_sync: str):
     raise engine.not_yet("data-parallel fine_tune (tl.Parallel(replicas=...))")
+
+
+def grow_gpu_memory() -> None:
+    """JAX preallocates 75% of a GPU at its first use; XLA_PYTHON_CLIENT_PREALLOCATE=false (set
+    before the first JAX array) leaves torch room (docs/keras-engines.md)."""
+
+
+def export_model(m, path: str, format: str, outputs: tuple) -> None:
+    raise engine.not_yet(f"tl.export(..., {format!r}) (Keras' exporters run on TensorFlow)")
+
+
+def saved_model_runner(path: str):
+    raise engine.not_yet("running a SavedModel (it needs TensorFlow)")

@@ -60,9 +60,11 @@ def from_env() -> None:
 
 
 def devices_for(n: int) -> list[str]:
+    """GPUs when there are n of them; else the logical CPUs cpu_replicas split, when there are
+    n of those (a 1-GPU machine runs replicas=2 on cpu_replicas(2))."""
     gpus = [d.name for d in tf.config.list_logical_devices("GPU")]
     cpus = [d.name for d in tf.config.list_logical_devices("CPU")]
-    pool = gpus if gpus else cpus
+    pool = gpus if gpus and (len(gpus) >= n or len(cpus) < n) else cpus
     if n > len(pool):
         raise DistributedError(
             f"Expected replicas <= the devices TensorFlow sees; received replicas={n} with "

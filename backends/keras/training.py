@@ -56,15 +56,21 @@ class _Compiled:
 
     def __init__(self, m):
         self.dtype = m.dtype
+        self.device = m.state.get("device", "cpu")     # state is created where the model lives
         self.state: dict[str, dict[str, tf.Variable]] = {}   # slot -> name -> Variable (Keras layout)
         self.anchors: dict[str, tf.Variable] = {}
-        self.loss_scale = tf.Variable(INITIAL_SCALE, dtype=tf.float32, trainable=False)
-        self.good_steps = tf.Variable(0, dtype=tf.int64, trainable=False)
+        with devices.scope(self.device):
+            self.loss_scale = tf.Variable(INITIAL_SCALE, dtype=tf.float32, trainable=False)
+            self.good_steps = tf.Variable(0, dtype=tf.int64, trainable=False)
         self.steps: dict[tuple, tf.types.experimental.PolymorphicFunction] = {}
 
     def var(self, table: dict, s) -> tf.Variable:
+        """Optimizer state and L2-SP anchors on the model's device (else TensorFlow's default,
+        GPU:0, whatever m.device says, and copied every step)."""
         if s.name not in table:
-            table[s.name] = tf.Variable(tf.zeros(s.variable.shape, dtype=self.dtype), trainable=False)
+            with devices.scope(self.device):
+                table[s.name] = tf.Variable(tf.zeros(s.variable.shape, dtype=self.dtype),
+                                            trainable=False)
         return table[s.name]
 
 
@@ -293,6 +299,8 @@ class Trainer:
         self.m = m
         self.cfg = cfg
         self.precision = precision
+        if precision == "bf16":
+            devices.check_bf16(m.state.get("device", "cpu"))
         self.parallel = parallel        # tlbridge.parallel.Plan with its MirroredStrategy
         self.loss = Loss() if loss is None else loss
         self.last_parts = None          # multi-task: the last step's per-task losses

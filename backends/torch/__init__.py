@@ -8,7 +8,7 @@ import torch
 from tlbridge.model import TransferModel
 from tlbridge.specs import HeadSpec, ModelSpec
 
-from . import backbones, compute, probe, devices, gate, lora, network, parallel, training, weights
+from . import backbones, compute, probe, devices, export, gate, lora, network, parallel, training, weights
 
 NAME = "torch"
 
@@ -16,8 +16,10 @@ __all__ = ["NAME", "native_backbones", "build_backbone", "attach_head", "canonic
            "param_names", "get_weights", "set_weights", "apply_freeze", "features", "logits", "activations",
            "loss_and_grads", "make_trainer", "seed_epoch", "swap_batchnorm_momentum", "build_gate",
            "resolve_device", "device_scope", "place_built", "to_device", "set_tf32",
-           "lora_layers", "init_parallel", "channels_last", "decided"]
+           "lora_layers", "export_model", "saved_model_runner", "init_parallel", "channels_last", "decided"]
 
+export_model = export.export_model
+saved_model_runner = export.saved_model_runner
 resolve_device = devices.resolve
 device_scope = devices.scope
 to_device = devices.to_device

@@ -10,7 +10,8 @@ all_reduce over a flat buffer.
 BatchNorm across ranks (bn_sync="global"): torch's SyncBatchNorm runs on GPUs only, so
 `GlobalBatchNorm` does the same on any device with torch.distributed's all_reduce: forward
 sums x and counts, then the centred squares; backward sums dy and dy * (x - mean), and uses
-torch's closed-form BatchNorm backward with the global count.
+torch's closed-form BatchNorm backward with the global count. Statistics are float32 or
+wider whatever the input's dtype; on NCCL they share DDP's process group (_bn_group).
 """
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ from tlbridge.errors import DistributedError
 
 def init(world: int, rank: int, device: str) -> None:
     """Use the process group torchrun set up (MASTER_ADDR/PORT, RANK, WORLD_SIZE), initialising
-    it once: gloo on the CPU, nccl on CUDA."""
+    it once: gloo on the CPU; nccl on CUDA, bound to this rank's GPU (set_device and
+    device_id, so NCCL's communicator and every collective use the model's GPU)."""
     if dist.is_initialized():
         if dist.get_world_size() != world:
             raise DistributedError(f"Expected a process group of {world} ranks (WORLD_SIZE); "
@@ -41,19 +43,45 @@ def init(world: int, rank: int, device: str) -> None:
             f"Expected a torchrun launch (MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE set) for "
             f"distributed fine-tuning; received WORLD_SIZE={world} without MASTER_ADDR. Launch "
             f"with: torchrun --nproc_per_node={world} your_script.py")
-    timeout = float(os.environ.get("TLBRIDGE_DIST_TIMEOUT", "300"))
-    backend = "nccl" if device.startswith("cuda") else "gloo"
-    dist.init_process_group(backend, rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=timeout))
+    timeout = datetime.timedelta(seconds=float(os.environ.get("TLBRIDGE_DIST_TIMEOUT", "300")))
+    if not device.startswith("cuda"):
+        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timeout)
+        return
+    gpu = torch.device(device)
+    torch.cuda.set_device(gpu)
+    try:
+        dist.init_process_group("nccl", rank=rank, world_size=world, timeout=timeout,
+                                device_id=gpu)
+    except (RuntimeError, dist.DistBackendError) as e:
+        if "duplicate gpu" in str(e).lower():
+            raise _duplicate(e, device) from e
+        raise
+
+
+def _duplicate(e: BaseException, device: str) -> DistributedError:
+    return DistributedError(
+        f"Expected each rank on its own GPU; received two ranks on one (this one, rank "
+        f"{os.environ.get('RANK', '?')}, LOCAL_RANK {os.environ.get('LOCAL_RANK', '?')}, on "
+        f"{device}), which NCCL refuses ({str(e).splitlines()[0] if str(e) else ''}). Load "
+        f"the model with device='cuda' or 'auto' (each rank takes cuda:LOCAL_RANK), or give "
+        f"each rank its own device='cuda:N'.")
 
 
 _groups: dict = {}
 
 
-def _bn_group():
-    """BatchNorm statistics travel on their own process group, so their all-reduces (inside
-    the backward pass) never interleave with DDP's gradient buckets on the default one. Every
-    rank creates it at its first fine_tune, in the same order."""
+def _bn_group(t: torch.Tensor):
+    """The process group GlobalBatchNorm's all-reduces run on.
+
+    NCCL (CUDA): the default group, DDP's own, as torch's SyncBatchNorm does: NCCL advises
+    against two communicators in flight at once on one device (NVIDIA/nccl#195). The order is
+    the same on every rank: BatchNorm's all-reduces and DDP's bucket launches are issued by
+    the one autograd thread of each rank, walking the same graph in the same order, and NCCL
+    runs one group's collectives in the order issued.
+    gloo (CPU): a group of its own (what the multi-rank CPU tests have always run), created by
+    every rank at its first wrap, in the same order."""
+    if t.is_cuda:
+        return None
     if "bn" not in _groups:
         _groups["bn"] = dist.new_group()
     return _groups["bn"]
@@ -67,7 +95,7 @@ def _sum_hook(state, bucket):
 def wrap(net: nn.Module) -> DistributedDataParallel:
     """DDP over the trainable parameters as they are now, summing gradients over ranks.
     Buffers are not broadcast here: bn_sync='local' copies rank 0's after each step."""
-    _bn_group()
+    _bn_group(next(net.parameters()))
     with warnings.catch_warnings():     # newer torch renames it; the meaning is the same
         warnings.simplefilter("ignore", FutureWarning)
         ddp = DistributedDataParallel(net, broadcast_buffers=False)
@@ -130,6 +158,8 @@ def _missing_ranks() -> str:
 
 
 def _named(e: BaseException, what: str) -> DistributedError:
+    if "duplicate gpu" in str(e).lower():
+        return _duplicate(e, f"cuda:{torch.cuda.current_device()}")
     return DistributedError(
         f"Rank {dist.get_rank()} of {dist.get_world_size()} stopped: {_missing_ranks()} "
         f"did not join the {what} all_reduce of step {_entered['steps']} (it died, or "
@@ -174,56 +204,67 @@ def broadcast_buffers(net: nn.Module) -> None:
 
 
 class _GlobalBatchNormFn(torch.autograd.Function):
+    """Statistics and the normalisation run in float32 or wider whatever x's dtype: in float16
+    a count past 65504 is inf, and (x - mean)^2 overflows once |x - mean| > 256, while the
+    gradients stay finite (a loss scaler would never notice); the output is x's dtype."""
+
     @staticmethod
     def forward(ctx, x, weight, bias, module):
         dims = [0] + list(range(2, x.dim()))
         shape = [1, -1] + [1] * (x.dim() - 2)
         f64 = torch.float64                  # torch's CPU kernel accumulates in float64
+        wide = torch.promote_types(x.dtype, torch.float32)
         count = torch.tensor([x.numel() // max(x.shape[1], 1)], dtype=f64, device=x.device)
         buf = torch.cat([x.sum(dims, dtype=f64), count])
-        _collective(lambda: dist.all_reduce(buf, group=_bn_group()), "BatchNorm statistics")
+        _collective(lambda: dist.all_reduce(buf, group=_bn_group(x)), "BatchNorm statistics")
         n = buf[-1]
         mean = buf[:-1] / n
-        mean_ = mean.to(x.dtype).view(shape)
-        xc = x - mean_
+        xc = x.to(wide) - mean.to(wide).view(shape)
         sq = (xc * xc).sum(dims, dtype=f64)
-        _collective(lambda: dist.all_reduce(sq, group=_bn_group()), "BatchNorm statistics")
+        _collective(lambda: dist.all_reduce(sq, group=_bn_group(x)), "BatchNorm statistics")
         var = sq / n
         invstd = torch.rsqrt(var + module.eps)
-        with torch.no_grad():
-            if module.track_running_stats:
-                module.num_batches_tracked.add_(1)
-                m = module.momentum if module.momentum is not None \
-                    else 1.0 / float(module.num_batches_tracked)
-                unbiased = var * (n / torch.clamp(n - 1, min=1))
-                module.running_mean.mul_(1 - m).add_(m * mean.to(module.running_mean.dtype))
-                module.running_var.mul_(1 - m).add_(m * unbiased.to(module.running_var.dtype))
-        invstd_ = invstd.to(x.dtype).view(shape)
-        w = weight.view(shape) if weight is not None else 1.0
+        _update_running(module, mean, var, n)
+        invstd_ = invstd.to(wide).view(shape)
+        w = weight.to(wide).view(shape) if weight is not None else 1.0
         y = xc * (invstd_ * w)
         if bias is not None:
-            y = y + bias.view(shape)
+            y = y + bias.to(wide).view(shape)
         ctx.save_for_backward(xc, invstd_, weight if weight is not None else torch.ones(0))
-        ctx.n, ctx.dims, ctx.shape = n.to(x.dtype), dims, shape   # no device sync
+        ctx.n, ctx.dims, ctx.shape = n.to(wide), dims, shape   # no device sync
         ctx.has = (weight is not None, bias is not None)
-        return y
+        return y.to(x.dtype)
 
     @staticmethod
     def backward(ctx, dy):
         xc, invstd, weight = ctx.saved_tensors
         dims, shape, n = ctx.dims, ctx.shape, ctx.n
-        dbeta = dy.sum(dims, dtype=torch.float64)
-        dotp = (dy * xc).sum(dims, dtype=torch.float64)
+        dyw = dy.to(xc.dtype)
+        dbeta = dyw.sum(dims, dtype=torch.float64)
+        dotp = (dyw * xc).sum(dims, dtype=torch.float64)
         buf = torch.cat([dbeta, dotp])
-        _collective(lambda: dist.all_reduce(buf, group=_bn_group()), "BatchNorm gradient")
+        _collective(lambda: dist.all_reduce(buf, group=_bn_group(dy)), "BatchNorm gradient")
         c = dbeta.numel()
-        gbeta, gdotp = buf[:c].to(dy.dtype).view(shape), buf[c:].to(dy.dtype).view(shape)
-        w = weight.view(shape) if ctx.has[0] else 1.0
+        gbeta, gdotp = buf[:c].to(xc.dtype).view(shape), buf[c:].to(xc.dtype).view(shape)
+        w = weight.to(xc.dtype).view(shape) if ctx.has[0] else 1.0
         k = gdotp * invstd * invstd / n
-        dx = (dy - gbeta / n - xc * k) * (invstd * w)
-        dweight = (dotp.to(dy.dtype) * invstd.reshape(-1)) if ctx.has[0] else None
-        dbias = dbeta.to(dy.dtype) if ctx.has[1] else None
-        return dx, dweight, dbias, None
+        dx = (dyw - gbeta / n - xc * k) * (invstd * w)
+        dweight = (dotp.to(xc.dtype) * invstd.reshape(-1)) if ctx.has[0] else None
+        dbias = dbeta.to(xc.dtype) if ctx.has[1] else None     # autograd casts to their dtype
+        return dx.to(dy.dtype), dweight, dbias, None
+
+
+def _update_running(module, mean, var, n) -> None:
+    """Running statistics from the global batch (torch's unbiased variance)."""
+    if not module.track_running_stats:
+        return
+    with torch.no_grad():
+        module.num_batches_tracked.add_(1)
+        m = module.momentum if module.momentum is not None \
+            else 1.0 / float(module.num_batches_tracked)
+        unbiased = var * (n / torch.clamp(n - 1, min=1))
+        module.running_mean.mul_(1 - m).add_(m * mean.to(module.running_mean.dtype))
+        module.running_var.mul_(1 - m).add_(m * unbiased.to(module.running_var.dtype))
 
 
 class GlobalBatchNorm(_BatchNorm):

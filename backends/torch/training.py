@@ -1,8 +1,11 @@
 """Training steps on PyTorch: torch.optim itself (its formulas are the ones tlbridge documents)."""
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from tlbridge import inputs
 from tlbridge.errors import DataError
@@ -30,6 +33,41 @@ def check_autocast(device_type: str, precision: str) -> None:
                         f"or train with precision='fp32'.")
 
 
+def check_bf16(device: torch.device) -> None:
+    """bf16 on an NVIDIA GPU before Ampere (compute capability < 8.0) has no bfloat16 tensor
+    cores (torch emulates it, slowly, or fails): refused before the first step."""
+    if device.type != "cuda" or torch.version.hip:
+        return
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 8:
+        raise DataError(f"Expected a GPU with bfloat16 support (NVIDIA compute capability 8.0, "
+                        f"Ampere, or newer) for precision='bf16'; received {device} with compute "
+                        f"capability {major}.{minor}. Train with precision='fp16' (loss scaling) "
+                        f"or 'fp32'.")
+
+
+def _to_float32(module, args):
+    x = args[0]
+    if torch.is_tensor(x) and x.is_floating_point() and x.dtype != torch.float32:
+        return (x.float(), *args[1:])
+    return None
+
+
+@contextlib.contextmanager
+def float32_batchnorm(net):
+    """Mixed precision: BatchNorm computes in float32, as under Keras' mixed policy. torch's
+    autocast lists no batch_norm, so it ran in whatever dtype the convolution before it
+    returned (bf16/fp16); given float32 it computes and returns float32, and the next
+    convolution casts back down under autocast."""
+    handles = [mod.register_forward_pre_hook(_to_float32) for mod in net.modules()
+               if isinstance(mod, _BatchNorm)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 class Trainer:
     """One optimizer over every parameter, in tlbridge's groups; frozen ones have no gradient
     and torch.optim skips them (no update, no state, no weight decay)."""
@@ -43,6 +81,8 @@ class Trainer:
         self.precision = precision
         if precision != "fp32":
             check_autocast(self.device.type, precision)
+        if precision == "bf16":
+            check_bf16(self.device)
         # fp16: dynamic loss scaling (2^16 to start, halved on inf/NaN, doubled after 2000 steps)
         self.scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
         self.parallel = parallel        # tlbridge.parallel.Plan, or None for one process
@@ -92,7 +132,8 @@ class Trainer:
     def _forward(self, forward):
         if self.precision == "fp32":
             return forward()
-        with torch.autocast(self.device.type, dtype=_AMP[self.precision]):
+        with torch.autocast(self.device.type, dtype=_AMP[self.precision]), \
+                float32_batchnorm(self.net):
             z = forward()
         return z.float()                # the loss in float32
 

@@ -6,7 +6,7 @@
 A RUN is "optimizer:bn_sync[:option...]" (options: unfreeze, freeze_bn_biases, cache: the
 feature cache in epochs with a frozen backbone; multi: two task heads, a BCE and an MSE task
 with missing labels, uncertainty weighting; bf16: a float32 model in mixed precision; f32: the same
-float32 model without it; tokens:
+float32 model without it; lora: rank-2 LoRA adapters on every conv, so only they and the head train; tokens:
 the two-input text model token_bag on token ids + attention masks instead of images). Each run trains
 seed_vgg with BatchNorm (fp64) on 37 images in batches of 10 (the last one is short, and its
 two shares differ in size) for 2 epochs and writes the final canonical weights to
@@ -40,8 +40,10 @@ def tokens():
     return {"input_ids": ids, "attention_mask": mask}, y
 
 
-def model(backend, multi=False, dtype="float64", text=False):
+def model(backend, multi=False, dtype="float64", text=False, lora=False):
     import tlbridge as tl
+    if lora:
+        return tl.add_lora(model(backend, multi, dtype, text), rank=2, alpha=4, seed=5)
     if text:
         m = tl.load_backbone("token_bag", backend=backend, input_shape=(9,), dtype=dtype, seed=3,
                              vocab_size=20, dim=8)
@@ -79,7 +81,7 @@ def train(backend, run, replicas=None, epochs=2, ckpt=None, resume=False, callba
     multi = "multi" in options
     text = "tokens" in options
     f32 = "bf16" in options or "f32" in options         # f32: the bf16 run's float32 twin
-    m = model(backend, multi, "float32" if f32 else "float64", text)
+    m = model(backend, multi, "float32" if f32 else "float64", text, "lora" in options)
     opt = tl.optim.SGD(0.05) if optimizer == "sgd" else tl.optim.Adam(0.01)
     kw = dict(epochs=epochs, batch_size=10, optimizer=opt, seed=7, progress=False,
               checkpoint=None if ckpt is None else tl.Checkpoint(ckpt, resume=resume),
