@@ -171,7 +171,7 @@ def test_jit_traces_once_per_trainable_set_and_batch_size_across_epochs_and_call
 
 
 @on_jax
-def test_what_jax_does_not_run_yet_is_refused_with_the_engine_to_use():
+def test_what_jax_does_not_run_yet_is_refused_with_the_engine_to_use(tmp_path):
     m = tl.replace_head(tl.load_backbone("seed_vgg", backend="keras", input_shape=(32, 32, 3), seed=0, **SMALL), 2)
     x, y = _data(n=8)
     before = tl.get_weights(m)
@@ -182,6 +182,9 @@ def test_what_jax_does_not_run_yet_is_refused_with_the_engine_to_use():
         assert what in str(info.value) and "JAX engine" in str(info.value)
     after = tl.get_weights(m)
     assert all(np.array_equal(before[k], after[k]) for k in before)
+    with pytest.raises(errors.EngineFeatureError, match="KERAS_BACKEND=tensorflow") as info:
+        tl.export(m, tmp_path / "m.onnx", "onnx", verbose=False)
+    assert "tl.export" in str(info.value) and not (tmp_path / "m.onnx").exists()
 
 
 @on_jax
