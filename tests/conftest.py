@@ -47,6 +47,8 @@ def _numeric_globals() -> dict:
             if isinstance(getattr(knob, "fp32_precision", None), str):
                 out[name] = knob.fp32_precision
         out["torch default dtype"] = str(torch.get_default_dtype())
+    if "jax" in sys.modules:
+        out["jax matmul precision"] = sys.modules["jax"].config.jax_default_matmul_precision
     if "keras" in sys.modules:
         keras = sys.modules["keras"]
         out["keras floatx"] = keras.config.floatx()
@@ -69,7 +71,9 @@ def _no_leaked_numeric_state():
 
 
 def _restore(before: dict) -> None:
-    torch, keras = sys.modules.get("torch"), sys.modules.get("keras")
+    torch, keras, jax = sys.modules.get("torch"), sys.modules.get("keras"), sys.modules.get("jax")
+    if jax is not None and "jax matmul precision" in before:
+        jax.config.update("jax_default_matmul_precision", before["jax matmul precision"])
     if torch is not None and "torch matmul precision" in before:
         torch.set_float32_matmul_precision(before["torch matmul precision"])
         mkldnn = getattr(torch.backends, "mkldnn", None)
