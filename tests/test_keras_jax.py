@@ -34,9 +34,9 @@ not_on_jax = pytest.mark.skipif(registry.keras_engine() == "jax", reason="the Te
 SMALL = {"widths": (8, 16), "batch_norm": True}
 
 
-def _run_jax(code: str, tmp_path) -> dict:
+def _run_jax(code: str, tmp_path, **extra_env) -> dict:
     """`code` in a fresh process on Keras' JAX engine; it prints one JSON line last."""
-    env = {**os.environ, "KERAS_BACKEND": "jax", "TLBRIDGE_BACKEND": "keras"}
+    env = {**os.environ, "KERAS_BACKEND": "jax", "TLBRIDGE_BACKEND": "keras", **extra_env}
     out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, cwd=tmp_path,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -108,6 +108,79 @@ def test_a_model_and_checkpoint_written_on_jax_are_read_by_torch_and_keras_on_te
                                    err_msg=f"resumed on {backend}")
 
 
+# -- data-parallel replicas on JAX (subprocesses: the device count is fixed when JAX starts) --
+WORKERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "workers")
+_TWO_VS_ONE = """
+    import json, sys
+    sys.path.insert(0, %r)
+    import numpy as np
+    import tlbridge as tl
+    import dp_train                             # tests/workers: test_distributed.py's runs
+    from tlbridge.backends.keras.engine_jax import traced_steps
+    import jax
+    run = %r
+    m2, h2 = dp_train.train("keras", run, replicas=2)
+    traces = traced_steps(m2)
+    m1, h1 = dp_train.train("keras", run, replicas=None)
+    w2, w1 = tl.get_weights(m2), tl.get_weights(m1)
+    start = tl.get_weights(dp_train.model("keras", "multi" in run))
+    print(json.dumps({"devices": len(jax.devices("cpu")), "traces": traces,
+                      "diff": max(float(np.max(np.abs(w2[k] - w1[k]))) for k in w1),
+                      "trained": max(float(np.max(np.abs(w1[k] - start[k]))) for k in w1),
+                      "loss2": dp_train.losses_of(h2), "loss1": dp_train.losses_of(h1),
+                      "rows": [r for *_, r in dp_train.rows_of(h2)]}))
+"""
+
+
+@needs_jax
+@not_on_jax
+@pytest.mark.parametrize("run", ["sgd:global", "sgd:global:multi"])
+def test_two_jax_cpu_replicas_train_what_one_device_trains(tmp_path, run):
+    """TLBRIDGE_CPU_REPLICAS=2 gives JAX two CPU devices; replicas=2 with bn_sync='global' then
+    equals one device in float64 (37 images in batches of 10: the short last batch splits 4/3,
+    padded and masked, so jit traces twice in all, not once per epoch); multi-task: missing
+    labels and task means over the global batch."""
+    r = _run_jax(_TWO_VS_ONE % (WORKERS, run), tmp_path, TLBRIDGE_CPU_REPLICAS="2")
+    assert r["devices"] == 2 and r["traces"] == 2
+    assert r["diff"] <= 1e-12 and r["trained"] > 1e-3, r
+    np.testing.assert_allclose(r["loss2"], r["loss1"], rtol=0, atol=1e-12)
+    assert r["rows"] == [[5, 5]] * 3 + [[4, 3]] + [[5, 5]] * 3 + [[4, 3]]
+
+
+@needs_jax
+@not_on_jax
+def test_local_batchnorm_on_jax_replicas_is_what_tensorflow_replicas_train(tmp_path):
+    """bn_sync='local': each share normalised on its own rows (4/3 in the short batch), replica
+    0's running statistics kept; the same run on 2 TensorFlow replicas gives the same weights,
+    and they are not one device's."""
+    from tlbridge import weights as wio
+    r = _run_jax(f"""
+        import json, sys
+        sys.path.insert(0, {WORKERS!r})
+        from tlbridge.backends.keras import cpu_replicas
+        cpu_replicas(2)
+        import tlbridge as tl
+        from tlbridge import weights as wio
+        import dp_train
+        m, h = dp_train.train("keras", "sgd:local", replicas=2)
+        wio.save_file("local.safetensors", tl.get_weights(m), {{}})
+        one, _ = dp_train.train("keras", "sgd:local", replicas=None)
+        wio.save_file("one.safetensors", tl.get_weights(one), {{}})
+        print(json.dumps({{"loss": dp_train.losses_of(h)}}))
+    """, tmp_path)
+    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    out = subprocess.run([sys.executable, os.path.join(WORKERS, "dp_train.py"), "keras",
+                          str(tmp_path / "tf"), "sgd:local", "--replicas", "2"], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    jx, _ = wio.load_file(tmp_path / "local.safetensors")
+    tf_w, meta = wio.load_file(tmp_path / "tf.0.safetensors")
+    assert parity.worst(jx, tf_w, floor_rel=1e-6)[0] <= 1e-10
+    np.testing.assert_allclose(r["loss"], eval(meta["loss"]), rtol=1e-10)
+    one, _ = wio.load_file(tmp_path / "one.safetensors")
+    assert parity.worst(jx, one)[0] > 1e-3          # local is not one device's
+
+
 # -- on the JAX engine ----------------------------------------------------------------------
 TINY_BERT = {"vocab_size": 50, "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 4,
              "intermediate_size": 32, "max_position_embeddings": 32}
@@ -171,20 +244,58 @@ def test_jit_traces_once_per_trainable_set_and_batch_size_across_epochs_and_call
 
 
 @on_jax
-def test_what_jax_does_not_run_yet_is_refused_with_the_engine_to_use(tmp_path):
+def test_what_jax_does_not_run_yet_is_refused_with_the_engine_to_use(tmp_path, monkeypatch):
+    from tlbridge import devices
+    monkeypatch.setattr(devices, "_ALLOW_CPU_FP16", True)       # past the CPU's own refusal
     m = tl.replace_head(tl.load_backbone("seed_vgg", backend="keras", input_shape=(32, 32, 3), seed=0, **SMALL), 2)
     x, y = _data(n=8)
     before = tl.get_weights(m)
-    for kwargs, what in [(dict(precision="bf16"), "precision='bf16'"),
-                         (dict(parallel=tl.Parallel(replicas=2)), "data-parallel")]:
-        with pytest.raises(errors.EngineFeatureError, match="KERAS_BACKEND=tensorflow") as info:
-            tl.fine_tune(m, (x, y), epochs=1, batch_size=8, progress=False, **kwargs)
-        assert what in str(info.value) and "JAX engine" in str(info.value)
+    with pytest.raises(errors.EngineFeatureError, match="KERAS_BACKEND=tensorflow") as info:
+        tl.fine_tune(m, (x, y), epochs=1, batch_size=8, progress=False, precision="fp16")
+    assert "precision='fp16'" in str(info.value) and "JAX engine" in str(info.value)
     after = tl.get_weights(m)
     assert all(np.array_equal(before[k], after[k]) for k in before)
     with pytest.raises(errors.EngineFeatureError, match="KERAS_BACKEND=tensorflow") as info:
         tl.export(m, tmp_path / "m.onnx", "onnx", verbose=False)
     assert "tl.export" in str(info.value) and not (tmp_path / "m.onnx").exists()
+
+
+@on_jax
+def test_more_jax_replicas_than_devices_and_late_cpu_replicas_are_refused():
+    """This process started JAX with one CPU device: replicas=2 names cpu_replicas(2) and
+    TLBRIDGE_CPU_REPLICAS; cpu_replicas now is too late, and says so."""
+    from tlbridge.backends.keras import cpu_replicas
+    m = tl.replace_head(tl.load_backbone("seed_vgg", backend="keras", input_shape=(32, 32, 3), seed=0, **SMALL), 2)
+    x, y = _data(n=8)
+    with pytest.raises(errors.DistributedError, match=r"replicas=2 .*cpu_replicas\(2\).*TLBRIDGE_CPU_REPLICAS"):
+        tl.fine_tune(m, (x, y), epochs=1, progress=False, parallel=tl.Parallel(replicas=2))
+    with pytest.raises(errors.DistributedError, match="before JAX starts its devices"):
+        cpu_replicas(3)
+    assert cpu_replicas(1) == [str(d) for d in __import__("jax").devices("cpu")]
+
+
+@on_jax
+def test_bf16_on_jax_computes_in_bf16_and_keeps_float32_weights_and_statistics():
+    """Mixed precision as on TensorFlow (Keras' mixed_bfloat16 policy on every layer but
+    BatchNorm while the step is traced): the first step's loss, from the same weights, is off
+    the float32 one by bf16 rounding (8-bit mantissa), not float32's; weights and BatchNorm
+    statistics stay float32 (tests/test_precision.py checks that it learns)."""
+    x, y = _data(n=16)
+    first, out = {}, {}
+    for precision in ("fp32", "bf16"):
+        m = tl.replace_head(tl.load_backbone("seed_vgg", backend="keras", input_shape=(32, 32, 3),
+                                             seed=0, **SMALL), 2, seed=1)
+        seen = []
+        tl.fine_tune(m, (x.astype("float32"), y.astype("float32")), epochs=2, batch_size=8,
+                     progress=False, feature_cache=False, precision=precision,
+                     callbacks=[lambda ev, info: seen.append(info["loss"]) if ev == "step" else None])
+        first[precision], out[precision] = seen[0], tl.get_weights(m)
+    assert {str(v.dtype) for v in out["bf16"].values()} == {"float32"}
+    stats = [k for k in out["bf16"] if k.endswith("running_var")]
+    assert stats and all(np.all(np.isfinite(out["bf16"][k])) for k in stats)
+    rel = abs(first["bf16"] - first["fp32"]) / first["fp32"]
+    assert 1e-4 < rel < 2e-2, rel
+    assert 0 < parity.worst(out["bf16"], out["fp32"], floor_rel=1e-3)[0] < 0.1
 
 
 @on_jax

@@ -14,12 +14,22 @@ LABEL = {"tensorflow": "TensorFlow", "jax": "JAX"}.get(NAME, NAME)
 
 
 def replica_context():
-    """The tf.distribute replica context of a step traced for several replicas, else None
-    (always None on JAX, where data-parallel steps are not available yet)."""
-    if not TENSORFLOW:
-        return None
-    from . import parallel
+    """The replica context of a step traced for several replicas (tf.distribute's on
+    TensorFlow, parallel_jax.ReplicaContext inside a shard_map on JAX), else None."""
+    if TENSORFLOW:
+        from . import parallel
+    else:
+        from . import parallel_jax as parallel
     return parallel.replica_context()
+
+
+def batch_norm_in_replica(layer, x, ctx, batch_norm_train):
+    """TorchBatchNorm's train-mode pass inside a replica step, by the engine's collectives."""
+    if TENSORFLOW:
+        from . import parallel
+    else:
+        from . import parallel_jax as parallel
+    return parallel.batch_norm_in_replica(layer, x, ctx, batch_norm_train)
 
 
 def not_yet(feature: str) -> EngineFeatureError:

@@ -22,8 +22,9 @@ from tlbridge import inputs
 from tlbridge.losses import Loss
 from tlbridge.optim import OptimizerConfig
 
-from . import engine
-from .losses import loss_fn, multi_loss
+from . import engine, parallel_jax
+from .losses import loss_fn, multi_loss, task_counts
+from .mixed import mixed_policy
 from .network import TorchBatchNorm
 from .seeds import seed_epoch  # noqa: F401  (the engine's seed_epoch)
 
@@ -185,19 +186,37 @@ class _Step:
         self.others = [v for v in variables_of(self.model, self.log_vars) if id(v) not in ids]
         self.reached = None         # which parameters the loss reaches (set on the first call)
         self.compiled = trainer.compiled
+        self.precision, self.dtype = trainer.precision, m.dtype
+        self.parallel = trainer.parallel
+        if self.parallel is not None:
+            _check_replica_batchnorm(self.model)
         self.fn = None
+
+    def run_loss(self, tv, ov, x, y, **share):
+        """((loss, per-task losses), the other variables after) of a train-mode pass; `share`
+        (rows, mask, counts, first): one replica's share of a global batch (parallel_jax)."""
+        def run():
+            with mixed_policy(self.model, self.precision):
+                z = self.model(x, training=True)
+            z = ops.cast(z, self.dtype)                 # the loss in float32+ (bf16 too)
+            if self.loss_spec.name == "multi":
+                return multi_loss(z, y, self.loss_spec, self.log_vars.value,
+                                  share.get("counts"), share.get("first"))
+            return (loss_fn(z, y, self.loss_spec, rows=share.get("rows"), mask=share.get("mask")),
+                    ops.zeros((0,), z.dtype))
+        out, after = stateless(self.trainable + self.others, list(tv) + list(ov), run)
+        return out, after[len(tv):]
+
+    def task_counts(self, y):
+        """Present labels per task in a global batch (multi-task data-parallel steps)."""
+        return task_counts(y, self.loss_spec)
 
     def objective(self, tv, ov, anchors, x, y):
         """(loss + penalty, (loss, penalty, per-task losses, the other variables after))."""
-        def run():
-            z = self.model(x, training=True)
-            if self.loss_spec.name == "multi":
-                return multi_loss(z, y, self.loss_spec, self.log_vars.value)
-            return loss_fn(z, y, self.loss_spec), ops.zeros((0,), z.dtype)
-        (loss, parts), after = stateless(self.trainable + self.others, list(tv) + list(ov), run)
+        (loss, parts), after = self.run_loss(tv, ov, x, y)
         pen = self.penalty(tv, anchors) if self.reg is not None and self.slots \
             else ops.zeros((), loss.dtype)
-        return loss + pen, (loss, pen, parts, after[len(tv):])
+        return loss + pen, (loss, pen, parts, after)
 
     def penalty(self, tv, anchors):
         """L2-SP: alpha/2 ||w - w0||^2 over trainable backbone weights, beta/2 ||w||^2 over the head."""
@@ -224,21 +243,26 @@ class _Step:
         return tuple(v in used for v in closed.jaxpr.invars)
 
     def build(self):
+        if self.parallel is not None:
+            return parallel_jax.build_step(self, self.parallel)
+
         def step(tv, ov, bufs, anchors, x, y, rows):
             self.compiled.traces += 1       # runs while jit traces, not on each call
             (_, (loss, pen, parts, after)), grads = jax.value_and_grad(
                 self.objective, has_aux=True)(tv, ov, anchors, x, y)
-            new_tv, new_bufs = [], []
-            for i, (s, p, g, buf) in enumerate(zip(self.slots, tv, grads, bufs)):
-                if not self.reached[i]:
-                    new_tv.append(p)
-                    new_bufs.append(buf)
-                    continue
-                p, buf = self.update(p, g, buf, rows[i])
-                new_tv.append(p)
-                new_bufs.append(buf)
+            new_tv, new_bufs = self.apply(tv, grads, bufs, rows)
             return new_tv, after, new_bufs, loss, pen, parts
         return jax.jit(step)
+
+    def apply(self, tv, grads, bufs, rows):
+        """Every parameter the loss reaches updated: (new values, new optimizer state)."""
+        new_tv, new_bufs = [], []
+        for i, (p, g, buf) in enumerate(zip(tv, grads, bufs)):
+            if self.reached[i]:
+                p, buf = self.update(p, g, buf, rows[i])
+            new_tv.append(p)
+            new_bufs.append(buf)
+        return new_tv, new_bufs
 
     def update(self, p, g, buf, row):
         """One parameter's update by tlbridge's formulas (tlbridge/optim.py), as training.py's
@@ -273,10 +297,8 @@ class Trainer:
     def __init__(self, m, cfg: OptimizerConfig, groups: list[tuple[float, list[str]]],
                  regularizer=None, anchors: dict | None = None, loss=None,
                  precision: str = "fp32", parallel=None):
-        if precision != "fp32":
-            raise engine.not_yet(f"fine_tune(precision={precision!r}) (mixed precision)")
-        if parallel is not None:
-            raise engine.not_yet("data-parallel fine_tune (tl.Parallel(replicas=...))")
+        if precision == "fp16":
+            raise engine.not_yet("fine_tune(precision='fp16') (loss scaling); bf16 runs here")
         self.m, self.cfg, self.precision, self.parallel = m, cfg, precision, parallel
         self.loss = Loss() if loss is None else loss
         self.last_parts = None
@@ -338,7 +360,7 @@ class Trainer:
 
     def _run(self, x, y, lrs, head_only):
         names = tuple(n for n in self.slots if n not in self.m.frozen)
-        key = (names, head_only, self.cfg, self.reg, self.loss)
+        key = (names, head_only, self.cfg, self.reg, self.loss, self.precision, self.parallel)
         step = self.compiled.steps.get(key)
         if step is None:
             step = self.compiled.steps[key] = _Step(self, names, head_only)
@@ -348,23 +370,36 @@ class Trainer:
         anchors = {n: self.compiled.anchors[n] for n in names if n in self.compiled.anchors} \
             if self.reg is not None else {}
         tv, ov = _values(step.trainable), _values(step.others)
-        with device_scope(self.m.state.get("device", "cpu")):
+        with self._where():
             if step.fn is None:
                 step.reached = step.find_reached(tv, ov, anchors, x, y)
                 step.fn = step.build()
-            new_tv, after, new_bufs, loss, pen, parts = step.fn(
-                tv, ov, bufs, anchors, x, y, self._scalars(names, lrs))
+            if self.parallel is None:
+                out = step.fn(tv, ov, bufs, anchors, x, y, self._scalars(names, lrs))
+                self.last_rows = (inputs.length(x),)
+            else:
+                *batch, self.last_rows = parallel_jax.inputs_of(
+                    self.parallel, x, y, self.loss.name == "multi")
+                xs, ys, mask, count = batch
+                tv, ov, bufs, anchors = parallel_jax.replicated(self.parallel, (tv, ov, bufs, anchors))
+                out = step.fn(tv, ov, bufs, anchors, xs, ys, self._scalars(names, lrs), mask, count)
+            new_tv, after, new_bufs, loss, pen, parts = out
         _write(step.trainable, new_tv)
         _write(step.others, after)
         for n, buf in zip(names, new_bufs):
             for k, value in zip(slots, buf):
                 self.state[k][n] = value
-        self.last_rows = (inputs.length(x),)
         if self.loss.name == "multi":
             self.last_parts = np.asarray(parts, np.float64)
         for n in names:
             self.steps[n] = self.steps.get(n, 0) + 1
         return float(loss), float(pen)
+
+    def _where(self):
+        """The model's device; replicas place their shares themselves (parallel_jax.spread)."""
+        if self.parallel is not None:
+            return contextlib.nullcontext()
+        return device_scope(self.m.state.get("device", "cpu"))
 
     def step(self, x, y, lrs):
         return self._run(x, y, lrs, head_only=False)
@@ -452,19 +487,21 @@ def set_tf32(enabled):
     return previous
 
 
-def cpu_replicas(n: int):
-    raise engine.not_yet("tl.cpu_replicas (data-parallel replicas)")
+cpu_replicas = parallel_jax.cpu_replicas      # TLBRIDGE_CPU_REPLICAS=N: the same, from_env
+from_env = parallel_jax.from_env
+replica_plan = parallel_jax.plan
 
 
-def from_env() -> None:
-    """TLBRIDGE_CPU_REPLICAS=N asks for data-parallel CPU replicas: not on this engine yet."""
-    import os
-    if os.environ.get("TLBRIDGE_CPU_REPLICAS"):
-        raise engine.not_yet("TLBRIDGE_CPU_REPLICAS (data-parallel replicas)")
-
-
-def replica_plan(replicas, bn_sync: str):
-    raise engine.not_yet("data-parallel fine_tune (tl.Parallel(replicas=...))")
+def _check_replica_batchnorm(model) -> None:
+    """Keras' own BatchNormalization (keras.applications backbones) trains with its moments
+    over the padded share on replicas: refused while it trains; frozen, it runs on its moving
+    statistics and splits rows exactly."""
+    training = [layer.name for layer in model._flatten_layers(include_self=False)
+                if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable]
+    if training:
+        raise engine.not_yet(f"data-parallel replicas with Keras' own BatchNormalization "
+                             f"trainable ({training[0]!r}, a keras.applications backbone; "
+                             f"freeze the backbone, or use a portable one)")
 
 
 def grow_gpu_memory() -> None:

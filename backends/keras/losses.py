@@ -84,17 +84,17 @@ def multi_loss(z, y, ml, log_vars, counts=None, first=None):
     return total, ops.stop_gradient(report)
 
 
-def loss_fn(z, y, loss, log_vars=None, rows=None):
+def loss_fn(z, y, loss, log_vars=None, rows=None, mask=None):
     """tlbridge/losses.py's formulas with Keras' own functions (y: (N, K) float labels).
     rows: the global batch's size when z is one replica's share of it (data-parallel): the
     sum over this share divided by the global count, so the replicas' values add up to the
-    mean."""
+    mean. mask: 1 for this share's rows, 0 for the padding a JAX replica carries."""
     if loss.name == "multi":
         return multi_loss(z, y, loss, log_vars)[0]
     if rows is not None:
         rows = ops.cast(rows, z.dtype)
         if loss.name == "bce":
-            per = bce(y, z)   # mean over K per row
+            per = mean(bce(y, z), -1)   # mean over K per row (bce is per entry)
         elif loss.name == "ce":
             eps = loss.label_smoothing
             if eps:
@@ -102,6 +102,8 @@ def loss_fn(z, y, loss, log_vars=None, rows=None):
             per = ops.categorical_crossentropy(y, z, from_logits=True)
         else:
             per = mean(ops.square(z - y), -1)
+        if mask is not None:
+            per = per * ops.cast(mask, per.dtype)
         return ops.sum(per) / rows
     if loss.name == "bce":
         return mean(bce(y, z), (0, 1))

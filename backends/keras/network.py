@@ -101,9 +101,8 @@ class TorchBatchNorm(layers.Layer):
     def call(self, x, training=None):
         if training and self.trainable and self.gamma.trainable:
             ctx = engine.replica_context()
-            if ctx is not None:     # tf.distribute replicas (backends/keras/parallel.py)
-                from . import parallel
-                return parallel.batch_norm_in_replica(self, x, ctx, _batch_norm_train)
+            if ctx is not None:     # replicas (parallel.py on TensorFlow, parallel_jax.py)
+                return engine.batch_norm_in_replica(self, x, ctx, _batch_norm_train)
             mean, var, y = _batch_norm_train(x, ops.copy(self.gamma.value),
                                              ops.copy(self.beta.value), self.epsilon)
             n = ops.cast(ops.prod(ops.shape(x)[:-1]), x.dtype)

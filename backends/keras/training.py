@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 
-import keras
 import numpy as np
 import tensorflow as tf
 
@@ -24,30 +23,11 @@ from tlbridge.optim import OptimizerConfig
 
 from . import devices, parallel as par
 from .compute import constant, input_spec, loss_fn, multi_loss, task_counts
-from .network import TorchBatchNorm
+from .mixed import mixed_policy
 from .seeds import seed_epoch  # noqa: F401  (moved: every engine shares it)
 
-_POLICY = {"bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
 GROWTH_INTERVAL = 2000          # fp16 loss scaling: torch.amp.GradScaler's defaults
 INITIAL_SCALE = 2.0 ** 16
-
-
-@contextlib.contextmanager
-def mixed_policy(model, precision: str):
-    """Every layer but BatchNorm computes in bf16/fp16 (Keras' mixed policy: float32
-    variables, cast on read) while a step is traced; BatchNorm and the loss stay float32."""
-    if precision == "fp32":
-        yield
-        return
-    saved = [(layer, layer.dtype_policy) for layer in model._flatten_layers(include_self=True)]
-    try:
-        for layer, _ in saved:
-            if not isinstance(layer, (TorchBatchNorm, keras.layers.BatchNormalization)):
-                layer.dtype_policy = _POLICY[precision]
-        yield
-    finally:
-        for layer, policy in saved:
-            layer.dtype_policy = policy
 
 
 class _Compiled:

@@ -1,0 +1,29 @@
+"""Mixed precision on every Keras engine: Keras' own mixed dtype policies, set on the layers
+while a training step is traced (float32 variables, cast to bf16/fp16 on read)."""
+from __future__ import annotations
+
+import contextlib
+
+import keras
+
+from .network import TorchBatchNorm
+
+POLICY = {"bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
+
+
+@contextlib.contextmanager
+def mixed_policy(model, precision: str):
+    """Every layer but BatchNorm computes in bf16/fp16 (Keras' mixed policy: float32
+    variables, cast on read) while a step is traced; BatchNorm and the loss stay float32."""
+    if precision == "fp32":
+        yield
+        return
+    saved = [(layer, layer.dtype_policy) for layer in model._flatten_layers(include_self=True)]
+    try:
+        for layer, _ in saved:
+            if not isinstance(layer, (TorchBatchNorm, keras.layers.BatchNormalization)):
+                layer.dtype_policy = POLICY[precision]
+        yield
+    finally:
+        for layer, policy in saved:
+            layer.dtype_policy = policy
