@@ -151,8 +151,8 @@ def test_two_jax_cpu_replicas_train_what_one_device_trains(tmp_path, run):
 @not_on_jax
 def test_local_batchnorm_on_jax_replicas_is_what_tensorflow_replicas_train(tmp_path):
     """bn_sync='local': each share normalised on its own rows (4/3 in the short batch), replica
-    0's running statistics kept; the same run on 2 TensorFlow replicas gives the same weights,
-    and they are not one device's."""
+    0's running statistics kept; the same run on 2 TensorFlow replicas gives the same weights
+    (which are not one process's: tests/test_distributed.py)."""
     from tlbridge import weights as wio
     r = _run_jax(f"""
         import json, sys
@@ -164,8 +164,6 @@ def test_local_batchnorm_on_jax_replicas_is_what_tensorflow_replicas_train(tmp_p
         import dp_train
         m, h = dp_train.train("keras", "sgd:local", replicas=2)
         wio.save_file("local.safetensors", tl.get_weights(m), {{}})
-        one, _ = dp_train.train("keras", "sgd:local", replicas=None)
-        wio.save_file("one.safetensors", tl.get_weights(one), {{}})
         print(json.dumps({{"loss": dp_train.losses_of(h)}}))
     """, tmp_path)
     env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "2"}
@@ -175,10 +173,9 @@ def test_local_batchnorm_on_jax_replicas_is_what_tensorflow_replicas_train(tmp_p
     assert out.returncode == 0, out.stderr[-3000:]
     jx, _ = wio.load_file(tmp_path / "local.safetensors")
     tf_w, meta = wio.load_file(tmp_path / "tf.0.safetensors")
-    assert parity.worst(jx, tf_w, floor_rel=1e-6)[0] <= 1e-10
+    assert set(jx) == set(tf_w)
+    assert max(float(np.max(np.abs(jx[k] - tf_w[k]))) for k in jx) <= 1e-12   # measured 4e-16
     np.testing.assert_allclose(r["loss"], eval(meta["loss"]), rtol=1e-10)
-    one, _ = wio.load_file(tmp_path / "one.safetensors")
-    assert parity.worst(jx, one)[0] > 1e-3          # local is not one device's
 
 
 # -- on the JAX engine ----------------------------------------------------------------------
@@ -244,17 +241,8 @@ def test_jit_traces_once_per_trainable_set_and_batch_size_across_epochs_and_call
 
 
 @on_jax
-def test_what_jax_does_not_run_yet_is_refused_with_the_engine_to_use(tmp_path, monkeypatch):
-    from tlbridge import devices
-    monkeypatch.setattr(devices, "_ALLOW_CPU_FP16", True)       # past the CPU's own refusal
+def test_what_jax_does_not_run_yet_is_refused_with_the_engine_to_use(tmp_path):
     m = tl.replace_head(tl.load_backbone("seed_vgg", backend="keras", input_shape=(32, 32, 3), seed=0, **SMALL), 2)
-    x, y = _data(n=8)
-    before = tl.get_weights(m)
-    with pytest.raises(errors.EngineFeatureError, match="KERAS_BACKEND=tensorflow") as info:
-        tl.fine_tune(m, (x, y), epochs=1, batch_size=8, progress=False, precision="fp16")
-    assert "precision='fp16'" in str(info.value) and "JAX engine" in str(info.value)
-    after = tl.get_weights(m)
-    assert all(np.array_equal(before[k], after[k]) for k in before)
     with pytest.raises(errors.EngineFeatureError, match="KERAS_BACKEND=tensorflow") as info:
         tl.export(m, tmp_path / "m.onnx", "onnx", verbose=False)
     assert "tl.export" in str(info.value) and not (tmp_path / "m.onnx").exists()

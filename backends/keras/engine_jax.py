@@ -6,12 +6,16 @@ arrays; the updated values are written back into the Keras variables afterwards.
 A training step (forward, loss, L2-SP penalty, gradients, tlbridge's optimizer formulas) is one
 `jax.jit` per trainable set and loss, kept with the model like the TensorFlow engine's traced
 steps; jit traces once per batch shape, so a ragged last batch adds one trace, reused every epoch.
+Mixed precision traces the step under Keras' mixed policies (mixed.py, shared with TensorFlow);
+data-parallel replicas wrap the same step's loss in a shard_map (parallel_jax.py).
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import jax
+import jax.numpy as jnp
 import keras
 import numpy as np
 from jax.extend import core as jcore
@@ -24,7 +28,7 @@ from tlbridge.optim import OptimizerConfig
 
 from . import engine, parallel_jax
 from .losses import loss_fn, multi_loss, task_counts
-from .mixed import mixed_policy
+from .mixed import GROWTH_INTERVAL, INITIAL_SCALE, mixed_policy
 from .network import TorchBatchNorm
 from .seeds import seed_epoch  # noqa: F401  (the engine's seed_epoch)
 
@@ -156,6 +160,11 @@ class _Compiled:
         self.anchors: dict[str, jax.Array] = {}
         self.steps: dict[tuple, _Step] = {}
         self.traces = 0
+        self.scaling = _start_scaling()     # fp16: (loss scale, good steps since a change)
+
+
+def _start_scaling() -> tuple:
+    return jnp.asarray(INITIAL_SCALE, "float32"), jnp.asarray(0, "int64")
 
 
 def _compiled(m) -> _Compiled:
@@ -211,12 +220,16 @@ class _Step:
         """Present labels per task in a global batch (multi-task data-parallel steps)."""
         return task_counts(y, self.loss_spec)
 
-    def objective(self, tv, ov, anchors, x, y):
-        """(loss + penalty, (loss, penalty, per-task losses, the other variables after))."""
+    def objective(self, tv, ov, anchors, x, y, scale=1.0):
+        """(loss + penalty, fp16: times the loss scale; (loss, penalty, per-task losses, the
+        other variables after))."""
         (loss, parts), after = self.run_loss(tv, ov, x, y)
         pen = self.penalty(tv, anchors) if self.reg is not None and self.slots \
             else ops.zeros((), loss.dtype)
-        return loss + pen, (loss, pen, parts, after)
+        return self.scaled(loss + pen, scale), (loss, pen, parts, after)
+
+    def scaled(self, value, scale):
+        return value * ops.cast(scale, value.dtype) if self.precision == "fp16" else value
 
     def penalty(self, tv, anchors):
         """L2-SP: alpha/2 ||w - w0||^2 over trainable backbone weights, beta/2 ||w||^2 over the head."""
@@ -246,13 +259,29 @@ class _Step:
         if self.parallel is not None:
             return parallel_jax.build_step(self, self.parallel)
 
-        def step(tv, ov, bufs, anchors, x, y, rows):
+        def step(tv, ov, bufs, anchors, x, y, rows, scaling):
             self.compiled.traces += 1       # runs while jit traces, not on each call
             (_, (loss, pen, parts, after)), grads = jax.value_and_grad(
-                self.objective, has_aux=True)(tv, ov, anchors, x, y)
-            new_tv, new_bufs = self.apply(tv, grads, bufs, rows)
-            return new_tv, after, new_bufs, loss, pen, parts
+                self.objective, has_aux=True)(tv, ov, anchors, x, y, scaling[0])
+            new_tv, new_bufs, scaling, applied = self.finish(tv, grads, bufs, rows, scaling)
+            return new_tv, after, new_bufs, loss, pen, parts, scaling, applied
         return jax.jit(step)
+
+    def finish(self, tv, grads, bufs, rows, scaling):
+        """The update; fp16: torch.amp.GradScaler's rules as training.py's _apply_scaled (the
+        gradients unscaled; inf/NaN ones skip the update and halve the scale; GROWTH_INTERVAL
+        good steps double it). Returns (values, optimizer state, scaling, applied)."""
+        if self.precision != "fp16":
+            return (*self.apply(tv, grads, bufs, rows), scaling, jnp.asarray(True))
+        scale, good = scaling
+        grads = [g / ops.cast(scale, g.dtype) for g in grads]
+        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in grads]))
+        new_tv, new_bufs = self.apply(tv, grads, bufs, rows)
+        keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
+        good = jnp.where(finite, good + 1, 0)
+        grow = good >= GROWTH_INTERVAL
+        scale = jnp.where(finite, jnp.where(grow, scale * 2.0, scale), scale * 0.5)
+        return keep(new_tv, tv), keep(new_bufs, bufs), (scale, jnp.where(grow, 0, good)), finite
 
     def apply(self, tv, grads, bufs, rows):
         """Every parameter the loss reaches updated: (new values, new optimizer state)."""
@@ -297,8 +326,8 @@ class Trainer:
     def __init__(self, m, cfg: OptimizerConfig, groups: list[tuple[float, list[str]]],
                  regularizer=None, anchors: dict | None = None, loss=None,
                  precision: str = "fp32", parallel=None):
-        if precision == "fp16":
-            raise engine.not_yet("fine_tune(precision='fp16') (loss scaling); bf16 runs here")
+        if precision == "bf16":
+            _check_bf16(m.state.get("device", "cpu"))
         self.m, self.cfg, self.precision, self.parallel = m, cfg, precision, parallel
         self.loss = Loss() if loss is None else loss
         self.last_parts = None
@@ -313,12 +342,16 @@ class Trainer:
         self._zero_state()
         self.set_anchors(anchors or {})
 
-    loss_scale = None           # fp16 loss scaling: not on this engine
+    @property
+    def loss_scale(self) -> float | None:
+        """fp16: the current loss scale (GradScaler's rules); None otherwise."""
+        return float(self.compiled.scaling[0]) if self.precision == "fp16" else None
 
     def _zero_state(self) -> None:
         for table in self.state.values():
             for name, value in table.items():
                 table[name] = ops.zeros_like(value)
+        self.compiled.scaling = _start_scaling()
 
     def _buf(self, slot, s):
         table = self.state.setdefault(slot, {})
@@ -375,15 +408,18 @@ class Trainer:
                 step.reached = step.find_reached(tv, ov, anchors, x, y)
                 step.fn = step.build()
             if self.parallel is None:
-                out = step.fn(tv, ov, bufs, anchors, x, y, self._scalars(names, lrs))
+                out = step.fn(tv, ov, bufs, anchors, x, y, self._scalars(names, lrs),
+                              self.compiled.scaling)
                 self.last_rows = (inputs.length(x),)
             else:
                 *batch, self.last_rows = parallel_jax.inputs_of(
                     self.parallel, x, y, self.loss.name == "multi")
                 xs, ys, mask, count = batch
-                tv, ov, bufs, anchors = parallel_jax.replicated(self.parallel, (tv, ov, bufs, anchors))
-                out = step.fn(tv, ov, bufs, anchors, xs, ys, self._scalars(names, lrs), mask, count)
-            new_tv, after, new_bufs, loss, pen, parts = out
+                tv, ov, bufs, anchors, scaling = parallel_jax.replicated(
+                    self.parallel, (tv, ov, bufs, anchors, self.compiled.scaling))
+                out = step.fn(tv, ov, bufs, anchors, xs, ys, self._scalars(names, lrs), scaling,
+                              mask, count)
+            new_tv, after, new_bufs, loss, pen, parts, self.compiled.scaling, applied = out
         _write(step.trainable, new_tv)
         _write(step.others, after)
         for n, buf in zip(names, new_bufs):
@@ -391,8 +427,9 @@ class Trainer:
                 self.state[k][n] = value
         if self.loss.name == "multi":
             self.last_parts = np.asarray(parts, np.float64)
-        for n in names:
-            self.steps[n] = self.steps.get(n, 0) + 1
+        if bool(applied):                   # fp16: a step skipped for inf/NaN counts no update
+            for n in names:
+                self.steps[n] = self.steps.get(n, 0) + 1
         return float(loss), float(pen)
 
     def _where(self):
@@ -447,6 +484,21 @@ def _jax_devices(kind: str) -> list:
         return jax.devices(kind)
     except RuntimeError:        # no such platform on this machine
         return []
+
+
+def _check_bf16(device: str) -> None:
+    """bf16 on an NVIDIA GPU before Ampere: refused before the first step (devices.py's rule
+    on TensorFlow)."""
+    if not device.startswith("cuda"):
+        return
+    gpus, index = _jax_devices("gpu"), int(device.partition(":")[2] or 0)
+    capability = str(getattr(gpus[index], "compute_capability", "8.0")) if index < len(gpus) else "8.0"
+    if int(capability.split(".")[0]) < 8:
+        from tlbridge.errors import DataError
+        raise DataError(f"Expected a GPU with bfloat16 support (NVIDIA compute capability 8.0, "
+                        f"Ampere, or newer) for precision='bf16'; received {device} with compute "
+                        f"capability {capability}. Train with precision='fp16' (loss scaling) or "
+                        f"'fp32'.")
 
 
 def available() -> list[str]:

@@ -9,6 +9,8 @@ import keras
 from .network import TorchBatchNorm
 
 POLICY = {"bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
+GROWTH_INTERVAL = 2000          # fp16 loss scaling: torch.amp.GradScaler's defaults
+INITIAL_SCALE = 2.0 ** 16
 
 
 @contextlib.contextmanager

@@ -209,29 +209,32 @@ def _masked_batch_norm(x, gamma, beta, epsilon, ctx):
 # -- the step -------------------------------------------------------------------------------
 def build_step(step, plan: parallel.Plan):
     """A jitted data-parallel step with engine_jax._Step's signature plus (mask, count): the
-    replicas' summed loss and gradients, the L2-SP penalty once beside them, one update."""
+    replicas' summed loss and gradients (fp16: scaled), the L2-SP penalty once beside them,
+    one update (engine_jax._Step.finish)."""
     mesh, multi = plan.strategy, step.loss_spec.name == "multi"
     sharded = jax.shard_map(_replica_fn(step, plan.bn_sync), mesh=mesh,
-                            in_specs=(P(), P(), P(AXIS), P(AXIS), P(AXIS), P(), P()),
+                            in_specs=(P(), P(), P(AXIS), P(AXIS), P(AXIS), P(), P(), P()),
                             out_specs=P(), check_vma=False)
 
-    def run(tv, ov, bufs, anchors, x, y, rows, mask, count):
+    def run(tv, ov, bufs, anchors, x, y, rows, scaling, mask, count):
         step.compiled.traces += 1       # runs while jit traces, not on each call
         counts = step.task_counts(y) if multi else jnp.zeros((0,), y.dtype)
-        loss, parts, grads, after = sharded(tv, ov, x, y, mask, count, counts)
+        loss, parts, grads, after = sharded(tv, ov, x, y, mask, count, counts, scaling[0])
         if multi:       # the task losses summed over replicas; NaN for a task absent
             parts = jnp.where(counts > 0, parts, jnp.full_like(parts, jnp.nan))
         pen = jnp.zeros((), loss.dtype)
         if step.reg is not None and step.slots:     # counted once, beside the summed shares
-            pen, pen_grads = jax.value_and_grad(lambda tv: step.penalty(tv, anchors))(tv)
+            pen, pen_grads = jax.value_and_grad(
+                lambda tv: step.scaled(step.penalty(tv, anchors), scaling[0]))(tv)
+            pen = pen / ops.cast(scaling[0], pen.dtype) if step.precision == "fp16" else pen
             grads = [g + pg for g, pg in zip(grads, pen_grads)]
-        new_tv, new_bufs = step.apply(tv, grads, bufs, rows)
-        return new_tv, after, new_bufs, loss, pen, parts
+        new_tv, new_bufs, scaling, applied = step.finish(tv, grads, bufs, rows, scaling)
+        return new_tv, after, new_bufs, loss, pen, parts, scaling, applied
     return jax.jit(run)
 
 
 def _replica_fn(step, bn_sync: str):
-    def replica(tv, ov, x, y, mask, count, counts):
+    def replica(tv, ov, x, y, mask, count, counts, scale):
         first = ops.cast(jax.lax.axis_index(AXIS) == 0, y.dtype)
         ctx = ReplicaContext(bn_sync, mask)
 
@@ -239,8 +242,8 @@ def _replica_fn(step, bn_sync: str):
             with tracing(ctx):
                 (loss, parts), after = step.run_loss(
                     tv, ov, x, y, rows=count, mask=mask, counts=counts, first=first)
-            return loss, (parts, after)
-        (loss, (parts, after)), grads = jax.value_and_grad(objective, has_aux=True)(tv)
+            return step.scaled(loss, scale), (loss, parts, after)
+        (_, (loss, parts, after)), grads = jax.value_and_grad(objective, has_aux=True)(tv)
 
         def psum(t):
             return jax.lax.psum(t, AXIS)

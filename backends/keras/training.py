@@ -23,11 +23,8 @@ from tlbridge.optim import OptimizerConfig
 
 from . import devices, parallel as par
 from .compute import constant, input_spec, loss_fn, multi_loss, task_counts
-from .mixed import mixed_policy
+from .mixed import GROWTH_INTERVAL, INITIAL_SCALE, mixed_policy
 from .seeds import seed_epoch  # noqa: F401  (moved: every engine shares it)
-
-GROWTH_INTERVAL = 2000          # fp16 loss scaling: torch.amp.GradScaler's defaults
-INITIAL_SCALE = 2.0 ** 16
 
 
 class _Compiled:
