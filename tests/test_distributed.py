@@ -5,7 +5,8 @@ Runs (tests/workers/dp_train.py): seed_vgg with BatchNorm on 37 images in batche
 the last batch (7) splits 4/3: no sample may be dropped or counted twice.
   0  sgd:global:unfreeze           head in epoch 0, everything in epoch 1 (trainable set changes)
   1  adam:global:freeze_bn_biases  Adam (BN-preceded conv biases frozen: zero true gradient)
-  2  sgd:local                     each share's own BatchNorm statistics
+  2  sgd:local:k2                  each share's own BatchNorm statistics; two sigmoid outputs
+                                   (BCE is a mean over N*K entries, not N)
   3  sgd:global:unfreeze:cache     run 0 with the feature cache in epoch 0 (head steps sharded)
   4  sgd:global:multi              two task heads, missing labels, uncertainty weighting
   5  sgd:global:bf16               a float32 model in mixed precision (bf16)
@@ -36,7 +37,7 @@ from helpers import both_backends
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "workers" / "dp_train.py"
-RUNS = ["sgd:global:unfreeze", "adam:global:freeze_bn_biases", "sgd:local",
+RUNS = ["sgd:global:unfreeze", "adam:global:freeze_bn_biases", "sgd:local:k2",
         "sgd:global:unfreeze:cache", "sgd:global:multi", "sgd:global:bf16",
         "sgd:global:tokens:unfreeze:cache", "adam:global:lora"]
 

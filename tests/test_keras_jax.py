@@ -162,13 +162,13 @@ def test_local_batchnorm_on_jax_replicas_is_what_tensorflow_replicas_train(tmp_p
         import tlbridge as tl
         from tlbridge import weights as wio
         import dp_train
-        m, h = dp_train.train("keras", "sgd:local", replicas=2)
+        m, h = dp_train.train("keras", "sgd:local:k2", replicas=2)
         wio.save_file("local.safetensors", tl.get_weights(m), {{}})
         print(json.dumps({{"loss": dp_train.losses_of(h)}}))
     """, tmp_path)
     env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "2"}
     out = subprocess.run([sys.executable, os.path.join(WORKERS, "dp_train.py"), "keras",
-                          str(tmp_path / "tf"), "sgd:local", "--replicas", "2"], env=env,
+                          str(tmp_path / "tf"), "sgd:local:k2", "--replicas", "2"], env=env,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     jx, _ = wio.load_file(tmp_path / "local.safetensors")

@@ -40,7 +40,7 @@ def tokens():
     return {"input_ids": ids, "attention_mask": mask}, y
 
 
-def model(backend, multi=False, dtype="float64", text=False, lora=False):
+def model(backend, multi=False, dtype="float64", text=False, lora=False, outputs=1):
     import tlbridge as tl
     if lora:
         return tl.add_lora(model(backend, multi, dtype, text), rank=2, alpha=4, seed=5)
@@ -52,7 +52,13 @@ def model(backend, multi=False, dtype="float64", text=False, lora=False):
                          seed=3, batch_norm=True, widths=(4, 8, 8))
     if multi:
         return tl.replace_heads(m, {"sign": ("bce", 1), "green": ("mse", 1)}, seed=4)
-    return tl.replace_head(m, 1, seed=4)
+    return tl.replace_head(m, outputs, seed=4)
+
+
+def two_labels(x, y):
+    """A second independent sigmoid (is the green channel bright?): BCE over K=2 entries per
+    row, whose data-parallel mean must divide by N*K as one process does."""
+    return np.concatenate([y, (x[:, :, :, 1].mean(axis=(1, 2)) > 0).astype(y.dtype)[:, None]], 1)
 
 
 def multi_labels(x, y):
@@ -81,7 +87,8 @@ def train(backend, run, replicas=None, epochs=2, ckpt=None, resume=False, callba
     multi = "multi" in options
     text = "tokens" in options
     f32 = "bf16" in options or "f32" in options         # f32: the bf16 run's float32 twin
-    m = model(backend, multi, "float32" if f32 else "float64", text, "lora" in options)
+    k2 = "k2" in options
+    m = model(backend, multi, "float32" if f32 else "float64", text, "lora" in options, 2 if k2 else 1)
     opt = tl.optim.SGD(0.05) if optimizer == "sgd" else tl.optim.Adam(0.01)
     kw = dict(epochs=epochs, batch_size=10, optimizer=opt, seed=7, progress=False,
               checkpoint=None if ckpt is None else tl.Checkpoint(ckpt, resume=resume),
@@ -97,6 +104,8 @@ def train(backend, run, replicas=None, epochs=2, ckpt=None, resume=False, callba
     x, y = tokens() if text else data()
     if f32:
         x, y = x.astype(np.float32), y.astype(np.float32)
+    if k2:
+        y = two_labels(x, y)
     if multi:
         y = multi_labels(x, y)
         kw["loss"] = tl.losses.TaskWeights("uncertainty")
