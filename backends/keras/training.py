@@ -88,6 +88,15 @@ def traced_steps(m) -> int:
     return sum(int(f.experimental_get_tracing_count()) for f in c.steps.values())
 
 
+def xla_steps(m) -> int:
+    """How many traced step graphs are marked for XLA (fine_tune(compile=True))."""
+    c = m.state.get("_train")
+    if c is None:
+        return 0
+    return sum(bool(cf.function_def.attr["_XlaMustCompile"].b)
+               for f in c.steps.values() for cf in f._list_all_concrete_functions())
+
+
 class _StepParts:
     """The pieces a traced step is made of (penalty, optimizer update, forward and loss, fp16
     loss scaling). It holds the model's variables and plain constants only, never the Trainer:
@@ -235,9 +244,10 @@ class _StepParts:
         return tf.cond(finite, ok, skip)
 
 
-def _single_device_step(p: _StepParts):
-    """One device: forward, loss and L2-SP penalty, gradients and updates in one graph."""
-    @tf.function(input_signature=p.signature(), autograph=False)
+def _single_device_step(p: _StepParts, jit: bool = False):
+    """One device: forward, loss and L2-SP penalty, gradients and updates in one graph;
+    jit: that graph compiled whole by XLA (fine_tune(compile=True)), once per batch shape."""
+    @tf.function(input_signature=p.signature(), autograph=False, jit_compile=jit)
     def step(x, y, rows):
         with mixed_policy(p.model, p.precision):
             with p.watching() as tape:
@@ -295,10 +305,11 @@ def _mirrored_step(p: _StepParts, plan):
 class Trainer:
     def __init__(self, m, cfg: OptimizerConfig, groups: list[tuple[float, list[str]]],
                  regularizer=None, anchors: dict | None = None, loss=None,
-                 precision: str = "fp32", parallel=None):
+                 precision: str = "fp32", parallel=None, compile: bool = False):
         self.m = m
         self.cfg = cfg
         self.precision = precision
+        self.jit = bool(compile)        # XLA; data-parallel + compile is refused in tlbridge
         if precision == "bf16":
             devices.check_bf16(m.state.get("device", "cpu"))
         self.parallel = parallel        # tlbridge.parallel.Plan with its MirroredStrategy
@@ -358,12 +369,13 @@ class Trainer:
         this Trainer), so later Trainers of the same model can run it."""
         parts = _StepParts(self, names, head_only)
         if self.parallel is None:
-            return _single_device_step(parts)
+            return _single_device_step(parts, self.jit)
         return _mirrored_step(parts, self.parallel)
 
     def _run(self, x, y, lrs, head_only):
         names = tuple(n for n in self.slots if n not in self.m.frozen)
-        key = (names, head_only, self.cfg, self.reg, self.loss, self.precision, self.parallel)
+        key = (names, head_only, self.cfg, self.reg, self.loss, self.precision, self.parallel,
+               self.jit)
         steps = self.compiled.steps
         if key not in steps:
             steps[key] = self._build(names, head_only)
