@@ -14,6 +14,7 @@ again. Every Trainer starts from zeroed state, so sharing the variables changes 
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import keras
 import numpy as np
@@ -48,6 +49,20 @@ def mixed_policy(model, precision: str):
     finally:
         for layer, policy in saved:
             layer.dtype_policy = policy
+
+
+def warn_xla_on_cpu(m) -> None:
+    """compile=True on the CPU with convolutions: XLA's CPU convolutions are far slower than
+    TensorFlow's oneDNN kernels (benchmarks/compile_cost.py), so say so once instead of
+    letting a run crawl silently; the run itself goes ahead as asked."""
+    if not str(m.state.get("device", "cpu")).startswith("cpu"):
+        return
+    if any(isinstance(layer, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D))
+           for layer in m.native._flatten_layers(include_self=False)):
+        warnings.warn("fine_tune(compile=True) on the CPU: XLA runs convolutions far slower than "
+                      "TensorFlow's own kernels (resnet18 at 64x64: 15-50x slower per step, "
+                      "benchmarks/compile_cost.py). Expected a GPU for XLA to pay; pass "
+                      "compile=False to train this convolutional model on the CPU.", stacklevel=2)
 
 
 class _Compiled:
@@ -310,6 +325,8 @@ class Trainer:
         self.cfg = cfg
         self.precision = precision
         self.jit = bool(compile)        # XLA; data-parallel + compile is refused in tlbridge
+        if self.jit:
+            warn_xla_on_cpu(m)
         if precision == "bf16":
             devices.check_bf16(m.state.get("device", "cpu"))
         self.parallel = parallel        # tlbridge.parallel.Plan with its MirroredStrategy
