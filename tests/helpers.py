@@ -30,3 +30,13 @@ def learnable(n, seed=0, shape=(16, 16, 3)):
     x = rng.normal(size=(n, *shape))
     y = (x[:, :, :, 0].mean(axis=(1, 2)) > 0).astype(float)[:, None]
     return x, y
+
+
+def tensorflow_uses_onednn() -> bool:
+    """TensorFlow's CPU kernels: oneDNN's (the x86 default) or Eigen's (TF_ENABLE_ONEDNN_OPTS=0).
+    They round differently, so a bar measured against one kernel library names which."""
+    try:
+        from tensorflow.python.util import _pywrap_util_port
+        return bool(_pywrap_util_port.IsMklEnabled())
+    except (ImportError, AttributeError):
+        return os.environ.get("TF_ENABLE_ONEDNN_OPTS") != "0"

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import both_backends, learnable
+from helpers import both_backends, learnable, tensorflow_uses_onednn
 
 import tlbridge as tl
 from tlbridge import fusion, gate, parity
@@ -93,7 +93,11 @@ def test_mixed_precision_runs_the_adapters_in_low_precision_on_both_backends(pre
             assert not np.array_equal(w["backbone.features.0.lora_A.weight"],
                                       lora["backbone.features.0.lora_A.weight"])
     low = first["torch", precision]
-    assert abs(low - first["keras", precision]) <= 2e-6 * low, first
+    # with oneDNN both frameworks run the same bf16/fp16 kernels: float32 rounding apart; Eigen's
+    # (TF_ENABLE_ONEDNN_OPTS=0) round elsewhere: apart by less than half a unit of the low format
+    # (measured 7.3e-4 relative in bf16, 3.8e-5 in fp16)
+    bar = 2e-6 if tensorflow_uses_onednn() else {"bf16": 2.0 ** -9, "fp16": 2.0 ** -12}[precision]
+    assert abs(low - first["keras", precision]) <= bar * low, first
     assert abs(low - first["torch", "fp32"]) >= 1e-4 * low, first     # low precision ran
 
 

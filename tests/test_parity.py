@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import both_backends
+from helpers import both_backends, tensorflow_uses_onednn
 
 import tlbridge as tl
 from tlbridge import fp32, parity, zoo
@@ -112,15 +112,22 @@ def test_float32_keras_is_as_accurate_as_torch_on_every_backbone(bb, judged, mod
 # before passed under 4 x with the same tlbridge code (checked at commit 9fecdb8). It comes from
 # TensorFlow's depthwise backprop-filter kernel, not yet located further (docs/parity.md). This
 # one tensor may reach 4.5 x; any other tensor, or this one above 4.5 x, still fails.
-KNOWN_EXCESS = {("efficientnet_b0", "eval", "backbone.features.6.0.block.1.0.weight"): 4.5}
+KNOWN_EXCESS = {("efficientnet_b0", "eval", "grads", "backbone.features.6.0.block.1.0.weight"): 4.5}
+# Eigen's kernels (TF_ENABLE_ONEDNN_OPTS=0) instead of oneDNN's, measured with this install:
+# efficientnet_b0's eval forward (its last block's output and the logits) is 4.0-4.1 x torch's,
+# the same at the commit before (eca6edf); with oneDNN it passes under 4 x.
+KNOWN_EXCESS_EIGEN = {("efficientnet_b0", "eval", "forward", "054 smooth"): 4.5,
+                      ("efficientnet_b0", "eval", "forward", "logits"): 4.5}
 
 
 def _unexplained(failures: list, name: str, mode: str, j) -> list:
+    known = KNOWN_EXCESS if tensorflow_uses_onednn() else {**KNOWN_EXCESS, **KNOWN_EXCESS_EIGEN}
     out = []
     for line in failures:
         what, _, tensor = line.partition(": ")[0].partition(" ")
-        cap = KNOWN_EXCESS.get((name, mode, tensor))
-        if cap and what == "grads" and j.grads["keras"][tensor] <= cap * j.grads[j.ref][tensor]:
+        cap = known.get((name, mode, what, tensor))
+        d = getattr(j, what, None) if what in ("forward", "grads") else None
+        if cap and d["keras"][tensor] <= cap * d[j.ref][tensor]:
             continue
         out.append(line)
     return out
