@@ -1,4 +1,4 @@
-"""What fine_tune(compile=True) costs and gains, measured: the first step (tracing and compiling
+"""What tl.compile(m) costs and gains, measured: the first step (tracing and compiling
 included) and the steady step time, compiled vs not, for a small model on each engine.
 
     .venv/bin/python benchmarks/compile_cost.py [backbone] [size] [batch] [steps] [rounds]
@@ -10,7 +10,7 @@ eager and a compiled model of the same weights each train one epoch first ("firs
 the fine_tune call to the end of its first step, trainer, tracing and compiling included), then
 `rounds` more epochs each, interleaved eager / compiled so that a busy machine slows both alike;
 "steady step" is the median over those rounds of each epoch's median step. Keras on JAX is
-jitted either way (compile=True changes nothing there): one model. Writes
+jitted either way (tl.compile changes nothing there): one model. Writes
 benchmarks/out/compile_cost.md and prints the table.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ ENGINES = (("torch", None), ("keras", "tensorflow"), ("keras", "jax"))
 LABEL = {("torch", False): "torch eager", ("torch", True): "torch, torch.compile (inductor)",
          ("tensorflow", False): "Keras on TensorFlow, tf.function",
          ("tensorflow", True): "Keras on TensorFlow, XLA (jit_compile)",
-         ("jax", True): "Keras on JAX, jax.jit (compile=True or not)"}
+         ("jax", True): "Keras on JAX, jax.jit (tl.compile or not)"}
 
 
 def _epoch(m, x, y, batch: int, compile: bool) -> tuple[list[float], float]:
@@ -43,8 +43,9 @@ def _epoch(m, x, y, batch: int, compile: bool) -> tuple[list[float], float]:
             losses.append(info["loss"])
             last[0] = now
 
+    tl.compile(m, compile)
     tl.fine_tune(m, (x, y), epochs=1, batch_size=batch, progress=False, feature_cache=False,
-                 optimizer=tl.optim.SGD(0.01, momentum=0.9), compile=compile, callbacks=[tick])
+                 optimizer=tl.optim.SGD(0.01, momentum=0.9), callbacks=[tick])
     return times, float(np.mean(losses))
 
 

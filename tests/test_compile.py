@@ -1,4 +1,4 @@
-"""fine_tune(..., compile=True) (issue 21, item 3): the same training within float32 noise, and
+"""tl.compile(m) then fine_tune: compiled steps (issue 21, item 3): the same training within float32 noise, and
 the steps really compiled — torch.compile's graphs captured on torch, the traced step marked for
 XLA on Keras-on-TensorFlow (with a warning on the CPU, where XLA's convolutions are far slower
 than TensorFlow's own); on Keras-on-JAX (already jitted) compile=True changes nothing at all.
@@ -29,8 +29,9 @@ def _losses(m, compile: bool) -> np.ndarray:
     """Per-step losses of 2 epochs of 4 batches (no ragged batch: one shape, one compile)."""
     x, y = learnable(32)
     out = []
+    tl.compile(m, compile)
     tl.fine_tune(m, (x, y), epochs=2, batch_size=8, progress=False, feature_cache=False,
-                 optimizer=tl.optim.SGD(0.05, momentum=0.9), compile=compile,
+                 optimizer=tl.optim.SGD(0.05, momentum=0.9),
                  callbacks=[lambda event, info: out.append(info["loss"]) if event == "step" else None])
     return np.array(out)
 
@@ -84,8 +85,8 @@ def test_a_missing_cxx_compiler_is_refused_before_any_step():
     saved = config.cpp.cxx
     config.cpp.cxx = ("tlbridge-no-such-c++",)
     try:
-        with pytest.raises(errors.CompileError, match=r"C\+\+ compiler.*compile=False"):
-            tl.fine_tune(m, (x, y), epochs=1, batch_size=8, progress=False, compile=True)
+        with pytest.raises(errors.CompileError, match=r"C\+\+ compiler.*tl.compile\(m, False\)"):
+            tl.fine_tune(tl.compile(m), (x, y), epochs=1, batch_size=8, progress=False)
     finally:
         config.cpp.cxx = saved
     for name, value in tl.get_weights(m).items():
@@ -98,14 +99,15 @@ def test_compile_with_data_parallel_or_a_non_bool_is_refused_before_any_work(bac
         pytest.skip("Keras on JAX has no data-parallel fine_tune yet")
     m = _model(backend)
     x, y = learnable(16)
-    with pytest.raises(errors.DataError, match="Expected compile as True or False"):
-        tl.fine_tune(m, (x, y), progress=False, compile="yes")
+    with pytest.raises(errors.DataError, match="with enabled True or False"):
+        tl.compile(m, "yes")
+    tl.compile(m)
     if backend == "torch":      # as if launched by torchrun; refused before joining any group
         monkeypatch.setenv("WORLD_SIZE", "2")
         monkeypatch.setenv("RANK", "0")
         kwargs = {}
     else:
         kwargs = {"parallel": 1}
-    with pytest.raises(errors.DataError, match=r"compile=True with training on one device.*"
-                                               r"data-parallel"):
-        tl.fine_tune(m, (x, y), progress=False, compile=True, **kwargs)
+    with pytest.raises(errors.DataError, match=r"compiled model \(tl.compile\) to train on one "
+                                               r"device.*data-parallel"):
+        tl.fine_tune(m, (x, y), progress=False, **kwargs)

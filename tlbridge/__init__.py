@@ -22,7 +22,7 @@ from .history import History
 from .model import TransferModel
 from .multitask import replace_heads
 from .optim import L2SP
-from .training import Checkpoint, EarlyStopping, Parallel, evaluate, fine_tune
+from .training import Checkpoint, EarlyStopping, Parallel, compile, evaluate, fine_tune
 from .text import tokenize
 from .zeroshot import zero_shot_head
 
@@ -35,7 +35,7 @@ __all__ = [
     "get_weights", "set_weights", "convert", "save", "load", "to_device", "set_precision", "preprocess", "preprocessing_of",
     "tokenize", "zero_shot_head", "add_lora", "merge_lora", "export",
     "save_adapters", "load_adapters",
-    "fine_tune", "evaluate", "prototype_head", "linear_probe", "few_shot_eval", "transfer_labels",
+    "fine_tune", "compile", "evaluate", "prototype_head", "linear_probe", "few_shot_eval", "transfer_labels",
     "fuse", "FusedModel", "gate_weights", "soup", "History", "EarlyStopping", "L2SP", "Checkpoint", "Parallel",
     "TransferModel", "data", "errors", "losses", "optim", "parity", "__version__",
 ]

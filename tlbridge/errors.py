@@ -143,6 +143,6 @@ class ExportError(TLBridgeError, RuntimeError):
 
 
 class CompileError(TLBridgeError, RuntimeError):
-    """fine_tune(compile=True) where the compiler toolchain is missing (torch.compile's
+    """tl.compile(m)'s fine_tune where the compiler toolchain is missing (torch.compile's
     inductor needs a C++ compiler on the CPU, Triton on a GPU): names what to install, or
-    compile=False."""
+    tl.compile(m, False)."""

@@ -322,7 +322,7 @@ class _Step:
 class Trainer:
     """The Trainer of backends/contract.py on JAX: the same scalars, state layout and
     checkpoints as training.py's (TensorFlow), the step a jitted pure function: XLA-compiled
-    whatever `compile` says (fine_tune(compile=True) is accepted and changes nothing)."""
+    whatever `compile` says (tl.compile(m) is accepted and changes nothing)."""
 
     def __init__(self, m, cfg: OptimizerConfig, groups: list[tuple[float, list[str]]],
                  regularizer=None, anchors: dict | None = None, loss=None,

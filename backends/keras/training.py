@@ -30,17 +30,17 @@ from .seeds import seed_epoch  # noqa: F401  (moved: every engine shares it)
 
 
 def warn_xla_on_cpu(m) -> None:
-    """compile=True on the CPU with convolutions: XLA's CPU convolutions are far slower than
+    """tl.compile(m) on the CPU with convolutions: XLA's CPU convolutions are far slower than
     TensorFlow's oneDNN kernels (benchmarks/compile_cost.py), so say so once instead of
     letting a run crawl silently; the run itself goes ahead as asked."""
     if not str(m.state.get("device", "cpu")).startswith("cpu"):
         return
     if any(isinstance(layer, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D))
            for layer in m.native._flatten_layers(include_self=False)):
-        warnings.warn("fine_tune(compile=True) on the CPU: XLA runs convolutions far slower than "
+        warnings.warn("A compiled model (tl.compile) on the CPU: XLA runs convolutions far slower than "
                       "TensorFlow's own kernels (resnet18 at 64x64: 15-50x slower per step, "
                       "benchmarks/compile_cost.py). Expected a GPU for XLA to pay; pass "
-                      "compile=False to train this convolutional model on the CPU.", stacklevel=2)
+                      "tl.compile(m, False) to train this convolutional model on the CPU.", stacklevel=2)
 
 
 class _Compiled:
@@ -82,7 +82,7 @@ def traced_steps(m) -> int:
 
 
 def xla_steps(m) -> int:
-    """How many traced step graphs are marked for XLA (fine_tune(compile=True))."""
+    """How many traced step graphs are marked for XLA (tl.compile(m))."""
     c = m.state.get("_train")
     if c is None:
         return 0
@@ -239,7 +239,7 @@ class _StepParts:
 
 def _single_device_step(p: _StepParts, jit: bool = False):
     """One device: forward, loss and L2-SP penalty, gradients and updates in one graph;
-    jit: that graph compiled whole by XLA (fine_tune(compile=True)), once per batch shape."""
+    jit: that graph compiled whole by XLA (tl.compile(m)), once per batch shape."""
     @tf.function(input_signature=p.signature(), autograph=False, jit_compile=jit)
     def step(x, y, rows):
         with mixed_policy(p.model, p.precision):

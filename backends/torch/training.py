@@ -79,18 +79,18 @@ def check_compiler(device: torch.device) -> None:
             get_cpp_compiler()
         except Exception as exc:        # InvalidCxxCompiler, or a search that fails itself
             raise CompileError(
-                f"Expected a C++ compiler for compile=True on the CPU (torch.compile's inductor "
+                f"Expected a C++ compiler for tl.compile(m) on the CPU (torch.compile's inductor "
                 f"builds C++ kernels; it looked for {config.cpp.cxx!r}, or $CXX); received none "
                 f"that runs ({type(exc).__name__}). Install one (apt-get install g++, or "
-                f"xcode-select --install on macOS) or set CXX, or pass compile=False.") from exc
+                f"xcode-select --install on macOS) or set CXX, or call tl.compile(m, False).") from exc
     elif device.type == "cuda":
         from torch.utils._triton import has_triton
         if not has_triton():
             raise CompileError(
-                f"Expected Triton for compile=True on {device} (torch.compile's inductor writes "
+                f"Expected Triton for tl.compile(m) on {device} (torch.compile's inductor writes "
                 f"Triton kernels for GPUs); received a torch {torch.__version__} without a "
-                f"working triton. pip install triton (the version your torch names), or pass "
-                f"compile=False.")
+                f"working triton. pip install triton (the version your torch names), or call "
+                f"tl.compile(m, False).")
 
 
 def compiled_forwards(net, compile: bool):

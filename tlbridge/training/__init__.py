@@ -19,15 +19,24 @@ from .checkpoint import CHECKPOINT_FORMAT
 from .evaluation import evaluate
 from .options import CHECKPOINT_NAME, Checkpoint, EarlyStopping, Parallel
 
-__all__ = ["fine_tune", "evaluate", "EarlyStopping", "Checkpoint", "Parallel", "L2SP",
+__all__ = ["fine_tune", "compile", "evaluate", "EarlyStopping", "Checkpoint", "Parallel", "L2SP",
            "CHECKPOINT_NAME", "CHECKPOINT_FORMAT"]
+
+
+def compile(model, enabled: bool = True):
+    """Every later fine_tune of `model` runs compiled steps (torch.compile; XLA on
+    Keras-on-TensorFlow; Keras on JAX is jitted already), the same results within float32
+    noise: a property of the model, as torch.compile(module) and Keras' compile(jit_compile=)
+    make it, so a recipe's fine_tune call reads the same either way. Returns `model`."""
+    m = setup.model_to_train(model)
+    m.state["compile"] = options.check_compile(enabled, None)
+    return model
 
 
 def fine_tune(model, train, *, val=None, epochs: int = 1, batch_size: int = 32, optimizer="sgd",
               unfreeze: dict | None = None, loss=None, early_stopping=None, checkpoint=None,
               seed: int = 0, progress: bool = True, callbacks: list | None = None,
-              feature_cache="auto", precision: str | None = None, parallel=None,
-              compile: bool = False) -> History:
+              feature_cache="auto", precision: str | None = None, parallel=None) -> History:
     """Fine-tune `model` in place on `train` ((x, y) arrays or a tl.data dataset); the same
     call gives the same result on both backends.
 
@@ -41,9 +50,8 @@ def fine_tune(model, train, *, val=None, epochs: int = 1, batch_size: int = 32, 
     "epoch". feature_cache: "auto" (head steps on cached backbone features in epochs with a
     frozen backbone and no augmentation), True (insist), False. precision: "fp32" (the model's
     dtype), "bf16", "fp16". parallel: tl.Parallel(replicas=, bn_sync=, distributed=) or a
-    number of Keras replicas; torchrun is detected. compile: True runs the steps compiled
-    (torch.compile; XLA on Keras-on-TensorFlow; Keras on JAX is jitted already), the same
-    results within float32 noise. A gated FusedModel trains its gate.
+    number of Keras replicas; torchrun is detected. Compiled steps: tl.compile(model) first.
+    A gated FusedModel trains its gate.
     Everything checkable is checked before the first step. docs/fine-tuning.md has it all.
     """
     m = setup.model_to_train(model)
@@ -51,7 +59,7 @@ def fine_tune(model, train, *, val=None, epochs: int = 1, batch_size: int = 32, 
                         optimizer=optimizer, unfreeze=unfreeze, loss=loss,
                         early_stopping=early_stopping, checkpoint=checkpoint, seed=seed,
                         progress=progress, callbacks=callbacks, feature_cache=feature_cache,
-                        precision=precision, parallel=parallel, compile=compile)
+                        precision=precision, parallel=parallel)
     setup.start(run)
     for epoch in range(run.start, epochs):
         if run.stopped:

@@ -145,16 +145,16 @@ def parallel(spec) -> Parallel:
 
 
 def check_compile(spec, dp) -> bool:
-    """compile=True: compiled steps on one device. Data-parallel steps (DDP, MirroredStrategy)
+    """tl.compile(m): compiled steps on one device. Data-parallel steps (DDP, MirroredStrategy)
     are not compiled: refused before any work rather than silently run eagerly."""
     if not isinstance(spec, (bool, np.bool_)):
-        raise DataError(f"Expected compile as True or False; received {type(spec).__name__} "
-                        f"{spec!r}.")
+        raise DataError(f"Expected tl.compile(m, enabled) with enabled True or False; received "
+                        f"{type(spec).__name__} {spec!r}.")
     if spec and dp is not None:
         how = f"{dp.world} Keras replicas" if dp.strategy is not None else \
             f"torchrun, {dp.world} ranks"
-        raise DataError(f"Expected compile=True with training on one device; received a "
-                        f"data-parallel run ({how}), whose steps tlbridge does not compile. "
-                        f"Pass compile=False for data-parallel training, or train on one "
-                        f"device with compile=True.")
+        raise DataError(f"Expected a compiled model (tl.compile) to train on one device; "
+                        f"received a data-parallel run ({how}), whose steps tlbridge does not "
+                        f"compile. Call tl.compile(m, False) for data-parallel training, or "
+                        f"train on one device.")
     return bool(spec)

@@ -52,14 +52,14 @@ def _data(m, loss, train, val, batch_size, seed):
 
 def prepare(m, train, *, val, epochs, batch_size, optimizer, unfreeze, loss, early_stopping,
             checkpoint: object, seed, progress, callbacks, feature_cache, precision,
-            parallel, compile=False) -> Run:
+            parallel) -> Run:
     """A Run whose every setting has been checked; nothing has changed yet."""
     be = registry.load(m.backend)
     spec = api.loss_spec(m, loss)
     precision = devices.check_precision(precision, m.dtype, m.device, m.backend)
     par = options.parallel(parallel)
     dp = tlplan.parallel_plan(m, par)
-    compile = options.check_compile(compile, dp)
+    compile = options.check_compile(m.state.get("compile", False), dp)     # tl.compile(m)
     ds, vds = _data(m, spec, train, val, batch_size, seed)
     opt = optim.resolve(optimizer)
     stop = options.early_stopping(early_stopping)
