@@ -1,12 +1,12 @@
-"""bf16 convolutions on TensorFlow whose weight gradient is one matmul (docs/devices-and-data-parallel.md,
-"Mixed precision on the CPU").
+"""bf16 convolutions on TensorFlow whose weight gradient is one matmul
+(docs/devices-and-data-parallel.md, "Mixed precision on the CPU").
 
-Measured on a CPU with AMX (oneDNN 3.7 in TensorFlow 2.21, ResNet-50 at 64x64, batch 32): oneDNN's
-bf16 backward-weights kernel (brgconv_bwd_w) ran no faster than the fp32 one and took 40% of the bf16
-step, while the forward and backward-data kernels ran 3-6x faster than fp32. The weight gradient of a
-'valid' convolution is patches(x)^T @ dy, a matmul that runs on AMX at matmul speed. Used where it
-wins (kernel 1x1, or few output positions, where the patches are cheap to gather); the forward
-pass and the input gradient stay TensorFlow's own convolution kernels.
+Measured on a CPU with AMX (oneDNN 3.7 in TensorFlow 2.21, ResNet-50 at 64x64, batch 32):
+oneDNN's bf16 backward-weights kernel (brgconv_bwd_w) ran no faster than the fp32 one and took
+40% of the bf16 step; forward and backward-data kernels ran 3-6x faster than fp32. The weight
+gradient of a 'valid' convolution is patches(x)^T @ dy, a matmul that runs on AMX at matmul
+speed. Used where it wins (kernel 1x1, or few output positions, where the patches are cheap to
+gather); the forward pass and the input gradient stay TensorFlow's own convolution kernels.
 """
 from __future__ import annotations
 
