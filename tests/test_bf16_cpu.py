@@ -69,3 +69,19 @@ def test_keras_bf16_step_takes_the_matmul_gradient_and_no_float64():
     assert fp32["Conv2DBackpropFilter"] == 3 and bf16["Conv2DBackpropFilter"] == 2
     assert bf16["MatMul"] == fp32["MatMul"] + 1
     assert fp32_f64 > 0 and bf16_f64 == 0
+
+
+def test_depthwise_convolutions_stay_float32_in_a_bf16_step():
+    """oneDNN's bf16 depthwise input gradient took 10x its fp32 time (MobileNetV2): on
+    TensorFlow the mixed policy leaves depthwise convolutions in float32, like BatchNorm."""
+    _tensorflow()
+    import keras
+    from tlbridge.backends.keras.mixed import mixed_policy
+    from tlbridge.backends.keras.network import Conv2D, TorchBatchNorm
+    inputs = keras.Input((8, 8, 4))
+    dw, conv, bn = keras.layers.DepthwiseConv2D(3), Conv2D(4, 1), TorchBatchNorm()
+    model = keras.Model(inputs, bn(conv(dw(inputs))))
+    with mixed_policy(model, "bf16"):
+        assert dw.compute_dtype == "float32" and bn.compute_dtype == "float32"
+        assert conv.compute_dtype == "bfloat16" and bn.accumulate == "float32"
+    assert conv.compute_dtype == "float32" and bn.accumulate == "float64"
