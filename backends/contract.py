@@ -160,9 +160,12 @@ class Backend(Protocol):
                      groups: list[tuple[float, list[str]]],
                      regularizer: tuple[float, float] | None,
                      anchors: dict[str, np.ndarray] | None, loss: Loss | MultiLoss,
-                     precision: str = "fp32", parallel: Plan | None = None) -> Trainer:
+                     precision: str = "fp32", parallel: Plan | None = None,
+                     compile: bool = False) -> Trainer:
         """The Trainer of one fine_tune call: groups (lr, names), L2-SP (alpha, beta) about
-        anchors, precision "fp32" / "bf16" / "fp16", parallel a Plan or None."""
+        anchors, precision "fp32" / "bf16" / "fp16", parallel a Plan or None, compile: run
+        the steps compiled (never with a Plan: tlbridge refuses that combination first); a
+        missing compiler toolchain raises CompileError before the first step."""
 
     def seed_epoch(self, m: TransferModel, seed: int) -> None:
         """Reseed the random streams the model draws from (dropout) for one epoch."""

@@ -180,7 +180,8 @@ def test_the_readme_links_every_docs_page():
 
 # fine_tune's v3 parameters (tlbridge's API v3: optimizers, checkpoint, loss and parallel as values)
 FINE_TUNE_V3 = {"val", "epochs", "batch_size", "optimizer", "unfreeze", "loss", "early_stopping",
-                "checkpoint", "seed", "progress", "callbacks", "feature_cache", "precision", "parallel"}
+                "checkpoint", "seed", "progress", "callbacks", "feature_cache", "precision", "parallel",
+                "compile"}
 
 
 def _call_arguments(text: str, start: int) -> str | None:

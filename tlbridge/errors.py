@@ -28,7 +28,7 @@ __all__ = [
     "TrainingDivergedError",
     "DeviceNotAvailableError",
     "DistributedError",
-    "WeightsDownloadError", "ExportError",
+    "WeightsDownloadError", "ExportError", "CompileError",
 ]
 
 
@@ -140,3 +140,9 @@ class WeightsDownloadError(TLBridgeError, OSError):
 
 class ExportError(TLBridgeError, RuntimeError):
     """An export tlbridge cannot write, or one whose outputs differ from the model's."""
+
+
+class CompileError(TLBridgeError, RuntimeError):
+    """fine_tune(compile=True) where the compiler toolchain is missing (torch.compile's
+    inductor needs a C++ compiler on the CPU, Triton on a GPU): names what to install, or
+    compile=False."""

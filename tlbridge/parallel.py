@@ -15,9 +15,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from .errors import DataError
+from .errors import DataError, DistributedError
 
 BN_SYNC = ("global", "local")
+CPU_REPLICAS_ENV = "TLBRIDGE_CPU_REPLICAS"
 
 
 @dataclass(frozen=True)
@@ -86,3 +87,28 @@ def check_batches(sizes, world: int, bn_sync: str) -> None:
             f"with bn_sync='local'; received a batch of {small[0]}. Use bn_sync='global' (any "
             f"split is exact), a batch size that leaves no short last batch, or drop_last=True "
             f"in tl.data.")
+
+
+def cpu_replicas_from_env() -> int | None:
+    """TLBRIDGE_CPU_REPLICAS=N (Keras engines: N CPU devices before the engine starts)."""
+    value = os.environ.get(CPU_REPLICAS_ENV)
+    if not value:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise DistributedError(f"Expected {CPU_REPLICAS_ENV} as an int >= 1; received "
+                               f"{value!r}.") from None
+
+
+def replica_pool(gpus: list, cpus: list, n: int, engine: str) -> list:
+    """GPUs when there are n of them; else CPU devices, when there are n (a 1-GPU machine runs
+    replicas=2 on cpu_replicas(2)): the same rule on every Keras engine."""
+    pool = gpus if gpus and (len(gpus) >= n or len(cpus) < n) else cpus
+    if n > len(pool):
+        raise DistributedError(
+            f"Expected replicas <= the devices {engine} sees; received replicas={n} with "
+            f"{len(gpus)} GPU(s) and {len(cpus)} CPU device(s) ({pool}). Pass "
+            f"replicas={len(pool)}, or make CPU devices first: tl.backends.keras.cpu_replicas({n}) "
+            f"(or {CPU_REPLICAS_ENV}={n}) before {engine} starts.")
+    return pool[:n]

@@ -274,8 +274,8 @@ def loss_and_grads(m: TransferModel, x: np.ndarray, y: np.ndarray, training: boo
 
 
 def make_trainer(m: TransferModel, cfg, groups, regularizer, anchors, loss, precision="fp32",
-                 parallel=None):
-    return impl.Trainer(m, cfg, groups, regularizer, anchors, loss, precision, parallel)
+                 parallel=None, compile=False):
+    return impl.Trainer(m, cfg, groups, regularizer, anchors, loss, precision, parallel, compile)
 
 
 def swap_batchnorm_momentum(m: TransferModel, momenta):

@@ -321,11 +321,12 @@ class _Step:
 
 class Trainer:
     """The Trainer of backends/contract.py on JAX: the same scalars, state layout and
-    checkpoints as training.py's (TensorFlow), the step a jitted pure function."""
+    checkpoints as training.py's (TensorFlow), the step a jitted pure function: XLA-compiled
+    whatever `compile` says (fine_tune(compile=True) is accepted and changes nothing)."""
 
     def __init__(self, m, cfg: OptimizerConfig, groups: list[tuple[float, list[str]]],
                  regularizer=None, anchors: dict | None = None, loss=None,
-                 precision: str = "fp32", parallel=None):
+                 precision: str = "fp32", parallel=None, compile: bool = False):
         if precision == "bf16":
             _check_bf16(m.state.get("device", "cpu"))
         self.m, self.cfg, self.precision, self.parallel = m, cfg, precision, parallel

@@ -15,7 +15,6 @@ moments, and its moving-statistic writes are made replica 0's alone.
 from __future__ import annotations
 
 import contextlib
-import os
 
 import keras
 from keras import ops
@@ -25,7 +24,7 @@ from tlbridge import parallel
 from tlbridge.errors import DistributedError
 
 _SYNC = {"mode": None}          # the bn_sync of the step being traced (None: one replica)
-ENV = "TLBRIDGE_CPU_REPLICAS"
+ENV = parallel.CPU_REPLICAS_ENV
 
 
 def cpu_replicas(n: int) -> list[str]:
@@ -50,28 +49,17 @@ def cpu_replicas(n: int) -> list[str]:
 
 
 def from_env() -> None:
-    value = os.environ.get(ENV)
-    if value:
-        try:
-            n = int(value)
-        except ValueError:
-            raise DistributedError(f"Expected {ENV} as an int >= 1; received {value!r}.") from None
+    n = parallel.cpu_replicas_from_env()
+    if n is not None:
         cpu_replicas(n)
 
 
 def devices_for(n: int) -> list[str]:
     """GPUs when there are n of them; else the logical CPUs cpu_replicas split, when there are
     n of those (a 1-GPU machine runs replicas=2 on cpu_replicas(2))."""
-    gpus = [d.name for d in tf.config.list_logical_devices("GPU")]
-    cpus = [d.name for d in tf.config.list_logical_devices("CPU")]
-    pool = gpus if gpus and (len(gpus) >= n or len(cpus) < n) else cpus
-    if n > len(pool):
-        raise DistributedError(
-            f"Expected replicas <= the devices TensorFlow sees; received replicas={n} with "
-            f"{len(gpus)} GPU(s) and {len(cpus)} logical CPU device(s) ({pool}). Pass "
-            f"replicas={len(pool)}, or split the CPU first: tl.backends.keras.cpu_replicas({n}) "
-            f"(or {ENV}={n}) before TensorFlow initialises.")
-    return pool[:n]
+    return parallel.replica_pool([d.name for d in tf.config.list_logical_devices("GPU")],
+                                 [d.name for d in tf.config.list_logical_devices("CPU")], n,
+                                 "TensorFlow")
 
 
 def plan(replicas, bn_sync: str) -> parallel.Plan:

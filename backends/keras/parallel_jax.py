@@ -14,7 +14,6 @@ statistics (and every other state variable) are replica 0's, as on TensorFlow an
 from __future__ import annotations
 
 import contextlib
-import os
 from dataclasses import dataclass
 
 import jax
@@ -27,7 +26,7 @@ from tlbridge import inputs, parallel
 from tlbridge.errors import DistributedError
 
 AXIS = "replica"
-ENV = "TLBRIDGE_CPU_REPLICAS"
+ENV = parallel.CPU_REPLICAS_ENV
 _CTX: dict = {"ctx": None}
 
 
@@ -76,12 +75,8 @@ def cpu_replicas(n: int) -> list[str]:
 
 
 def from_env() -> None:
-    value = os.environ.get(ENV)
-    if value:
-        try:
-            n = int(value)
-        except ValueError:
-            raise DistributedError(f"Expected {ENV} as an int >= 1; received {value!r}.") from None
+    n = parallel.cpu_replicas_from_env()
+    if n is not None:
         cpu_replicas(n)
 
 
@@ -94,15 +89,7 @@ def _devices(kind: str) -> list:
 
 def devices_for(n: int) -> list:
     """GPUs when there are n of them; else CPU devices, when there are n (parallel.py's rule)."""
-    gpus, cpus = _devices("gpu"), _devices("cpu")
-    pool = gpus if gpus and (len(gpus) >= n or len(cpus) < n) else cpus
-    if n > len(pool):
-        raise DistributedError(
-            f"Expected replicas <= the devices JAX sees; received replicas={n} with {len(gpus)} "
-            f"GPU(s) and {len(cpus)} CPU device(s). Pass replicas={len(pool)}, or make CPU "
-            f"devices first: tl.backends.keras.cpu_replicas({n}) (or {ENV}={n}) before JAX "
-            f"starts.")
-    return pool[:n]
+    return parallel.replica_pool(_devices("gpu"), _devices("cpu"), n, "JAX")
 
 
 def plan(replicas, bn_sync: str) -> parallel.Plan:

@@ -14,7 +14,9 @@ again. Every Trainer starts from zeroed state, so sharing the variables changes 
 from __future__ import annotations
 
 import contextlib
+import warnings
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -25,6 +27,20 @@ from . import devices, parallel as par
 from .compute import constant, input_spec, loss_fn, multi_loss, task_counts
 from .mixed import GROWTH_INTERVAL, INITIAL_SCALE, mixed_policy
 from .seeds import seed_epoch  # noqa: F401  (moved: every engine shares it)
+
+
+def warn_xla_on_cpu(m) -> None:
+    """compile=True on the CPU with convolutions: XLA's CPU convolutions are far slower than
+    TensorFlow's oneDNN kernels (benchmarks/compile_cost.py), so say so once instead of
+    letting a run crawl silently; the run itself goes ahead as asked."""
+    if not str(m.state.get("device", "cpu")).startswith("cpu"):
+        return
+    if any(isinstance(layer, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D))
+           for layer in m.native._flatten_layers(include_self=False)):
+        warnings.warn("fine_tune(compile=True) on the CPU: XLA runs convolutions far slower than "
+                      "TensorFlow's own kernels (resnet18 at 64x64: 15-50x slower per step, "
+                      "benchmarks/compile_cost.py). Expected a GPU for XLA to pay; pass "
+                      "compile=False to train this convolutional model on the CPU.", stacklevel=2)
 
 
 class _Compiled:
@@ -63,6 +79,15 @@ def traced_steps(m) -> int:
     if c is None:
         return 0
     return sum(int(f.experimental_get_tracing_count()) for f in c.steps.values())
+
+
+def xla_steps(m) -> int:
+    """How many traced step graphs are marked for XLA (fine_tune(compile=True))."""
+    c = m.state.get("_train")
+    if c is None:
+        return 0
+    return sum(bool(cf.function_def.attr["_XlaMustCompile"].b)
+               for f in c.steps.values() for cf in f._list_all_concrete_functions())
 
 
 class _StepParts:
@@ -212,9 +237,10 @@ class _StepParts:
         return tf.cond(finite, ok, skip)
 
 
-def _single_device_step(p: _StepParts):
-    """One device: forward, loss and L2-SP penalty, gradients and updates in one graph."""
-    @tf.function(input_signature=p.signature(), autograph=False)
+def _single_device_step(p: _StepParts, jit: bool = False):
+    """One device: forward, loss and L2-SP penalty, gradients and updates in one graph;
+    jit: that graph compiled whole by XLA (fine_tune(compile=True)), once per batch shape."""
+    @tf.function(input_signature=p.signature(), autograph=False, jit_compile=jit)
     def step(x, y, rows):
         with mixed_policy(p.model, p.precision):
             with p.watching() as tape:
@@ -272,10 +298,13 @@ def _mirrored_step(p: _StepParts, plan):
 class Trainer:
     def __init__(self, m, cfg: OptimizerConfig, groups: list[tuple[float, list[str]]],
                  regularizer=None, anchors: dict | None = None, loss=None,
-                 precision: str = "fp32", parallel=None):
+                 precision: str = "fp32", parallel=None, compile: bool = False):
         self.m = m
         self.cfg = cfg
         self.precision = precision
+        self.jit = bool(compile)        # XLA; data-parallel + compile is refused in tlbridge
+        if self.jit:
+            warn_xla_on_cpu(m)
         if precision == "bf16":
             devices.check_bf16(m.state.get("device", "cpu"))
         self.parallel = parallel        # tlbridge.parallel.Plan with its MirroredStrategy
@@ -335,12 +364,13 @@ class Trainer:
         this Trainer), so later Trainers of the same model can run it."""
         parts = _StepParts(self, names, head_only)
         if self.parallel is None:
-            return _single_device_step(parts)
+            return _single_device_step(parts, self.jit)
         return _mirrored_step(parts, self.parallel)
 
     def _run(self, x, y, lrs, head_only):
         names = tuple(n for n in self.slots if n not in self.m.frozen)
-        key = (names, head_only, self.cfg, self.reg, self.loss, self.precision, self.parallel)
+        key = (names, head_only, self.cfg, self.reg, self.loss, self.precision, self.parallel,
+               self.jit)
         steps = self.compiled.steps
         if key not in steps:
             steps[key] = self._build(names, head_only)

@@ -123,9 +123,9 @@ def loss_and_grads(m: TransferModel, x: np.ndarray, y: np.ndarray, training: boo
 
 
 def make_trainer(m: TransferModel, cfg, groups, regularizer, anchors, loss, precision="fp32",
-                 parallel=None):
+                 parallel=None, compile=False):
     return training.Trainer(m.native, cfg, groups, regularizer, anchors, loss, precision,
-                            parallel)
+                            parallel, compile)
 
 
 def swap_batchnorm_momentum(m: TransferModel, momenta):

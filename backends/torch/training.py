@@ -8,7 +8,7 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from tlbridge import inputs
-from tlbridge.errors import DataError
+from tlbridge.errors import CompileError, DataError
 from tlbridge.losses import Loss
 from tlbridge.optim import OptimizerConfig
 
@@ -68,13 +68,48 @@ def float32_batchnorm(net):
             handle.remove()
 
 
+def check_compiler(device: torch.device) -> None:
+    """torch.compile's inductor writes C++ for the CPU (a C++ compiler: g++ or $CXX) and Triton
+    kernels for a GPU: refuse before the first step, naming what is missing, rather than fail
+    inside the first step's compilation or fall back to eager without saying so."""
+    if device.type == "cpu":
+        from torch._inductor import config
+        from torch._inductor.cpp_builder import get_cpp_compiler
+        try:
+            get_cpp_compiler()
+        except Exception as exc:        # InvalidCxxCompiler, or a search that fails itself
+            raise CompileError(
+                f"Expected a C++ compiler for compile=True on the CPU (torch.compile's inductor "
+                f"builds C++ kernels; it looked for {config.cpp.cxx!r}, or $CXX); received none "
+                f"that runs ({type(exc).__name__}). Install one (apt-get install g++, or "
+                f"xcode-select --install on macOS) or set CXX, or pass compile=False.") from exc
+    elif device.type == "cuda":
+        from torch.utils._triton import has_triton
+        if not has_triton():
+            raise CompileError(
+                f"Expected Triton for compile=True on {device} (torch.compile's inductor writes "
+                f"Triton kernels for GPUs); received a torch {torch.__version__} without a "
+                f"working triton. pip install triton (the version your torch names), or pass "
+                f"compile=False.")
+
+
+def compiled_forwards(net, compile: bool):
+    """(forward, head) to train with: torch.compile'd when `compile` (inductor compiles the
+    forward and, through AOTAutograd, its backward; the loss and the optimizer update stay
+    eager), else the module's own. The compiled ones share the module's parameters."""
+    head = getattr(net, "apply_head", None)        # a gate's net has none
+    if not compile:
+        return net, head
+    return torch.compile(net), None if head is None else torch.compile(head)
+
+
 class Trainer:
     """One optimizer over every parameter, in tlbridge's groups; frozen ones have no gradient
     and torch.optim skips them (no update, no state, no weight decay)."""
 
     def __init__(self, net, cfg: OptimizerConfig, groups: list[tuple[float, list[str]]],
                  regularizer=None, anchors: dict | None = None, loss=None,
-                 precision: str = "fp32", parallel=None):
+                 precision: str = "fp32", parallel=None, compile: bool = False):
         self.net = net
         self.loss = Loss() if loss is None else loss
         self.device = next(net.parameters()).device
@@ -86,6 +121,9 @@ class Trainer:
         # fp16: dynamic loss scaling (2^16 to start, halved on inf/NaN, doubled after 2000 steps)
         self.scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
         self.parallel = parallel        # tlbridge.parallel.Plan, or None for one process
+        if compile:
+            check_compiler(self.device)
+        self._net_fn, self._head_fn = compiled_forwards(net, compile)
         self._ddp_module, self._ddp_key = None, None
         self._parallel_ready = False    # DDP and global BatchNorm set up for this epoch
         self.last_parts = None          # multi-task: the last step's per-task losses
@@ -275,14 +313,14 @@ class Trainer:
         ddp = self._ddp_module
         if ddp is not None:
             return self._step(lambda: ddp(xt), y, lrs, summed=True)
-        return self._step(lambda: self.net(xt), y, lrs)
+        return self._step(lambda: self._net_fn(xt), y, lrs)
 
     def head_step(self, f: np.ndarray, y: np.ndarray, lrs: list[float]):
         """The same step from cached backbone features (backbone frozen, so identical)."""
         self._train_mode()
         f, y = self._shard(f, y)
         ft = torch.from_numpy(f).to(self.device)
-        return self._step(lambda: self.net.apply_head(ft), y, lrs)
+        return self._step(lambda: self._head_fn(ft), y, lrs)
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """Optimizer state under canonical names: '<slot>/<param name>' and 'step/<name>' (the

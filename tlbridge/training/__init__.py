@@ -26,7 +26,8 @@ __all__ = ["fine_tune", "evaluate", "EarlyStopping", "Checkpoint", "Parallel", "
 def fine_tune(model, train, *, val=None, epochs: int = 1, batch_size: int = 32, optimizer="sgd",
               unfreeze: dict | None = None, loss=None, early_stopping=None, checkpoint=None,
               seed: int = 0, progress: bool = True, callbacks: list | None = None,
-              feature_cache="auto", precision: str | None = None, parallel=None) -> History:
+              feature_cache="auto", precision: str | None = None, parallel=None,
+              compile: bool = False) -> History:
     """Fine-tune `model` in place on `train` ((x, y) arrays or a tl.data dataset); the same
     call gives the same result on both backends.
 
@@ -40,7 +41,9 @@ def fine_tune(model, train, *, val=None, epochs: int = 1, batch_size: int = 32, 
     "epoch". feature_cache: "auto" (head steps on cached backbone features in epochs with a
     frozen backbone and no augmentation), True (insist), False. precision: "fp32" (the model's
     dtype), "bf16", "fp16". parallel: tl.Parallel(replicas=, bn_sync=, distributed=) or a
-    number of Keras replicas; torchrun is detected. A gated FusedModel trains its gate.
+    number of Keras replicas; torchrun is detected. compile: True runs the steps compiled
+    (torch.compile; XLA on Keras-on-TensorFlow; Keras on JAX is jitted already), the same
+    results within float32 noise. A gated FusedModel trains its gate.
     Everything checkable is checked before the first step. docs/fine-tuning.md has it all.
     """
     m = setup.model_to_train(model)
@@ -48,7 +51,7 @@ def fine_tune(model, train, *, val=None, epochs: int = 1, batch_size: int = 32, 
                         optimizer=optimizer, unfreeze=unfreeze, loss=loss,
                         early_stopping=early_stopping, checkpoint=checkpoint, seed=seed,
                         progress=progress, callbacks=callbacks, feature_cache=feature_cache,
-                        precision=precision, parallel=parallel)
+                        precision=precision, parallel=parallel, compile=compile)
     setup.start(run)
     for epoch in range(run.start, epochs):
         if run.stopped:

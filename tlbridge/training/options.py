@@ -142,3 +142,19 @@ def parallel(spec) -> Parallel:
     raise DataError(f"Expected parallel as None (torchrun is detected), a number of Keras "
                     f"replicas, or tl.Parallel(replicas=..., bn_sync=..., distributed=...); "
                     f"received {type(spec).__name__} {spec!r}.")
+
+
+def check_compile(spec, dp) -> bool:
+    """compile=True: compiled steps on one device. Data-parallel steps (DDP, MirroredStrategy)
+    are not compiled: refused before any work rather than silently run eagerly."""
+    if not isinstance(spec, (bool, np.bool_)):
+        raise DataError(f"Expected compile as True or False; received {type(spec).__name__} "
+                        f"{spec!r}.")
+    if spec and dp is not None:
+        how = f"{dp.world} Keras replicas" if dp.strategy is not None else \
+            f"torchrun, {dp.world} ranks"
+        raise DataError(f"Expected compile=True with training on one device; received a "
+                        f"data-parallel run ({how}), whose steps tlbridge does not compile. "
+                        f"Pass compile=False for data-parallel training, or train on one "
+                        f"device with compile=True.")
+    return bool(spec)

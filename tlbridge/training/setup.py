@@ -52,19 +52,20 @@ def _data(m, loss, train, val, batch_size, seed):
 
 def prepare(m, train, *, val, epochs, batch_size, optimizer, unfreeze, loss, early_stopping,
             checkpoint: object, seed, progress, callbacks, feature_cache, precision,
-            parallel) -> Run:
+            parallel, compile=False) -> Run:
     """A Run whose every setting has been checked; nothing has changed yet."""
     be = registry.load(m.backend)
     spec = api.loss_spec(m, loss)
     precision = devices.check_precision(precision, m.dtype, m.device, m.backend)
     par = options.parallel(parallel)
     dp = tlplan.parallel_plan(m, par)
+    compile = options.check_compile(compile, dp)
     ds, vds = _data(m, spec, train, val, batch_size, seed)
     opt = optim.resolve(optimizer)
     stop = options.early_stopping(early_stopping)
     _check_ema(opt, stop)
     run = Run(m, be, spec, opt, None, ds, vds, seed, stop, options.checkpoint(checkpoint), dp,
-              precision, feature_cache, progress, list(callbacks or []))
+              precision, feature_cache, progress, list(callbacks or []), compile=compile)
     if stop is not None:
         options.check_monitor(stop, _monitor_names(run), vds is not None)
     tlplan.check_feature_cache_option(feature_cache)
@@ -94,7 +95,8 @@ def start(run: Run) -> None:
         run.be.init_parallel(run.parallel, m)
     reg = None if opt.regularizer is None else (opt.regularizer.alpha, opt.regularizer.beta)
     run.trainer = run.be.make_trainer(m, opt.config(), run.plan.groups, reg, run.anchors,
-                                      run.loss, precision=run.precision, parallel=run.parallel)
+                                      run.loss, precision=run.precision, parallel=run.parallel,
+                                      compile=run.compile)
     if saved is not None:
         checkpoint.apply(run, saved)
     run.good = api.get_weights(m), set(m.frozen)

@@ -24,6 +24,7 @@ class Run:
     feature_cache: object = "auto"
     progress: bool = True
     callbacks: list = field(default_factory=list)
+    compile: bool = False       # compiled steps (torch.compile / XLA)
     trainer: object = None
     anchors: dict | None = None
     history: History = field(default_factory=History)
