@@ -25,7 +25,7 @@ def mean(x, axis, keepdims=False):
     return ops.sum(x, axis=axis, keepdims=keepdims) / count
 
 
-def _batch_norm_train(x, gamma, beta, epsilon):
+def _batch_norm_train(x, gamma, beta, epsilon, acc="float64"):
     """Train-mode BatchNorm with PyTorch's closed-form backward: (batch mean, biased batch
     variance, output).
 
@@ -34,10 +34,11 @@ def _batch_norm_train(x, gamma, beta, epsilon):
     MobileNetV2). torch's CPU kernel (aten/src/ATen/native/Normalization.cpp) instead uses
         dbeta = sum(dy),  dgamma = sum(dy * (x - mean)) * invstd,
         dx = (dy - sum(dy)/n - (x - mean) * dgamma * invstd / n) * invstd * gamma,
-    accumulating the sums (and the statistics) in float64 on the CPU; so do we.
+    accumulating the sums (and the statistics) in float64 on the CPU; so do we. Mixed precision
+    passes acc="float32" (TorchBatchNorm.accumulate): the inputs were rounded to bf16/fp16, and
+    the float64 sums cost a fifth of a bf16 step on the CPU (docs/devices-and-data-parallel.md).
     """
     axes = list(range(len(x.shape) - 1))
-    acc = "float64"
 
     def reduce_mean(t):
         if engine.TENSORFLOW:
@@ -85,6 +86,7 @@ class TorchBatchNorm(layers.Layer):
         super().__init__(**kwargs)
         self.epsilon = float(epsilon)
         self.momentum = float(momentum)
+        self.accumulate = "float64"     # mixed.mixed_policy: float32 while a step is traced
 
     def build(self, input_shape):
         c = (int(input_shape[-1]),)
@@ -104,7 +106,8 @@ class TorchBatchNorm(layers.Layer):
             if ctx is not None:     # replicas (parallel.py on TensorFlow, parallel_jax.py)
                 return engine.batch_norm_in_replica(self, x, ctx, _batch_norm_train)
             mean, var, y = _batch_norm_train(x, ops.copy(self.gamma.value),
-                                             ops.copy(self.beta.value), self.epsilon)
+                                             ops.copy(self.beta.value), self.epsilon,
+                                             self.accumulate)
             n = ops.cast(ops.prod(ops.shape(x)[:-1]), x.dtype)
             unbiased = var * (n / ops.maximum(n - 1.0, 1.0))
             m = self.momentum
@@ -261,6 +264,19 @@ class GlobalMean(layers.Layer):
         return {**super().get_config(), "keepdims": self.keepdims}
 
 
+@keras.saving.register_keras_serializable("tlbridge")
+class Conv2D(layers.Conv2D):
+    """layers.Conv2D; in bf16 on TensorFlow its kernel gradient is a matmul where oneDNN's bf16
+    backward-weights kernel is slow (convgrad.py). Every other dtype and engine: Keras' own."""
+
+    def convolution_op(self, inputs, kernel):
+        if engine.TENSORFLOW and self.compute_dtype == "bfloat16" and self.groups == 1:
+            from . import convgrad
+            if convgrad.applies(inputs, kernel, self.strides, self.padding, self.dilation_rate):
+                return convgrad.conv2d(inputs, kernel, int(self.strides[0]))
+        return super().convolution_op(inputs, kernel)
+
+
 class Mirror:
     """Creates Keras layers that mirror torch modules, recording (canonical prefix, kind, layer)."""
 
@@ -283,8 +299,8 @@ class Mirror:
         x = self.pad(x, padding)
         in_ch = int(x.shape[-1])
         if groups == 1:
-            layer = layers.Conv2D(filters, kernel, strides=stride, padding="valid", use_bias=bias,
-                                  name=self.scope + prefix, dtype=self.dtype)
+            layer = Conv2D(filters, kernel, strides=stride, padding="valid", use_bias=bias,
+                           name=self.scope + prefix, dtype=self.dtype)
             kind = "conv"
         elif groups == in_ch == filters:
             layer = layers.DepthwiseConv2D(kernel, strides=stride, padding="valid", use_bias=bias,

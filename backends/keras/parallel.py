@@ -185,10 +185,12 @@ def batch_norm_in_replica(layer, x, ctx, batch_norm_train):
     statistics (one update, no race between replicas)."""
     if bn_sync() == "global":
         mean, var, y, n = _batch_norm_train_global(
-            x, tf.identity(layer.gamma.value), tf.identity(layer.beta.value), layer.epsilon, ctx)
+            x, tf.identity(layer.gamma.value), tf.identity(layer.beta.value), layer.epsilon, ctx,
+            layer.accumulate)
     else:
         mean, var, y = batch_norm_train(x, tf.identity(layer.gamma.value),
-                                        tf.identity(layer.beta.value), layer.epsilon)
+                                        tf.identity(layer.beta.value), layer.epsilon,
+                                        layer.accumulate)
         n = tf.cast(tf.reduce_prod(tf.shape(x)[:-1]), x.dtype)
     unbiased = var * (n / tf.maximum(n - 1.0, 1.0))
     m = layer.momentum
@@ -202,13 +204,12 @@ def batch_norm_in_replica(layer, x, ctx, batch_norm_train):
         return tf.identity(y)
 
 
-def _batch_norm_train_global(x, gamma, beta, epsilon, ctx):
+def _batch_norm_train_global(x, gamma, beta, epsilon, ctx, acc="float64"):
     """_batch_norm_train over every replica's rows (data-parallel, bn_sync="global"): the
     replica context's all_reduce sums x and the row count, then the centred squares; the
     backward sums dy and dy * (x - mean) the same way and uses the global count. Returns
-    (mean, biased variance, output, global count)."""
+    (mean, biased variance, output, global count); acc as in _batch_norm_train."""
     axes = list(range(len(x.shape) - 1))
-    acc = "float64"
     total = tf.distribute.ReduceOp.SUM
     x_const = tf.cast(tf.stop_gradient(x), acc)
     count = tf.cast(tf.reduce_prod(tf.shape(x)[:-1]), acc)

@@ -1,0 +1,87 @@
+"""bf16 that pays on the CPU for Keras on TensorFlow (issue 21 item 5): in a bf16 step the
+kernel gradient of 1x1 and small-output convolutions is a matmul (convgrad.py; oneDNN's bf16
+backward-weights kernel runs no faster than fp32), and BatchNorm's sums are float32, not float64.
+Both change only the bf16/fp16 steps: the fp32 and fp64 graphs are the ones parity is proven on.
+"""
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import pytest
+
+import tlbridge as tl
+from helpers import BACKENDS
+
+
+def _tensorflow():
+    if "keras" not in BACKENDS:
+        pytest.skip("Keras is not installed")
+    tl.registry.load("keras")
+    import keras
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("the bf16 convolution gradient is TensorFlow's (oneDNN) fix")
+    import tensorflow as tf
+    return tf
+
+
+@pytest.mark.parametrize("kernel,stride,size", [(1, 1, 5), (1, 2, 6), (3, 1, 6), (3, 2, 7),
+                                                (7, 2, 11)])
+def test_matmul_kernel_gradient_equals_the_convolutions(kernel, stride, size):
+    tf = _tensorflow()
+    from tlbridge.backends.keras import convgrad
+    rng = np.random.default_rng(kernel * 10 + stride)
+    x = tf.constant(rng.standard_normal((3, size, size + 1, 4)))
+    w = tf.constant(rng.standard_normal((kernel, kernel, 4, 5)))
+    dy_seed = tf.constant(rng.standard_normal((5,)))
+    grads = []
+    for conv in (lambda a, b: tf.nn.conv2d(a, b, stride, "VALID"),
+                 lambda a, b: convgrad.conv2d(a, b, stride)):
+        with tf.GradientTape() as tape:
+            tape.watch([x, w])
+            y = conv(x, w)
+            loss = tf.reduce_sum(tf.sin(y) * dy_seed)
+        grads.append([y, *tape.gradient(loss, [x, w])])
+    for ours, theirs in zip(grads[1], grads[0]):
+        np.testing.assert_allclose(ours.numpy(), theirs.numpy(), rtol=0, atol=1e-12)
+
+
+def _step_graph(precision):
+    rng = np.random.default_rng(0)
+    x = rng.random((40, 16, 16, 3), dtype=np.float32)
+    y = (rng.random((40, 1)) > 0.5).astype(np.float32)
+    m = tl.replace_head(tl.load_backbone("seed_vgg", backend="keras", input_shape=(16, 16, 3),
+                                         seed=0, batch_norm=True), 1, seed=1)
+    tl.fine_tune(m, (x, y), epochs=1, batch_size=32, progress=False, precision=precision,
+                 feature_cache=False)
+    (step,) = m.state["_train"].steps.values()
+    ops = step.get_concrete_function().graph.get_operations()
+    return (collections.Counter(op.type for op in ops),
+            sum(t.dtype.name == "float64" for op in ops for t in op.outputs))
+
+
+def test_keras_bf16_step_takes_the_matmul_gradient_and_no_float64():
+    """seed_vgg at 16x16: its last conv has 4x4 outputs, so its kernel gradient is a matmul in
+    bf16; BatchNorm's float64 sums are in the fp32 step only."""
+    _tensorflow()
+    fp32, fp32_f64 = _step_graph("fp32")
+    bf16, bf16_f64 = _step_graph("bf16")
+    assert fp32["Conv2DBackpropFilter"] == 3 and bf16["Conv2DBackpropFilter"] == 2
+    assert bf16["MatMul"] == fp32["MatMul"] + 1
+    assert fp32_f64 > 0 and bf16_f64 == 0
+
+
+def test_depthwise_convolutions_stay_float32_in_a_bf16_step():
+    """oneDNN's bf16 depthwise input gradient took 10x its fp32 time (MobileNetV2): on
+    TensorFlow the mixed policy leaves depthwise convolutions in float32, like BatchNorm."""
+    _tensorflow()
+    import keras
+    from tlbridge.backends.keras.mixed import mixed_policy
+    from tlbridge.backends.keras.network import Conv2D, TorchBatchNorm
+    inputs = keras.Input((8, 8, 4))
+    dw, conv, bn = keras.layers.DepthwiseConv2D(3), Conv2D(4, 1), TorchBatchNorm()
+    model = keras.Model(inputs, bn(conv(dw(inputs))))
+    with mixed_policy(model, "bf16"):
+        assert dw.compute_dtype == "float32" and bn.compute_dtype == "float32"
+        assert conv.compute_dtype == "bfloat16" and bn.accumulate == "float32"
+    assert conv.compute_dtype == "float32" and bn.accumulate == "float64"
