@@ -572,7 +572,7 @@ def loss_difference(results: list[dict], part: str = "check") -> tuple[float, st
                 continue
             diff = float(np.max(np.abs(np.subtract(rec["losses"], ref)) / np.maximum(np.abs(ref), 1e-300)))
             if diff > worst:
-                worst, where = diff, f"{LABEL[r.get('engine', r['backend'])]} {runner}"
+                worst, where = diff, f"{_label(r)} {runner}"
     return worst, where
 
 
@@ -580,7 +580,7 @@ def check_losses(results: list[dict], part: str = "check") -> float:
     """Stops the benchmark, with the figures, when the runners' float64 losses differ."""
     worst, where = loss_difference(results, part)
     if worst > TOLERANCE:
-        lines = [f"  {LABEL[r.get('engine', r['backend'])]} {k}: {v['losses']}"
+        lines = [f"  {_label(r)} {k}: {v['losses']}"
                  for r in results for k, v in r[part].items()]
         raise SystemExit(f"Not reporting speeds: the runners computed different things. Their "
                          f"float64 epoch losses differ by {worst:.2e} relative ({where}), above "
@@ -646,6 +646,10 @@ def _engine(r) -> str:
     return r.get("engine", r["backend"])
 
 
+def _label(r) -> str:
+    return LABEL.get(_engine(r), _engine(r))
+
+
 def pick(r) -> str:
     """The runner a user would pick instead of tlbridge on this engine: keras.applications'
     model under keras.fit where Keras has one, else the framework's loop on the same model
@@ -688,7 +692,7 @@ def train_rows(results: list[dict], flops: dict) -> list[str]:
         for runner in order:
             rec, frac = r["train"][runner], flop_fraction(r, runner, flops)
             same = _ratio_cell(r, runner, "raw") if runner.startswith("tl") else "—"
-            lines.append(f"| {r['backbone']} | {LABEL[_engine(r)]} ({r['device']}) | "
+            lines.append(f"| {r['backbone']} | {_label(r)} ({r['device']}) | "
                          f"{runner_label(r, runner)} | {_cell(rec)} | "
                          f"{_ratio_cell(r, runner, pick(r))} | {same} | "
                          f"{'–' if frac is None else f'{frac:.2f}'} | {rec['first']:.1f} | "
@@ -745,7 +749,7 @@ def table(results: list[dict], args, agreement: dict, flops: dict | None = None)
     for r in results:
         i = r["infer"]
         ratio, q1, q3 = _ratio(i["tl logits"], i["raw logits"])
-        lines.append(f"| {r['backbone']} | {LABEL[_engine(r)]} | {RAW_INFER[r['backend']]} "
+        lines.append(f"| {r['backbone']} | {_label(r)} | {RAW_INFER[r['backend']]} "
                      f"{_cell(i['raw features'])} | {_cell(i['tl features'])} | "
                      f"{_cell(i['raw logits'])} | {_cell(i['tl logits'])} | {ratio:.2f} ({q1:.2f}–{q3:.2f}) |")
     return lines + _machine(results, args)
@@ -756,7 +760,7 @@ def _machine(results: list[dict], args) -> list[str]:
     for r in results:
         versions.update(r["versions"])
     threads = "; ".join(sorted({r["threads"] for r in results}))
-    tf32 = {LABEL[_engine(r)]: r["tf32"] for r in results}
+    tf32 = {_label(r): r["tf32"] for r in results}
     return ["", f"Machine: {platform.machine()}, {os.cpu_count()} CPUs; {threads}; "
             f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, "
             f"TF_ENABLE_ONEDNN_OPTS={os.environ.get('TF_ENABLE_ONEDNN_OPTS', 'unset')}; TF32: "
@@ -786,10 +790,13 @@ def summary(results: list[dict], args, flops: dict) -> list[str]:
     lines = [f"Training img/s (texts/s), tlbridge `fine_tune` / what a user picks instead (torch: "
              f"a torch loop on torchvision's model; Keras: keras.applications' model under "
              f"keras.fit), median of {args.repeats} interleaved epochs, batch {args.batch_size}, "
-             f"{args.image_size}×{args.image_size}, {args.dtype}, {os.cpu_count()} CPU cores; "
-             f"full table, method and FLOP counts: [docs/speed.md](docs/speed.md).", "",
+             f"{args.image_size}×{args.image_size}, {args.dtype}, {os.cpu_count()} CPU cores; (×): "
+             f"tlbridge's epoch time ÷ the pick's. The last column: the fastest tlbridge row's "
+             f"training FLOP/s ÷ this machine's measured fp32 matmul peak"
+             + (f" ({flops['peak']['flop_s'] / 1e9:.0f} GFLOP/s)" if flops.get("peak") else "")
+             + ". Full table, method and FLOP counts: [docs/speed.md](docs/speed.md).", "",
              "| backbone | " + " | ".join(LABEL[e] for e in engines)
-             + " | fastest: tlbridge / plain | FLOP/s ÷ fp32 peak |",
+             + " | fastest: tlbridge / plain | FLOP/s ÷ peak |",
              "|---|" + "---|" * (len(engines) + 2)]
     for name in dict.fromkeys(r["backbone"] for r in results):
         rs = {_engine(r): r for r in results if r["backbone"] == name}
@@ -806,8 +813,8 @@ def summary(results: list[dict], args, flops: dict) -> list[str]:
         best_pl = max(rs.values(), key=lambda r: r["train"][pick(r)]["img_s"])
         frac = flop_fraction(best_tl, "tl", flops)
         lines.append(f"| {name} | " + " | ".join(cells)
-                     + f" | {best_tl['train']['tl']['img_s']:.0f} ({LABEL[_engine(best_tl)]}) / "
-                       f"{best_pl['train'][pick(best_pl)]['img_s']:.0f} ({LABEL[_engine(best_pl)]}) | "
+                     + f" | {best_tl['train']['tl']['img_s']:.0f} ({_label(best_tl)}) / "
+                       f"{best_pl['train'][pick(best_pl)]['img_s']:.0f} ({_label(best_pl)}) | "
                      + ("–" if frac is None else f"{frac:.2f}") + " |")
     return lines
 
