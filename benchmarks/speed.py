@@ -4,12 +4,20 @@
     .venv/bin/python benchmarks/speed.py seed_vgg --image-size 32 --batch-size 16 --repeats 3
     .venv/bin/python benchmarks/speed.py minilm_l6 --texts 256 --text-repeats 3
 
-For each portable backbone and each installed backend, four runners train one model each,
-all built from one seed (so the same weights) on the same random images and the same batch
-order, SGD lr 1e-3 momentum 0.875 (a fresh optimizer state each epoch, as each
-`fine_tune(epochs=1)` call starts one), BCE from logits:
-  torch: a plain torch loop on the tlbridge-built nn.Module  vs  tl.fine_tune
-  keras: keras.fit (Keras' own SGD) on the tlbridge-built keras.Model  vs  tl.fine_tune
+For each portable backbone and each installed engine (torch, Keras on TensorFlow, Keras on JAX:
+a process each, KERAS_BACKEND set), the runners train one model each, tlbridge's all built from
+one seed (so the same weights), on the same random images and the same batch order, SGD lr 1e-3
+momentum 0.875 (a fresh optimizer state each epoch, as each `fine_tune(epochs=1)` call starts
+one), BCE from logits:
+  torch: a plain torch loop on the tlbridge-built nn.Module (torchvision's own model for
+         torchvision's architectures)  vs  tl.fine_tune
+  keras: keras.fit (Keras' own SGD) on the tlbridge-built keras.Model  vs  tl.fine_tune, and,
+         for resnet50/mobilenet_v2/efficientnet_b0, keras.applications' own model under
+         keras.fit ("app": what a Keras user picks instead; another computation, so outside
+         the float64 check below)
+  --compiled: also tl.fine_tune(compile=True) (torch.compile; XLA on Keras-on-TF).
+The FLOP/s column divides img/s x training FLOPs per image (counted: benchmarks/_flops.py) by
+this machine's fp32 matmul peak, measured once per run before the timed runs.
 Text: minilm_l6 (all-MiniLM-L6-v2, its packaged pretrained weights) trains on --texts English
 texts of 8-60 words (benchmarks/_texts.py: the prose of the Python documentation, no download),
 each batch padded to its own longest text by tl.data.texts; the torch loop and keras.fit get
@@ -22,13 +30,13 @@ tl.logits with the framework's own per-batch call (predict_on_batch, module unde
 
 No speed is reported for a computation that differs: before timing, every runner trains fresh
 float64 models for two short epochs, and their epoch losses must agree across all runners of
-both backends to 1e-9 (with --dtype float64 the measured epochs too), else the script stops
+every engine (the app runner aside) to 1e-9 (with --dtype float64 the measured epochs too), else the script stops
 with the figures (see `verify` for why float32 losses cannot be the check). Each backend runs in its own process (no thread pools
 competing); the runners of one backend share that process. Peak memory is probed apart, each
 runner alone in a fresh process (a sampling thread would slow the timed runs).
 
-Writes benchmarks/out/speed.md (filled into the README by benchmarks/fill_readme.py),
-speed.json (every timing) and speed.png. On a machine with a GPU, Keras runs on it (TF places
+Writes benchmarks/out/speed.md (docs/speed.md's table) and speed_summary.md (the README's few
+rows; both filled in by benchmarks/fill_readme.py), speed.json (every timing) and speed.png. On a machine with a GPU, Keras runs on it (TF places
 the model there); tlbridge's torch backend trains on the CPU (no device support yet), and the
 table states each backend's device and TF32 setting.
 """
