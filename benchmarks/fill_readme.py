@@ -5,7 +5,7 @@ between markers.
     .venv/bin/python benchmarks/fill_readme.py parity # just these blocks
 
 Each block sits between `<!-- NAME:start -->` and `<!-- NAME:end -->` in one or more pages
-(README.md, docs/*.md; the speed table, say, in the README and in docs/speed.md), and the
+(README.md, docs/*.md; the parity table, say, in the README and in docs/parity.md), and the
 command in BLOCKS writes its table (through benchmarks/_out.py's format: the table's lines,
 written to benchmarks/out/NAME.md). Every page that holds a block gets it.
 tests/test_claims.py checks that every block has both a writer and a page.
@@ -30,6 +30,7 @@ BLOCKS = {
     "parity_summary": ("benchmarks/parity_table.py", "make parity"),
     "op_error": ("benchmarks/op_error.py", ".venv/bin/python benchmarks/op_error.py"),
     "speed": ("benchmarks/speed.py", "make speed"),
+    "speed_summary": ("benchmarks/speed.py", "make speed"),
     "fusion": ("benchmarks/fusion.py", ".venv/bin/python benchmarks/fusion.py"),
     "few_shot": ("benchmarks/few_shot.py", ".venv/bin/python benchmarks/few_shot.py"),
     "data_parallel": ("benchmarks/data_parallel.py",

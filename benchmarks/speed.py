@@ -4,12 +4,20 @@
     .venv/bin/python benchmarks/speed.py seed_vgg --image-size 32 --batch-size 16 --repeats 3
     .venv/bin/python benchmarks/speed.py minilm_l6 --texts 256 --text-repeats 3
 
-For each portable backbone and each installed backend, four runners train one model each,
-all built from one seed (so the same weights) on the same random images and the same batch
-order, SGD lr 1e-3 momentum 0.875 (a fresh optimizer state each epoch, as each
-`fine_tune(epochs=1)` call starts one), BCE from logits:
-  torch: a plain torch loop on the tlbridge-built nn.Module  vs  tl.fine_tune
-  keras: keras.fit (Keras' own SGD) on the tlbridge-built keras.Model  vs  tl.fine_tune
+For each portable backbone and each installed engine (torch, Keras on TensorFlow, Keras on JAX:
+a process each, KERAS_BACKEND set), the runners train one model each, tlbridge's all built from
+one seed (so the same weights), on the same random images and the same batch order, SGD lr 1e-3
+momentum 0.875 (a fresh optimizer state each epoch, as each `fine_tune(epochs=1)` call starts
+one), BCE from logits:
+  torch: a plain torch loop on the tlbridge-built nn.Module (torchvision's own model for
+         torchvision's architectures)  vs  tl.fine_tune
+  keras: keras.fit (Keras' own SGD) on the tlbridge-built keras.Model  vs  tl.fine_tune, and,
+         for resnet50/mobilenet_v2/efficientnet_b0, keras.applications' own model under
+         keras.fit ("app": what a Keras user picks instead; another computation, so outside
+         the float64 check below)
+  --compiled: also a tl.compile(model)'d model (torch.compile; XLA on Keras-on-TF).
+The FLOP/s column divides img/s x training FLOPs per image (counted: benchmarks/_flops.py) by
+this machine's fp32 matmul peak, measured once per run before the timed runs.
 Text: minilm_l6 (all-MiniLM-L6-v2, its packaged pretrained weights) trains on --texts English
 texts of 8-60 words (benchmarks/_texts.py: the prose of the Python documentation, no download),
 each batch padded to its own longest text by tl.data.texts; the torch loop and keras.fit get
@@ -22,13 +30,13 @@ tl.logits with the framework's own per-batch call (predict_on_batch, module unde
 
 No speed is reported for a computation that differs: before timing, every runner trains fresh
 float64 models for two short epochs, and their epoch losses must agree across all runners of
-both backends to 1e-9 (with --dtype float64 the measured epochs too), else the script stops
+every engine (the app runner aside) to 1e-9 (with --dtype float64 the measured epochs too), else the script stops
 with the figures (see `verify` for why float32 losses cannot be the check). Each backend runs in its own process (no thread pools
 competing); the runners of one backend share that process. Peak memory is probed apart, each
 runner alone in a fresh process (a sampling thread would slow the timed runs).
 
-Writes benchmarks/out/speed.md (filled into the README by benchmarks/fill_readme.py),
-speed.json (every timing) and speed.png. On a machine with a GPU, Keras runs on it (TF places
+Writes benchmarks/out/speed.md (docs/speed.md's table) and speed_summary.md (the README's few
+rows; both filled in by benchmarks/fill_readme.py), speed.json (every timing) and speed.png. On a machine with a GPU, Keras runs on it (TF places
 the model there); tlbridge's torch backend trains on the CPU (no device support yet), and the
 table states each backend's device and TF32 setting.
 """
@@ -58,7 +66,8 @@ import _texts  # noqa: E402
 LR, MOMENTUM, SEED = 1e-3, 0.875, 0
 TOLERANCE = 1e-9                                # float64 losses of the runners (see verify)
 CHECK_BATCHES = 2
-BOUND = {"torch": 1.05, "keras": 1.10}          # issue 8: tl within this factor of the framework
+OTHER = ("app",)                                # runners of another computation: no check
+GOAL = 1.05                                     # issue 21: tl within this factor of the user's pick
 TEXT = ("minilm_l6",)                           # text backbones timed: packaged weights, tokenizer
 
 
@@ -148,12 +157,25 @@ class Runners:
     built from one seed, over the same data; an epoch is given its batch order."""
 
     def __init__(self, tl, backend, name, args, dtype, n):
-        self.tl, self.args, self.dtype = tl, args, dtype
+        self.tl, self.args, self.dtype, self.name = tl, args, dtype, name
         self.x, self.y = _data(args, dtype, n, name)
         self.base = _model(tl, backend, name, args, dtype)
         self.ours = _model(tl, backend, name, args, dtype)
+        self.ours_compiled = (tl.compile(_model(tl, backend, name, args, dtype))
+                              if args.compiled else None)
+        self.app = None
         self.infer_x = self.inference_inputs()
         getattr(self, f"_setup_{backend}")()
+
+    def runs(self, check: bool = False) -> dict:
+        """runner -> its epoch. check: the runners of tlbridge's computation only (the
+        keras.applications model is another computation: timed, never in the float64 check)."""
+        runs = {"raw": self.raw_epoch, "tl": self.tl_epoch}
+        if self.ours_compiled is not None:
+            runs["tlc"] = functools.partial(self.tl_epoch, compiled=True)
+        if self.app is not None and not check:
+            runs["app"] = self.app_epoch
+        return runs
 
     @functools.lru_cache(maxsize=None)
     def order(self, repeat):
@@ -172,10 +194,12 @@ class Runners:
     def describe(self, n_rep: int) -> dict:
         return {}
 
-    def tl_epoch(self, repeat):
+    def tl_epoch(self, repeat, compiled=False):
         ds = self.tl.data.arrays(self.x, self.y, batch_size=self.args.batch_size, seed=repeat,
                                  dtype=self.dtype)
-        h = self.tl.fine_tune(self.ours, ds, epochs=1, optimizer=self.tl.optim.SGD(LR, momentum=MOMENTUM), progress=False, feature_cache=False, seed=repeat)
+        h = self.tl.fine_tune(self.ours_compiled if compiled else self.ours, ds, epochs=1,
+                              optimizer=self.tl.optim.SGD(LR, momentum=MOMENTUM), progress=False,
+                              feature_cache=False, seed=repeat)
         return float(h["loss"][-1])
 
     # -- torch: a plain loop over the nn.Module, a new torch.optim.SGD per epoch
@@ -205,16 +229,21 @@ class Runners:
         import keras
 
         km, fm, b = self.base.native, self.base.state["feature_model"], self.args.batch_size
-        _compile(keras, km, self.dtype)
+        _compile(keras, km, self.dtype, _fit_loss(keras))
 
-        def raw_epoch(repeat):
+        def fit_epoch(model, repeat):
             order = self.order(repeat)
-            for v in getattr(km.optimizer, "momentums", []):
+            for v in getattr(model.optimizer, "momentums", []):
                 v.assign(np.zeros(v.shape, v.dtype))
             with _floatx(keras, self.dtype):  # fit casts numpy floats to floatx
-                h = km.fit(self.x[order], self.y[order], batch_size=b, epochs=1, shuffle=False,
-                           verbose=0)
+                h = model.fit(self.x[order], self.y[order], batch_size=b, epochs=1,
+                              shuffle=False, verbose=0)
             return float(h.history["loss"][0])
+
+        raw_epoch = functools.partial(fit_epoch, km)
+        if self.name in APPS and not getattr(self.args, "no_apps", False):
+            self.app = _app_model(keras, self.name, self.args.image_size, self.dtype)
+            self.app_epoch = functools.partial(fit_epoch, self.app)
 
         def raw_infer(which):
             model = fm if which == "features" else km
@@ -224,10 +253,41 @@ class Runners:
         self.raw_epoch, self.raw_infer, self.info = raw_epoch, raw_infer, _keras_info()
 
 
-def _compile(keras, km, dtype):
+def _compile(keras, km, dtype, loss=None):
     with _floatx(keras, dtype):              # the loss tracker in the model's dtype
         km.compile(optimizer=keras.optimizers.SGD(LR, momentum=MOMENTUM),
-                   loss=keras.losses.BinaryCrossentropy(from_logits=True))
+                   loss=loss or keras.losses.BinaryCrossentropy(from_logits=True))
+
+
+def _fit_loss(keras):
+    """keras.fit's loss on the tlbridge model: Keras' BinaryCrossentropy on TensorFlow; on JAX
+    the same formula written out (TensorFlow's sigmoid_cross_entropy_with_logits), because
+    Keras 3.15.1 computes a float64 binary_crossentropy in float32 off TensorFlow
+    (keras-team/keras#23223: 3e-9 from torch, measured) and the float64 check would fail on
+    Keras' rounding, not on a different computation. The speed is the same."""
+    if keras.backend.backend() == "tensorflow":
+        return None
+    ops = keras.ops
+    return lambda y, z: ops.maximum(z, 0.0) - z * y + ops.log1p(ops.exp(-ops.abs(z)))
+
+
+# keras.applications' own model of a portable backbone: what a Keras user picks instead
+APPS = {"resnet50": "ResNet50", "mobilenet_v2": "MobileNetV2", "efficientnet_b0": "EfficientNetB0"}
+
+
+def _app_model(keras, name, size, dtype):
+    """keras.applications' `name` (weights=None, no top, global average pooling) with a 1-logit
+    Dense head, compiled as the tlbridge model's keras.fit is (same SGD, Keras' own
+    BinaryCrossentropy): not tlbridge's computation (Keras' init, BatchNorm eps 1.001e-5 or
+    1e-3 and momentum 0.99, ResNet50 v1's stride in the 1x1 conv, EfficientNetB0's input
+    normalization), so it is timed without the float64 check."""
+    keras.utils.set_random_seed(SEED)
+    with _floatx(keras, dtype):
+        base = getattr(keras.applications, APPS[name])(
+            weights=None, include_top=False, input_shape=(size, size, 3), pooling="avg")
+        km = keras.Model(base.input, keras.layers.Dense(1)(base.output))
+    _compile(keras, km, dtype)
+    return km
 
 
 def _torch_loop(net, batches) -> float:
@@ -255,6 +315,9 @@ def _torch_info() -> dict:
 
 
 def _keras_info() -> dict:
+    import keras
+    if keras.backend.backend() == "jax":
+        return _jax_info()
     import tensorflow as tf
     gpus = tf.config.list_physical_devices("GPU")
     return {
@@ -264,6 +327,15 @@ def _keras_info() -> dict:
                  else "n/a (cpu)"),
         "threads": (f"TF intra-op {tf.config.threading.get_intra_op_parallelism_threads() or 'auto'}, "
                     f"inter-op {tf.config.threading.get_inter_op_parallelism_threads() or 'auto'}")}
+
+
+def _jax_info() -> dict:
+    import jax
+    device = jax.devices()[0]
+    return {"device": "cpu" if device.platform == "cpu" else device.device_kind,
+            "tf32": "n/a (cpu)" if device.platform == "cpu" else
+                    f"jax_default_matmul_precision={jax.config.jax_default_matmul_precision}",
+            "threads": "XLA (JAX) threads auto"}
 
 
 class TextRunners(Runners):
@@ -305,8 +377,9 @@ class TextRunners(Runners):
         """What the framework's loop reads for this repeat (Keras: a tf.data.Dataset)."""
         return self.batches(repeat)
 
-    def tl_epoch(self, repeat):
-        h = self.tl.fine_tune(self.ours, self.dataset(repeat), epochs=1, progress=False,
+    def tl_epoch(self, repeat, compiled=False):
+        h = self.tl.fine_tune(self.ours_compiled if compiled else self.ours, self.dataset(repeat),
+                              epochs=1, progress=False,
                               optimizer=self.tl.optim.SGD(LR, momentum=MOMENTUM),
                               feature_cache=False, seed=repeat)
         return float(h["loss"][-1])
@@ -342,7 +415,7 @@ class TextRunners(Runners):
         import tensorflow as tf
 
         km, fm, b, x = self.base.native, self.base.state["feature_model"], self.args.batch_size, self.infer_x
-        _compile(keras, km, self.dtype)
+        _compile(keras, km, self.dtype, _fit_loss(keras))
 
         options = tf.data.Options()
         options.autotune.enabled = False      # see the docstring
@@ -389,20 +462,19 @@ def verify(tl, backend, name, args) -> dict:
     torch fp32 is 6.5e-3 from fp64 after one SGD step, measured), so fp32 runs of one
     computation drift apart; float64 shows whether the computations are the same."""
     r = runners(tl, backend, name, args, "float64", CHECK_BATCHES * args.batch_size)
-    return {"raw": {"losses": [r.raw_epoch(e) for e in range(2)]},
-            "tl": {"losses": [r.tl_epoch(e) for e in range(2)]}}
+    return {k: {"losses": [fn(e) for e in range(2)]} for k, fn in r.runs(check=True).items()}
 
 
-def probe_memory(backend: str, name: str, runner: str, args) -> dict:
+def probe_memory(engine: str, name: str, runner: str, args) -> dict:
     """One runner alone in a fresh process: peak resident memory over its first two epochs
     (tracing included) above the process after building its model, and on a GPU the device's
     peak. Kept out of the timed runs: the sampling thread would cost them time."""
     import tlbridge as tl
 
-    r = runners(tl, backend, name, args, args.dtype, samples(args, name))
-    fn = r.raw_epoch if runner == "raw" else r.tl_epoch
+    r = runners(tl, ENGINES[engine], name, args, args.dtype, samples(args, name))
+    fn = r.runs()[runner]
     gpu = None
-    if backend == "keras":
+    if engine == "tensorflow":
         import tensorflow as tf
         if tf.config.list_physical_devices("GPU"):
             tf.config.experimental.reset_memory_stats("GPU:0")
@@ -416,19 +488,23 @@ def probe_memory(backend: str, name: str, runner: str, args) -> dict:
     return out
 
 
-def run_backend(backend: str, name: str, args) -> dict:
+def run_backend(engine: str, name: str, args) -> dict:
+    """One engine's runners in this process: the float64 check, then the timed epochs, taking
+    turns (forward order on odd repeats, reversed on even: ABBA for two, and every runner
+    meets a slow minute of the machine as often as the others), then inference."""
     import tlbridge as tl
 
+    backend = ENGINES[engine]
     check = verify(tl, backend, name, args)
     r = runners(tl, backend, name, args, args.dtype, samples(args, name))
     x, ours, n_rep = r.infer_x, r.ours, repeats(args, name)
     for repeat in range(n_rep + 1):
         r.prepare(repeat)                                  # drawn outside the timed epochs
-    runs = {"raw": r.raw_epoch, "tl": r.tl_epoch}
+    runs = r.runs()
     train = {k: {"times": [], "losses": []} for k in runs}
     for repeat in range(n_rep + 1):                        # repeat 0 is the warm-up epoch
         turns = list(runs.items())
-        for key, fn in (turns if repeat % 2 else turns[::-1]):    # ABBA: drift hits both
+        for key, fn in (turns if repeat % 2 else turns[::-1]):    # ABBA: drift hits all
             seconds, loss = _timed(lambda: fn(repeat))
             rec = train[key]
             rec["losses"].append(loss)
@@ -454,38 +530,41 @@ def run_backend(backend: str, name: str, args) -> dict:
     for table in (train, infer):
         for rec in table.values():
             rec.update(_summary(rec.pop("times"), samples(args, name)))
-    return {"backend": backend, "backbone": name, "check": check, "train": train, "infer": infer,
-            "data": r.describe(n_rep),
-            **r.info,
-            "versions": _versions(backend)}
+    return {"backend": backend, "engine": engine, "backbone": name, "check": check,
+            "train": train, "infer": infer, "data": r.describe(n_rep), **r.info,
+            "versions": _versions(engine)}
 
 
-def _versions(backend: str) -> dict:
+def _versions(engine: str) -> dict:
     import tlbridge
     out = {"python": platform.python_version(), "numpy": np.__version__,
            "tlbridge": getattr(tlbridge, "__version__", "?")}
-    if backend == "torch":
+    if engine == "torch":
         import torch
         out["torch"] = torch.__version__
     else:
+        import importlib
         import keras
-        import tensorflow as tf
-        out.update(tensorflow=tf.__version__, keras=keras.__version__)
+        out.update({engine: importlib.import_module(engine).__version__, "keras": keras.__version__})
     return out
 
 
 # ------------------------------------------------------------------------------- orchestration
-def _worker(backend, name, args, probe=None) -> dict:
-    """Run one backend (or one runner's memory probe) in a fresh process; read its JSON back."""
-    cmd = [sys.executable, os.path.abspath(__file__), name, "--worker", backend,
+def _worker(engine, name, args, probe=None) -> dict:
+    """Run one engine (or one runner's memory probe) in a fresh process; read its JSON back.
+    Keras picks its engine once per process, from KERAS_BACKEND."""
+    cmd = [sys.executable, os.path.abspath(__file__), name, "--worker", engine,
            *(["--probe", probe] if probe else []),
            "--image-size", str(args.image_size), "--batch-size", str(args.batch_size),
            "--images", str(args.images), "--texts", str(args.texts), "--repeats", str(args.repeats),
-           "--text-repeats", str(args.text_repeats), "--dtype", args.dtype]
-    env = dict(os.environ, TLBRIDGE_BACKEND=backend)
+           "--text-repeats", str(args.text_repeats), "--dtype", args.dtype,
+           *(["--compiled"] if args.compiled else []), *(["--no-apps"] if args.no_apps else [])]
+    env = dict(os.environ, TLBRIDGE_BACKEND=ENGINES[engine])
+    if engine != "torch":
+        env["KERAS_BACKEND"] = engine
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise SystemExit(f"The {backend} run of {name} failed:\n{proc.stderr[-4000:]}")
+        raise SystemExit(f"The {LABEL[engine]} run of {name} failed:\n{proc.stderr[-4000:]}")
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")][-1]
     return json.loads(line)
 
@@ -498,9 +577,11 @@ def loss_difference(results: list[dict], part: str = "check") -> tuple[float, st
     worst, where = 0.0, ""
     for r in results:
         for runner, rec in r[part].items():
+            if runner in OTHER:
+                continue
             diff = float(np.max(np.abs(np.subtract(rec["losses"], ref)) / np.maximum(np.abs(ref), 1e-300)))
             if diff > worst:
-                worst, where = diff, f"{r['backend']} {runner}"
+                worst, where = diff, f"{_label(r)} {runner}"
     return worst, where
 
 
@@ -508,15 +589,19 @@ def check_losses(results: list[dict], part: str = "check") -> float:
     """Stops the benchmark, with the figures, when the runners' float64 losses differ."""
     worst, where = loss_difference(results, part)
     if worst > TOLERANCE:
-        lines = [f"  {r['backend']} {k}: {v['losses']}" for r in results for k, v in r[part].items()]
+        lines = [f"  {_label(r)} {k}: {v['losses']}"
+                 for r in results for k, v in r[part].items()]
         raise SystemExit(f"Not reporting speeds: the runners computed different things. Their "
                          f"float64 epoch losses differ by {worst:.2e} relative ({where}), above "
                          f"{TOLERANCE:g}:\n" + "\n".join(lines))
     return worst
 
 
-RAW = {"torch": "torch loop", "keras": "keras.fit"}
+SHORT = {"raw": "framework loop", "tl": "tl.fine_tune", "tlc": "tl.compile",
+         "app": "keras.applications"}
 RAW_INFER = {"torch": "module, no_grad", "keras": "predict_on_batch"}
+ENGINES = {"torch": "torch", "tensorflow": "keras", "jax": "keras"}   # engine -> tlbridge backend
+LABEL = {"torch": "torch", "tensorflow": "Keras on TF", "jax": "Keras on JAX"}
 
 
 def _memory(rec) -> str:
@@ -558,24 +643,105 @@ def _train_header(results: list[dict], args) -> str:
                  f"(keras.fit as a tf.data.Dataset, length left open: one trace; tf.data "
                  f"autotuning off, see docs/speed.md). ")
     return (head + f"Batch {args.batch_size}, {args.dtype}, SGD lr {LR:g} momentum {MOMENTUM:g}. "
-            f"*ratio* = tlbridge's time ÷ the framework's, epoch by epoch (median, IQR; the two run "
-            f"back to back, in alternating order) (the bar: ≤ 1.05 torch, ≤ 1.10 keras); *first* = "
+            f"*time ÷* = a runner's epoch time ÷ its counterpart's, epoch by epoch (median, IQR; the "
+            f"runners of an engine take turns, in alternating order): ÷ *user's pick* (the "
+            f"first row of each engine; the bar for tl.fine_tune: ≤ {GOAL}) and ÷ the same model "
+            f"in the framework's own loop; *first* = "
             f"the first call's seconds (graph tracing included); *mem* = peak resident memory of "
             f"the first two epochs above the built model, MiB, each runner alone in a fresh process.")
 
 
-def table(results: list[dict], args, agreement: dict) -> list[str]:
-    lines = [_train_header(results, args),
-             "",
-             "| backbone | backend | framework | tlbridge | ratio | first (fw / tl) | mem (fw / tl) |",
-             "|---|---|---|---|---|---|---|"]
+def _engine(r) -> str:
+    return r.get("engine", r["backend"])
+
+
+def _label(r) -> str:
+    return LABEL.get(_engine(r), _engine(r))
+
+
+def pick(r) -> str:
+    """The runner a user would pick instead of tlbridge on this engine: keras.applications'
+    model under keras.fit where Keras has one, else the framework's loop on the same model
+    (on torch that is torchvision's own model: tlbridge's torch backbones are torchvision's)."""
+    return "app" if "app" in r["train"] else "raw"
+
+
+def runner_label(r, runner) -> str:
+    if runner == "app":
+        return f"keras.applications.{APPS[r['backbone']]}, keras.fit †"
+    if runner == "raw":
+        return "torch loop ‡" if r["backend"] == "torch" else "keras.fit, tlbridge's model"
+    compiled = {"torch": " (torch.compile)", "tensorflow": " (XLA)"}.get(_engine(r), "")
+    return "tl.fine_tune" + (f", tl.compile{compiled}" if runner == "tlc" else "")
+
+
+def flop_fraction(r, runner, flops: dict) -> float | None:
+    """Training FLOP/s of a row as a fraction of the measured fp32 matmul peak (None without a
+    count for the backbone)."""
+    f = flops.get("flops", {}).get(r["backbone"])
+    if not f or not flops.get("peak"):
+        return None
+    return r["train"][runner]["img_s"] * f["train"] / flops["peak"]["flop_s"]
+
+
+def _ratio_cell(r, runner, over: str) -> str:
+    if runner == over or over not in r["train"]:
+        return "—"
+    ratio, q1, q3 = _ratio(r["train"][runner], r["train"][over])
+    mark = " **over**" if runner.startswith("tl") and over == pick(r) and ratio > GOAL else ""
+    return f"{ratio:.2f} ({q1:.2f}–{q3:.2f}){mark}"
+
+
+def train_rows(results: list[dict], flops: dict) -> list[str]:
+    lines = ["| backbone | engine | runner | img/s, median (IQR) | time ÷ user's pick | "
+             "time ÷ same model, plain loop | FLOP/s ÷ fp32 peak | first (s) | mem (MiB) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        raw, ours = r["train"]["raw"], r["train"]["tl"]
-        ratio, q1, q3 = _ratio(ours, raw)
-        mark = "" if ratio <= BOUND[r["backend"]] else " **over**"
-        lines.append(f"| {r['backbone']} | {r['backend']} ({r['device']}) | {RAW[r['backend']]} "
-                     f"{_cell(raw)} | {_cell(ours)} | {ratio:.2f} ({q1:.2f}–{q3:.2f}){mark} | {raw['first']:.1f} s / "
-                     f"{ours['first']:.1f} s | {_memory(raw)} / {_memory(ours)} |")
+        order = [pick(r)] + [k for k in ("raw", "tl", "tlc") if k in r["train"] and k != pick(r)]
+        for runner in order:
+            rec, frac = r["train"][runner], flop_fraction(r, runner, flops)
+            same = _ratio_cell(r, runner, "raw") if runner.startswith("tl") else "—"
+            lines.append(f"| {r['backbone']} | {_label(r)} ({r['device']}) | "
+                         f"{runner_label(r, runner)} | {_cell(rec)} | "
+                         f"{_ratio_cell(r, runner, pick(r))} | {same} | "
+                         f"{'–' if frac is None else f'{frac:.2f}'} | {rec['first']:.1f} | "
+                         f"{_memory(rec)} |")
+    return lines
+
+
+def _flops_note(flops: dict, results: list[dict]) -> str:
+    if not flops.get("peak"):
+        return "FLOP/s ÷ fp32 peak: not measured (it needs torch)."
+    pk = flops["peak"]
+    counts = ", ".join(f"{n} {f['train'] / 1e9:.3g}" for n, f in flops["flops"].items())
+    return (f"*FLOP/s ÷ fp32 peak* = img/s × training FLOPs per image ÷ this machine's fp32 "
+            f"matmul peak, measured in this run: {pk['flop_s'] / 1e9:.0f} GFLOP/s (torch "
+            f"{pk['size']}² matmul, {pk['threads']} threads, best of {pk['repeats']}). Training "
+            f"GFLOP per image = 3 × the forward FLOPs counted by torch's FlopCounterMode on "
+            f"tlbridge's torch model at the benchmark size: {counts or 'none counted'}; every "
+            f"row of a backbone uses its count"
+            + (" († keras.applications.ResNet50 is ResNet v1, stride 2 in the 1×1 convolution: "
+               "~6% fewer FLOPs than torchvision's v1.5)." if any(
+                   r["backbone"] == "resnet50" and "app" in r["train"] for r in results) else "."))
+
+
+def _apps_note(results: list[dict]) -> str:
+    note = "" if not any(r["backend"] == "torch" for r in results) else (" ‡ the plain torch loop trains tlbridge's nn.Module, which for torchvision's "
+            "architectures (resnet*, mobilenet_v2, efficientnet_b0, ...) is torchvision's own "
+            "model, its classifier replaced by a Linear head: what a torch user picks.")
+    if not any("app" in r["train"] for r in results):
+        return note
+    return note + (" † keras.applications' own model (weights=None, include_top=False, pooling='avg', "
+            "a Dense(1) head), what a Keras user picks instead: another computation (Keras' "
+            "initializers and BatchNorm eps/momentum, ResNet50 v1's strides, EfficientNetB0's "
+            "input normalization layers), so it is timed on the same batches with the same SGD "
+            "but left out of the float64 same-computation check.")
+
+
+def table(results: list[dict], args, agreement: dict, flops: dict | None = None) -> list[str]:
+    flops = flops or {}
+    lines = [_train_header(results, args) + _apps_note(results), "", *train_rows(results, flops),
+             "", _flops_note(flops, results)]
     lines += ["", "Same computation: before timing, every runner trains fresh float64 models for 2 "
               f"epochs of {CHECK_BATCHES} batches; their epoch losses agree to "
               + ", ".join(f"{a['float64']:.0e} ({n})" for n, a in agreement.items())
@@ -587,32 +753,78 @@ def table(results: list[dict], args, agreement: dict) -> list[str]:
                    "init), as much between torch's own float32 and float64 runs.")]
     lines += ["", "Inference: img/s (texts/s), median (IQR), same inputs and batch (texts padded "
               "to the longest of them).", "",
-              "| backbone | backend | framework features | tl.features | framework logits | tl.logits | ratio (logits) |",
+              "| backbone | engine | framework features | tl.features | framework logits | tl.logits | ratio (logits) |",
               "|---|---|---|---|---|---|---|"]
     for r in results:
         i = r["infer"]
         ratio, q1, q3 = _ratio(i["tl logits"], i["raw logits"])
-        lines.append(f"| {r['backbone']} | {r['backend']} | {RAW_INFER[r['backend']]} "
+        lines.append(f"| {r['backbone']} | {_label(r)} | {RAW_INFER[r['backend']]} "
                      f"{_cell(i['raw features'])} | {_cell(i['tl features'])} | "
                      f"{_cell(i['raw logits'])} | {_cell(i['tl logits'])} | {ratio:.2f} ({q1:.2f}–{q3:.2f}) |")
+    return lines + _machine(results, args)
+
+
+def _machine(results: list[dict], args) -> list[str]:
     versions = {}
     for r in results:
         versions.update(r["versions"])
     threads = "; ".join(sorted({r["threads"] for r in results}))
-    lines += ["", f"Machine: {platform.machine()}, {os.cpu_count()} CPUs; {threads}; "
-              f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, "
-              f"TF_ENABLE_ONEDNN_OPTS={os.environ.get('TF_ENABLE_ONEDNN_OPTS', 'unset')}; TF32: "
-              + ", ".join(f"{r['backend']} {r['tf32']}" for r in results[:2]) + ". Versions: "
-              + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".",
-              "", f"Command: `.venv/bin/python benchmarks/speed.py {' '.join(args.backbones)}"
-              + (f" --image-size {args.image_size}" if args.image_size != 64 else "")
-              + (f" --batch-size {args.batch_size}" if args.batch_size != 32 else "")
-              + (f" --images {args.images}" if args.images != 256 else "")
-              + (f" --repeats {args.repeats}" if args.repeats != 7 else "")
-              + (f" --texts {args.texts}" if args.texts != 256 else "")
-              + (f" --text-repeats {args.text_repeats}" if args.text_repeats != 3 else "")
-              + (f" --dtype {args.dtype}" if args.dtype != "float32" else "")
-              + (f" --backends {args.backends}" if args.backends else "") + "`"]
+    tf32 = {_label(r): r["tf32"] for r in results}
+    return ["", f"Machine: {platform.machine()}, {os.cpu_count()} CPUs; {threads}; "
+            f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, "
+            f"TF_ENABLE_ONEDNN_OPTS={os.environ.get('TF_ENABLE_ONEDNN_OPTS', 'unset')}; TF32: "
+            + ", ".join(f"{k} {v}" for k, v in tf32.items()) + ". Versions: "
+            + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".",
+            "", f"Command: `{command(args)}`"]
+
+
+def command(args) -> str:
+    return (f".venv/bin/python benchmarks/speed.py {' '.join(args.backbones)}"
+            + (f" --image-size {args.image_size}" if args.image_size != 64 else "")
+            + (f" --batch-size {args.batch_size}" if args.batch_size != 32 else "")
+            + (f" --images {args.images}" if args.images != 256 else "")
+            + (f" --repeats {args.repeats}" if args.repeats != 7 else "")
+            + (f" --texts {args.texts}" if args.texts != 256 else "")
+            + (f" --text-repeats {args.text_repeats}" if args.text_repeats != 3 else "")
+            + (f" --dtype {args.dtype}" if args.dtype != "float32" else "")
+            + (f" --engines {args.engines}" if getattr(args, "engines", None) else "")
+            + (" --compiled" if getattr(args, "compiled", False) else "")
+            + (" --no-apps" if getattr(args, "no_apps", False) else ""))
+
+
+def summary(results: list[dict], args, flops: dict) -> list[str]:
+    """The README's few rows: per backbone, tlbridge against the user's pick on each engine,
+    the fastest of each side, and the fastest tlbridge runner's FLOP/s fraction."""
+    engines = list(dict.fromkeys(_engine(r) for r in results))
+    lines = [f"Training img/s (texts/s), tlbridge `fine_tune` / what a user picks instead (torch: "
+             f"a torch loop on torchvision's model; Keras: keras.applications' model under "
+             f"keras.fit), median of {args.repeats} interleaved epochs, batch {args.batch_size}, "
+             f"{args.image_size}×{args.image_size}, {args.dtype}, {os.cpu_count()} CPU cores; (×): "
+             f"tlbridge's epoch time ÷ the pick's. The last column: the fastest tlbridge row's "
+             f"training FLOP/s ÷ this machine's measured fp32 matmul peak"
+             + (f" ({flops['peak']['flop_s'] / 1e9:.0f} GFLOP/s)" if flops.get("peak") else "")
+             + ". Full table, method and FLOP counts: [docs/speed.md](docs/speed.md).", "",
+             "| backbone | " + " | ".join(LABEL[e] for e in engines)
+             + " | fastest: tlbridge / plain | FLOP/s ÷ peak |",
+             "|---|" + "---|" * (len(engines) + 2)]
+    for name in dict.fromkeys(r["backbone"] for r in results):
+        rs = {_engine(r): r for r in results if r["backbone"] == name}
+        cells = []
+        for e in engines:
+            r = rs.get(e)
+            if r is None:
+                cells.append("–")
+                continue
+            ratio = _ratio(r["train"]["tl"], r["train"][pick(r)])[0]
+            cells.append(f"{r['train']['tl']['img_s']:.0f} / {r['train'][pick(r)]['img_s']:.0f} "
+                         f"({ratio:.2f}×)")
+        best_tl = max(rs.values(), key=lambda r: r["train"]["tl"]["img_s"])
+        best_pl = max(rs.values(), key=lambda r: r["train"][pick(r)]["img_s"])
+        frac = flop_fraction(best_tl, "tl", flops)
+        lines.append(f"| {name} | " + " | ".join(cells)
+                     + f" | {best_tl['train']['tl']['img_s']:.0f} ({_label(best_tl)}) / "
+                       f"{best_pl['train'][pick(best_pl)]['img_s']:.0f} ({_label(best_pl)}) | "
+                     + ("–" if frac is None else f"{frac:.2f}") + " |")
     return lines
 
 
@@ -621,24 +833,24 @@ def plot(results: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = sorted({r["backbone"] for r in results}, key=[r["backbone"] for r in results].index)
-    bars = [("torch", "raw", "torch loop"), ("torch", "tl", "tl torch"),
-            ("keras", "raw", "keras.fit"), ("keras", "tl", "tl keras")]
-    fig, ax = plt.subplots(figsize=(1.8 + 2.2 * len(names), 3.6))
-    width = 0.2
-    for k, (backend, runner, label) in enumerate(bars):
+    names = list(dict.fromkeys(r["backbone"] for r in results))
+    bars = list(dict.fromkeys((_engine(r), k) for r in results for k in r["train"]))
+    fig, ax = plt.subplots(figsize=(2.5 + 0.5 * len(bars) * len(names), 3.8))
+    width = 0.8 / len(bars)
+    for k, (engine, runner) in enumerate(bars):
         vals, errs = [], []
         for n in names:
-            r = next((r for r in results if r["backbone"] == n and r["backend"] == backend), None)
-            rec = r["train"][runner] if r else None
+            r = next((r for r in results if r["backbone"] == n and _engine(r) == engine), None)
+            rec = r["train"].get(runner) if r else None
             vals.append(rec["img_s"] if rec else 0)
             errs.append([rec["img_s"] - rec["iqr"][0], rec["iqr"][1] - rec["img_s"]] if rec else [0, 0])
-        ax.bar(np.arange(len(names)) + (k - 1.5) * width, vals, width, yerr=np.array(errs).T,
-               label=label, capsize=2)
+        label = f"{LABEL[engine]}: {SHORT[runner]}"
+        ax.bar(np.arange(len(names)) + (k - (len(bars) - 1) / 2) * width, vals, width,
+               yerr=np.array(errs).T, label=label, capsize=2)
     ax.set_xticks(np.arange(len(names)), names)
     ax.set_ylabel("training images (texts) / s")
-    ax.legend(fontsize=8)
-    ax.set_title("tlbridge vs the plain framework (median, IQR)", fontsize=10)
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_title("tlbridge vs what a user picks instead, per engine (median, IQR)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -656,7 +868,18 @@ def _arguments(argv):
     p.add_argument("--text-repeats", type=int, default=3,
                    help="measured epochs of a text backbone (each costs several image epochs)")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    p.add_argument("--backends", default=None, help="comma-separated; default: every installed one")
+    p.add_argument("--engines", default=None,
+                   help="comma-separated of torch, tensorflow, jax (Keras' engines); default: "
+                        "every installed one")
+    p.add_argument("--backends", default=None,
+                   help="comma-separated tlbridge backends (keras: both its engines)")
+    p.add_argument("--compiled", action="store_true",
+                   help="also time a tl.compile(model)'d model: torch.compile, XLA on Keras-on-TF "
+                        "(slow on the CPU: docs/speed.md#compiled-steps-tlcompilem)")
+    p.add_argument("--no-apps", action="store_true",
+                   help="leave out the keras.applications rows")
+    p.add_argument("--no-flops", action="store_true",
+                   help="skip the fp32 peak and FLOP count (a torch process)")
     p.add_argument("--out", default=None, help="folder for speed.md/.json/.png (default benchmarks/out)")
     p.add_argument("--no-memory", action="store_true", help="skip the memory probes (a process each)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -674,40 +897,86 @@ def main(argv=None) -> None:
         return
 
     import tlbridge as tl
-    from _out import OUT, write_table
 
     known = [b for b in tl.list_backbones(portable=True) if not is_text(b) or b in TEXT]
     unknown = [b for b in args.backbones if b not in known]
     if unknown:
         raise SystemExit(f"Unknown portable backbone(s) {unknown}. Expected some of {known} "
                          f"(the text backbones with packaged weights and tokenizer: {TEXT}).")
-    backends = args.backends.split(",") if args.backends else tl.available_backends()
+    engines = chosen_engines(tl, args)
+    flops = {} if args.no_flops else measure_flops(args)
     results, agreement = [], {}
     for name in args.backbones:
         rs = []
-        for backend in backends:
-            print(f"{name} on {backend} ...", file=sys.stderr, flush=True)
-            rs.append(_worker(backend, name, args))
+        for engine in engines:
+            if is_text(name) and engine == "jax":
+                continue                    # the text runners feed keras.fit through tf.data
+            print(f"{name} on {LABEL[engine]} ...", file=sys.stderr, flush=True)
+            rs.append(_worker(engine, name, args))
             if not args.no_memory:
                 for runner in rs[-1]["train"]:
-                    rs[-1]["train"][runner]["memory"] = _worker(backend, name, args, runner)
+                    rs[-1]["train"][runner]["memory"] = _worker(engine, name, args, runner)
         agreement[name] = {"float64": check_losses(rs, "check")}
         if args.dtype == "float64":
             agreement[name]["float64"] = max(agreement[name]["float64"], check_losses(rs, "train"))
         else:
             agreement[name]["drift"] = loss_difference(rs, "train")[0]
         results += rs
-    lines = table(results, args, agreement)
+    write(results, args, agreement, flops)
+
+
+def chosen_engines(tl, args) -> list[str]:
+    """--engines, or --backends (keras: each Keras engine installed), else every installed one."""
+    import importlib.util
+    installed = [e for e in ENGINES if ENGINES[e] in tl.available_backends()
+                 and (e == "torch" or importlib.util.find_spec(e) is not None)]
+    if args.engines:
+        wanted = args.engines.split(",")
+    elif args.backends:
+        wanted = [e for e in installed if ENGINES[e] in args.backends.split(",")]
+    else:
+        wanted = installed
+    missing = [e for e in wanted if e not in installed]
+    if missing:
+        raise SystemExit(f"Expected engines among the installed {installed}; received {missing}. "
+                         f"Install the missing one (pip install 'tlbridge[jax]' for Keras on JAX) "
+                         f"or leave it out of --engines.")
+    return wanted
+
+
+def measure_flops(args) -> dict:
+    """The fp32 matmul peak and the image backbones' training FLOPs, in a torch process of its
+    own (benchmarks/_flops.py), before the timed runs; {} without torch."""
+    import importlib.util
+    if importlib.util.find_spec("torch") is None:
+        return {}
+    images = [b for b in args.backbones if not is_text(b)]
+    cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "_flops.py"),
+           *images, "--image-size", str(args.image_size)]
+    proc = subprocess.run(cmd, env=dict(os.environ, TLBRIDGE_BACKEND="torch"),
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"Measuring the fp32 peak and FLOPs failed:\n{proc.stderr[-4000:]}")
+    return json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("{")][-1])
+
+
+def write(results: list[dict], args, agreement: dict, flops: dict) -> None:
+    """speed.md (docs/speed.md's block), speed_summary.md (the README's), speed.json, speed.png."""
+    from _out import OUT, write_table
+    lines, short = table(results, args, agreement, flops), summary(results, args, flops)
     print("\n".join(lines))
     out = args.out or OUT
     os.makedirs(out, exist_ok=True)
-    if args.out:
-        with open(os.path.join(out, "speed.md"), "w") as f:
-            f.write("\n".join(lines) + "\n")
+    if args.out:                                  # a folder of its own: trials, tests
+        for name, body in (("speed", lines), ("speed_summary", short)):
+            with open(os.path.join(out, f"{name}.md"), "w") as f:
+                f.write("\n".join(body) + "\n")
     else:
         write_table("speed", lines)
+        write_table("speed_summary", short)
     with open(os.path.join(out, "speed.json"), "w") as f:
-        json.dump({"args": vars(args), "results": results, "loss_agreement": agreement}, f, indent=1)
+        json.dump({"args": vars(args), "results": results, "loss_agreement": agreement,
+                   "flops": flops}, f, indent=1)
     plot(results, os.path.join(out, "speed.png"))
 
 
