@@ -54,7 +54,8 @@ parity: $(STAMP)
 # tlbridge against keras.fit and a raw torch loop, same weights, same batches (about 20 min on 2 idle
 # cores: the image rows 12, the minilm_l6 text row 8)
 speed: $(STAMP)
-	$(PY) benchmarks/speed.py resnet50 mobilenet_v2 efficientnet_b0 minilm_l6
+	$(PY) benchmarks/speed.py resnet50 mobilenet_v2 efficientnet_b0 minilm_l6 --repeats 5
+	$(PY) benchmarks/bf16_speed.py resnet50 mobilenet_v2 --images 128 --repeats 5
 
 # copy the tables the benchmarks and the demo wrote (benchmarks/out/*.md) into README.md
 readme: $(STAMP)

@@ -11,7 +11,9 @@ dtype policy "float32" and, a second model, "mixed_bfloat16" (Keras' own mixed p
 what a Keras user would do instead). The runners take turns one epoch at a time after one
 warm-up epoch each (so a slow minute of a shared machine hits all of them), and the median
 epoch is reported. The figures to read are the bf16/fp32 ratios: absolute img/s on a shared
-machine vary from run to run. Writes benchmarks/out/bf16_speed.md.
+machine vary from run to run. Writes benchmarks/out/bf16_speed.md (the table of
+docs/devices-and-data-parallel.md) and bf16_summary.md (the README's row per backbone); `make
+speed` runs it after speed.py and `make readme` copies both in.
 """
 from __future__ import annotations
 
@@ -132,8 +134,6 @@ def _ratio_rows(rec: dict) -> list[str]:
 def table(results: list[dict], args) -> list[str]:
     cpu = platform.processor() or platform.machine()
     return [
-        "# bf16 against fp32 training speed, per engine",
-        "",
         f"`benchmarks/bf16_speed.py`: {SIZE}x{SIZE} inputs, batch {BATCH}, {args.images} random "
         f"images an epoch, median of {args.repeats} interleaved epochs after a warm-up epoch; "
         f"{os.cpu_count()} CPU cores ({cpu}), shared with other work: read the ratios, not the "
@@ -143,6 +143,32 @@ def table(results: list[dict], args) -> list[str]:
         "|---|---|---|---|---|---|---|",
         *[row for rec in results for row in _ratio_rows(rec)],
     ]
+
+
+def _ratio(rec: dict, label: str) -> float | None:
+    t = rec["times"]
+    if f"{label} fp32" not in t:
+        return None
+    return statistics.median(t[f"{label} fp32"]) / statistics.median(t[f"{label} bf16"])
+
+
+def summary(results: list[dict], args) -> list[str]:
+    """The README's rows: tlbridge's bf16/fp32 speed per engine, plain Keras' beside it."""
+    engines = list(dict.fromkeys(r["engine"] for r in results))
+    lines = [f"bf16 ÷ fp32 training speed (`fine_tune(precision=...)`, median of {args.repeats} "
+             f"interleaved epochs, {SIZE}×{SIZE}, batch {BATCH}); in brackets `keras.applications`' "
+             f"model under keras.fit with Keras' `mixed_bfloat16` policy. Why and how: "
+             f"[docs/devices-and-data-parallel.md](docs/devices-and-data-parallel.md#mixed-precision-on-the-cpu).",
+             "", "| backbone | " + " | ".join(engines) + " |", "|---|" + "---|" * len(engines)]
+    for name in dict.fromkeys(r["backbone"] for r in results):
+        cells = []
+        for e in engines:
+            rec = next((r for r in results if r["backbone"] == name and r["engine"] == e), None)
+            tl_r = _ratio(rec, "tlbridge") if rec else None
+            app = _ratio(rec, "keras.applications + fit") if rec else None
+            cells.append("–" if tl_r is None else f"{tl_r:.2f}×" + (f" ({app:.2f}×)" if app else ""))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def main(argv=None) -> None:
@@ -163,6 +189,7 @@ def main(argv=None) -> None:
             print("\n".join(_ratio_rows(results[-1])), flush=True)
     from _out import write_table
     print("wrote", write_table("bf16_speed", table(results, args)))
+    print("wrote", write_table("bf16_summary", summary(results, args)))
 
 
 if __name__ == "__main__":

@@ -31,6 +31,8 @@ BLOCKS = {
     "op_error": ("benchmarks/op_error.py", ".venv/bin/python benchmarks/op_error.py"),
     "speed": ("benchmarks/speed.py", "make speed"),
     "speed_summary": ("benchmarks/speed.py", "make speed"),
+    "bf16_speed": ("benchmarks/bf16_speed.py", "make speed"),
+    "bf16_summary": ("benchmarks/bf16_speed.py", "make speed"),
     "fusion": ("benchmarks/fusion.py", ".venv/bin/python benchmarks/fusion.py"),
     "few_shot": ("benchmarks/few_shot.py", ".venv/bin/python benchmarks/few_shot.py"),
     "data_parallel": ("benchmarks/data_parallel.py",
