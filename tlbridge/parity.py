@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import api, devices, inputs, zoo
+from . import api, devices, zoo
 from .specs import InputSpec
 
 
@@ -45,13 +45,13 @@ def worst(a: dict, b: dict, floor_rel: float = 0.0) -> tuple[float, str]:
 
 
 # Bars. fp64 is the truth: the two backends agree to TOL["float64"] per tensor. In fp32 each
-# backend is judged against that truth, per tensor (error = max|g32 - g64| / max|g64|), and
-# Keras must be within FP32_C x torch (floored at FP32_FLOOR), and no tensor of either backend
-# above FP32_CEILING. A ratio of the two fp32 errors alone would move with the CPU's kernels; a
-# per-tensor bar against fp64 does not. tlbridge/fp32.py applies it to medians over batches.
+# backend is judged against that truth, per tensor (error = max|g32 - g64| / max|g64|), over
+# seeded batches (tlbridge/fp32.py): Keras fails a tensor where it is above FP32_C x torch on the
+# same batch in significantly more than half the batches, or where either backend's median is
+# above FP32_CEILING. A line through the ratio of two medians of rounding noise moved with the
+# CPU's thread count; a test of significance over the batches does not.
 TOL = {"float64": 1e-10, "float32": 1e-4}
 FP32_C = 4.0
-FP32_FLOOR = 1e-4
 FP32_CEILING = 1e-2
 
 # Gradients that are zero in exact arithmetic (see expected_zero_grads) are zero to rounding:
@@ -260,59 +260,6 @@ def compare(mt, mk, x, y, *, training: bool, loss: str | None = None) -> ParityR
     stats, _ = worst(api.get_weights(mt), api.get_weights(mk), floor_rel=1e-6)
     return ParityResult(rel_diff(lt, lk), g.get(at, 0.0), at, stats, len(gt), zeros,
                         max(zero_level(gt, zeros), zero_level(gk, zeros)))
-
-
-@dataclass
-class Fp32Result:
-    """float32: each backend against the float64 truth, per tensor."""
-    torch: dict           # name -> relative error (gradients outside `zeros`, then "loss", stats)
-    keras: dict
-    zeros: set
-    zero_level: dict      # backend -> largest magnitude on `zeros` / largest gradient
-
-    def bar(self, k: str) -> float:
-        return max(FP32_FLOOR, FP32_C * self.torch[k])
-
-    def failures(self) -> list:
-        """(name, torch error, keras error, bar) for every tensor over its bar or the ceiling."""
-        return [(k, self.torch[k], self.keras[k], self.bar(k)) for k in self.keras
-                if self.keras[k] > min(self.bar(k), FP32_CEILING) or self.torch[k] > FP32_CEILING]
-
-    def worst(self, backend: str) -> tuple:
-        d = getattr(self, backend)
-        k = max(d, key=d.get)
-        return d[k], k
-
-    def worst_ratio(self) -> tuple:
-        k = max(self.keras, key=lambda k: self.keras[k] / self.bar(k))
-        return self.keras[k] / self.bar(k), k
-
-
-def fp32_vs_fp64(s: Suite, x, y, *, training: bool) -> Fp32Result:
-    """Loss, every gradient and the BatchNorm statistics after the pass, of torch and Keras in
-    float32, each against torch float64 on the same (float32-grid) weights and batch (TF32
-    off on both frameworks while it runs)."""
-    with devices.precision(tf32=False):
-        return _fp32_vs_fp64(s, x, y, training=training)
-
-
-def _fp32_vs_fp64(s: Suite, x, y, *, training: bool) -> Fp32Result:
-    x = inputs.cast(x, "float32")
-    y = y.astype(np.float32)
-    l64, g64 = api.bce_loss_and_grads(s.models["torch", "float64"], inputs.cast(x, "float64"),
-                                      y.astype(np.float64), training=training)
-    w64 = api.get_weights(s.models["torch", "float64"])
-    zeros = zero_set(g64)
-    errs, levels = {}, {}
-    for backend in ("torch", "keras"):
-        m = s.models[backend, "float32"]
-        loss, g = api.bce_loss_and_grads(m, x, y, training=training)
-        e = rel_errors(g, g64, skip=zeros)
-        e["loss"] = rel_diff(l64, loss)
-        e.update(stat_errors(api.get_weights(m), w64))
-        errs[backend] = e
-        levels[backend] = zero_level(g, zeros)
-    return Fp32Result(errs["torch"], errs["keras"], zeros, levels)
 
 
 def stat_errors(w: dict, truth: dict) -> dict:
