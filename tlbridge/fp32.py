@@ -193,12 +193,16 @@ def _measure(s, x, y, training, runs) -> Batch:
     return out
 
 
+def upper_tail(n: int, k: int, p: float) -> float:
+    """P[X >= k] for X ~ Binomial(n, p): the one-sided tail both tests below read."""
+    return sum(math.comb(n, j) * p ** j * (1 - p) ** (n - j) for j in range(k, n + 1))
+
+
 def flip_p_value(keras: int, torch: int, c: float = parity.FP32_C) -> float:
     """P[X >= keras] for X ~ Binomial(keras + torch, c / (1 + c)): how surprising Keras' flips
     would be if its flip rate were c x torch's (both counted over the same batches). Small:
     Keras flips more than c x torch."""
-    n, p = keras + torch, c / (1.0 + c)
-    return sum(math.comb(n, j) * p ** j * (1 - p) ** (n - j) for j in range(keras, n + 1))
+    return upper_tail(keras + torch, keras, c / (1.0 + c))
 
 
 def excess_p_value(keras, ref, floor: float, c: float = parity.FP32_C) -> tuple[int, float]:
@@ -208,14 +212,12 @@ def excess_p_value(keras, ref, floor: float, c: float = parity.FP32_C) -> tuple[
     is above c x the reference on this tensor, beyond the batch-to-batch spread."""
     keras, ref = np.asarray(keras, float), np.asarray(ref, float)
     n = int(np.count_nonzero(keras > np.maximum(floor, c * ref)))
-    b = keras.size
-    return n, sum(math.comb(b, j) for j in range(n, b + 1)) / 2.0 ** b
+    return n, upper_tail(keras.size, n, 0.5)
 
 
 def batches_to_fail(batches: int = BATCHES) -> int:
     """The fewest batches over the bar (of `batches`) that fail a tensor at ALPHA."""
-    return next(n for n in range(batches + 1)
-                if sum(math.comb(batches, j) for j in range(n, batches + 1)) / 2.0 ** batches < ALPHA)
+    return next(n for n in range(batches + 1) if upper_tail(batches, n, 0.5) < ALPHA)
 
 
 @dataclass
