@@ -264,6 +264,20 @@ class GlobalMean(layers.Layer):
         return {**super().get_config(), "keepdims": self.keepdims}
 
 
+def _pair(v) -> tuple | None:
+    if isinstance(v, int):
+        return (v, v)
+    if isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(d, int) for d in v):
+        return tuple(v)
+    return None
+
+
+def same_as_torch(kernel, padding) -> bool:
+    """Whether a stride-1 conv's torch padding is Keras' 'same': non-zero, (k - 1) / 2 a side."""
+    k, p = _pair(kernel), _pair(padding)
+    return bool(k and p and any(p) and all(2 * pi == ki - 1 for ki, pi in zip(k, p)))
+
+
 @keras.saving.register_keras_serializable("tlbridge")
 class Conv2D(layers.Conv2D):
     """layers.Conv2D; in bf16 on TensorFlow its kernel gradient is a matmul where oneDNN's bf16
@@ -272,8 +286,10 @@ class Conv2D(layers.Conv2D):
     def convolution_op(self, inputs, kernel):
         if engine.TENSORFLOW and self.compute_dtype == "bfloat16" and self.groups == 1:
             from . import convgrad
-            if convgrad.applies(inputs, kernel, self.strides, self.padding, self.dilation_rate):
-                return convgrad.conv2d(inputs, kernel, int(self.strides[0]))
+            x = convgrad.pad_same(inputs, kernel) if self.padding == "same" else inputs
+            if convgrad.applies(x, kernel, self.strides, "valid" if self.padding == "same"
+                                else self.padding, self.dilation_rate):
+                return convgrad.conv2d(x, kernel, int(self.strides[0]))
         return super().convolution_op(inputs, kernel)
 
 
@@ -295,15 +311,20 @@ class Mirror:
         return layers.ZeroPadding2D(padding, dtype=self.dtype)(x) if padding else x
 
     def conv(self, x, prefix, filters, kernel, stride=1, padding=0, bias=True, groups=1):
-        """nn.Conv2d: explicit symmetric ZeroPadding2D + a 'valid' conv (docs/parity.md #5)."""
-        x = self.pad(x, padding)
+        """nn.Conv2d. Stride 1 with padding (k - 1) / 2 is Keras' 'same': the same zeros on both
+        sides, padded inside the kernel (no copy of x, none of its gradient). Otherwise explicit
+        symmetric ZeroPadding2D + a 'valid' conv: a strided 'same' pads one side only where
+        torch pads both (docs/parity.md #5)."""
+        mode = "same" if stride == 1 and same_as_torch(kernel, padding) else "valid"
+        if mode == "valid":
+            x = self.pad(x, padding)
         in_ch = int(x.shape[-1])
         if groups == 1:
-            layer = Conv2D(filters, kernel, strides=stride, padding="valid", use_bias=bias,
+            layer = Conv2D(filters, kernel, strides=stride, padding=mode, use_bias=bias,
                            name=self.scope + prefix, dtype=self.dtype)
             kind = "conv"
         elif groups == in_ch == filters:
-            layer = layers.DepthwiseConv2D(kernel, strides=stride, padding="valid", use_bias=bias,
+            layer = layers.DepthwiseConv2D(kernel, strides=stride, padding=mode, use_bias=bias,
                                            name=self.scope + prefix, dtype=self.dtype)
             kind = "depthwise"
         else:
