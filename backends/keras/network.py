@@ -105,17 +105,25 @@ class TorchBatchNorm(layers.Layer):
             ctx = engine.replica_context()
             if ctx is not None:     # replicas (parallel.py on TensorFlow, parallel_jax.py)
                 return engine.batch_norm_in_replica(self, x, ctx, _batch_norm_train)
-            mean, var, y = _batch_norm_train(x, ops.copy(self.gamma.value),
-                                             ops.copy(self.beta.value), self.epsilon,
-                                             self.accumulate)
-            n = ops.cast(ops.prod(ops.shape(x)[:-1]), x.dtype)
-            unbiased = var * (n / ops.maximum(n - 1.0, 1.0))
+            mean, unbiased, y = self._train_pass(x)
             m = self.momentum
             self.moving_mean.assign((1.0 - m) * self.moving_mean + m * mean)
             self.moving_variance.assign((1.0 - m) * self.moving_variance + m * unbiased)
             return y
         mean, var = self.moving_mean, self.moving_variance
         return (x - mean) * ops.rsqrt(var + self.epsilon) * self.gamma + self.beta
+
+    def _train_pass(self, x):
+        """(batch mean, unbiased batch variance, output): TensorFlow's fused kernel for float32
+        (fused_bn.py), the closed form accumulating in self.accumulate otherwise."""
+        if engine.TENSORFLOW:
+            from . import fused_bn
+            if fused_bn.applies(x):
+                return fused_bn.batch_norm_train(x, self.gamma, self.beta, self.epsilon)
+        mean, var, y = _batch_norm_train(x, ops.copy(self.gamma.value), ops.copy(self.beta.value),
+                                         self.epsilon, self.accumulate)
+        n = ops.cast(ops.prod(ops.shape(x)[:-1]), x.dtype)
+        return mean, var * (n / ops.maximum(n - 1.0, 1.0)), y
 
     def get_config(self):
         return {**super().get_config(), "epsilon": self.epsilon, "momentum": self.momentum}
