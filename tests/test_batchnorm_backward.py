@@ -62,3 +62,31 @@ def test_float32_batchnorm_gradients_are_as_accurate_as_torchs(n, offset):
     for k in truth:
         et, ek = _err(t32[k], truth[k]), _err(k32[k], truth[k])
         assert ek <= max(1e-6, 2 * et), f"{k}: keras {ek:.2g} vs torch {et:.2g} against float64"
+
+
+def test_float32_train_steps_on_tensorflow_run_the_fused_kernel_and_float64_the_closed_form():
+    """The fused kernel is the speed of a float32 step on TensorFlow (fused_bn.py); a fallback to
+    the float64-accumulating closed form would pass every accuracy test and cost 1.3 x."""
+    import keras
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("FusedBatchNormV3 is TensorFlow's kernel")
+    import tensorflow as tf
+    from tlbridge.backends.keras.network import TorchBatchNorm
+
+    def ops_of(dtype):
+        bn = TorchBatchNorm(1e-5, 0.1, dtype=dtype)
+        bn.build((4, 3, 3, 8))
+
+        @tf.function
+        def step(x):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                loss = tf.reduce_sum(bn(x, training=True) ** 2)
+            return tape.gradient(loss, [x, bn.gamma.value])
+
+        graph = step.get_concrete_function(tf.TensorSpec((4, 3, 3, 8), dtype)).graph
+        return {op.type for op in graph.get_operations()}
+
+    f32, f64 = ops_of("float32"), ops_of("float64")
+    assert {"FusedBatchNormV3", "FusedBatchNormGradV3"} <= f32, sorted(f32)
+    assert "FusedBatchNormV3" not in f64 and "Cast" not in f32

@@ -62,13 +62,15 @@ def _step_graph(precision):
 
 def test_keras_bf16_step_takes_the_matmul_gradient_and_no_float64():
     """seed_vgg at 16x16: its last conv has 4x4 outputs, so its kernel gradient is a matmul in
-    bf16; BatchNorm's float64 sums are in the fp32 step only."""
+    bf16; BatchNorm runs TensorFlow's fused float32 kernel in both steps (fused_bn.py), with no
+    float64 anywhere."""
     _tensorflow()
     fp32, fp32_f64 = _step_graph("fp32")
     bf16, bf16_f64 = _step_graph("bf16")
     assert fp32["Conv2DBackpropFilter"] == 3 and bf16["Conv2DBackpropFilter"] == 2
     assert bf16["MatMul"] == fp32["MatMul"] + 1
-    assert fp32_f64 > 0 and bf16_f64 == 0
+    assert fp32["FusedBatchNormV3"] == bf16["FusedBatchNormV3"] == 3
+    assert fp32_f64 == bf16_f64 == 0
 
 
 def test_depthwise_convolutions_stay_float32_in_a_bf16_step():

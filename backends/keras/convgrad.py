@@ -27,6 +27,12 @@ def applies(x, kernel, strides, padding, dilation) -> bool:
     return (kh == kw == 1) or positions <= SMALL_OUTPUT
 
 
+def pad_same(x, kernel):
+    """x zero-padded as a stride-1 'same' convolution pads it (network.same_as_torch)."""
+    ph, pw = (int(kernel.shape[0]) - 1) // 2, (int(kernel.shape[1]) - 1) // 2
+    return tf.pad(x, [[0, 0], [ph, ph], [pw, pw], [0, 0]]) if ph or pw else x
+
+
 def _patches(x, kh, kw, s, oh, ow):
     """im2col of a 'valid' convolution: (N, oh, ow, kh*kw*C), in the kernel's (i, j, c) order."""
     if kh == kw == 1:

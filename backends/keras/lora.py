@@ -1,7 +1,8 @@
 """LoRA adapters on Keras: the twin of backends/torch/lora.py.
 
 The adapter is its own layer beside the base Dense / Conv2D in the functional graph: it takes
-the base layer's input x (for a conv, after the explicit zero padding) and output y, and returns
+the base layer's input x (for a conv, after any explicit zero padding; the base's padding
+mode otherwise) and output y, and returns
 y + B(A(dropout(x))) * alpha / r, as peft does. Its variables are in the model's dtype (Keras'
 built-in enable_lora keeps float32 ones in a float64 layer, which would break fp64 parity).
 Canonical layouts: A (r, in) / (r, cin, kh, kw), B (out, r) / (out, r, 1, 1), translated at the
@@ -19,11 +20,11 @@ class LoraAdapter(layers.Layer):
     the base's strides, B (1, 1, r, cout)."""
 
     def __init__(self, kind, rank, alpha, dropout, fan_in, units, kernel=(1, 1), strides=(1, 1),
-                 **kwargs):
+                 padding="valid", **kwargs):
         super().__init__(**kwargs)
         self.kind, self.rank, self.alpha = str(kind), int(rank), float(alpha)
         self.rate, self.fan_in, self.units = float(dropout), int(fan_in), int(units)
-        self.kernel, self.strides = tuple(kernel), tuple(strides)
+        self.kernel, self.strides, self.padding = tuple(kernel), tuple(strides), str(padding)
         self.scaling = self.alpha / self.rank
         self.drop = layers.Dropout(self.rate, dtype=self.dtype_policy) if self.rate > 0 else None
 
@@ -39,7 +40,7 @@ class LoraAdapter(layers.Layer):
         if self.drop is not None:
             x = self.drop(x, training=training)
         if self.kind == "conv":
-            h = ops.conv(x, self.lora_A, strides=self.strides, padding="valid")
+            h = ops.conv(x, self.lora_A, strides=self.strides, padding=self.padding)
             h = ops.conv(h, self.lora_B, strides=1, padding="valid")
         else:
             h = ops.matmul(ops.matmul(x, self.lora_A), self.lora_B)
@@ -48,7 +49,7 @@ class LoraAdapter(layers.Layer):
     def get_config(self):
         return {**super().get_config(), "kind": self.kind, "rank": self.rank, "alpha": self.alpha,
                 "dropout": self.rate, "fan_in": self.fan_in, "units": self.units,
-                "kernel": self.kernel, "strides": self.strides}
+                "kernel": self.kernel, "strides": self.strides, "padding": self.padding}
 
 
 def adapt(mirror, x, y, name: str, base):
@@ -60,7 +61,8 @@ def adapt(mirror, x, y, name: str, base):
     conv = isinstance(base, layers.Conv2D)
     adapter = LoraAdapter("conv" if conv else "dense", rank, alpha, dropout, int(x.shape[-1]),
                           int(y.shape[-1]), base.kernel_size if conv else (1, 1),
-                          base.strides if conv else (1, 1), name=name + ".lora",
+                          base.strides if conv else (1, 1), base.padding if conv else "valid",
+                          name=name + ".lora",
                           dtype=mirror.dtype)
     mirror.entries.append((name, "lora_conv" if conv else "lora_dense", adapter))
     return adapter(x, y)

@@ -34,9 +34,10 @@ def _batch_norm_train(x, gamma, beta, epsilon, acc="float64"):
     MobileNetV2). torch's CPU kernel (aten/src/ATen/native/Normalization.cpp) instead uses
         dbeta = sum(dy),  dgamma = sum(dy * (x - mean)) * invstd,
         dx = (dy - sum(dy)/n - (x - mean) * dgamma * invstd / n) * invstd * gamma,
-    accumulating the sums (and the statistics) in float64 on the CPU; so do we. Mixed precision
-    passes acc="float32" (TorchBatchNorm.accumulate): the inputs were rounded to bf16/fp16, and
-    the float64 sums cost a fifth of a bf16 step on the CPU (docs/devices-and-data-parallel.md).
+    accumulating the sums (and the statistics) in float64 on the CPU; so do we (float32 on
+    TensorFlow runs the fused kernel instead: fused_bn.py). Mixed precision passes acc="float32"
+    (TorchBatchNorm.accumulate): the inputs were rounded to bf16/fp16, and the float64 sums
+    cost a fifth of a bf16 step on the CPU (docs/devices-and-data-parallel.md).
     """
     axes = list(range(len(x.shape) - 1))
 
@@ -105,17 +106,25 @@ class TorchBatchNorm(layers.Layer):
             ctx = engine.replica_context()
             if ctx is not None:     # replicas (parallel.py on TensorFlow, parallel_jax.py)
                 return engine.batch_norm_in_replica(self, x, ctx, _batch_norm_train)
-            mean, var, y = _batch_norm_train(x, ops.copy(self.gamma.value),
-                                             ops.copy(self.beta.value), self.epsilon,
-                                             self.accumulate)
-            n = ops.cast(ops.prod(ops.shape(x)[:-1]), x.dtype)
-            unbiased = var * (n / ops.maximum(n - 1.0, 1.0))
+            mean, unbiased, y = self._train_pass(x)
             m = self.momentum
             self.moving_mean.assign((1.0 - m) * self.moving_mean + m * mean)
             self.moving_variance.assign((1.0 - m) * self.moving_variance + m * unbiased)
             return y
         mean, var = self.moving_mean, self.moving_variance
         return (x - mean) * ops.rsqrt(var + self.epsilon) * self.gamma + self.beta
+
+    def _train_pass(self, x):
+        """(batch mean, unbiased batch variance, output): TensorFlow's fused kernel for float32
+        (fused_bn.py), the closed form accumulating in self.accumulate otherwise."""
+        if engine.TENSORFLOW:
+            from . import fused_bn
+            if fused_bn.applies(x):
+                return fused_bn.batch_norm_train(x, self.gamma, self.beta, self.epsilon)
+        mean, var, y = _batch_norm_train(x, ops.copy(self.gamma.value), ops.copy(self.beta.value),
+                                         self.epsilon, self.accumulate)
+        n = ops.cast(ops.prod(ops.shape(x)[:-1]), x.dtype)
+        return mean, var * (n / ops.maximum(n - 1.0, 1.0)), y
 
     def get_config(self):
         return {**super().get_config(), "epsilon": self.epsilon, "momentum": self.momentum}
@@ -264,6 +273,20 @@ class GlobalMean(layers.Layer):
         return {**super().get_config(), "keepdims": self.keepdims}
 
 
+def _pair(v) -> tuple | None:
+    if isinstance(v, int):
+        return (v, v)
+    if isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(d, int) for d in v):
+        return tuple(v)
+    return None
+
+
+def same_as_torch(kernel, padding) -> bool:
+    """Whether a stride-1 conv's torch padding is Keras' 'same': non-zero, (k - 1) / 2 a side."""
+    k, p = _pair(kernel), _pair(padding)
+    return bool(k and p and any(p) and all(2 * pi == ki - 1 for ki, pi in zip(k, p)))
+
+
 @keras.saving.register_keras_serializable("tlbridge")
 class Conv2D(layers.Conv2D):
     """layers.Conv2D; in bf16 on TensorFlow its kernel gradient is a matmul where oneDNN's bf16
@@ -272,8 +295,10 @@ class Conv2D(layers.Conv2D):
     def convolution_op(self, inputs, kernel):
         if engine.TENSORFLOW and self.compute_dtype == "bfloat16" and self.groups == 1:
             from . import convgrad
-            if convgrad.applies(inputs, kernel, self.strides, self.padding, self.dilation_rate):
-                return convgrad.conv2d(inputs, kernel, int(self.strides[0]))
+            x = convgrad.pad_same(inputs, kernel) if self.padding == "same" else inputs
+            if convgrad.applies(x, kernel, self.strides, "valid" if self.padding == "same"
+                                else self.padding, self.dilation_rate):
+                return convgrad.conv2d(x, kernel, int(self.strides[0]))
         return super().convolution_op(inputs, kernel)
 
 
@@ -295,15 +320,20 @@ class Mirror:
         return layers.ZeroPadding2D(padding, dtype=self.dtype)(x) if padding else x
 
     def conv(self, x, prefix, filters, kernel, stride=1, padding=0, bias=True, groups=1):
-        """nn.Conv2d: explicit symmetric ZeroPadding2D + a 'valid' conv (docs/parity.md #5)."""
-        x = self.pad(x, padding)
+        """nn.Conv2d. Stride 1 with padding (k - 1) / 2 is Keras' 'same': the same zeros on both
+        sides, padded inside the kernel (no copy of x, none of its gradient). Otherwise explicit
+        symmetric ZeroPadding2D + a 'valid' conv: a strided 'same' pads one side only where
+        torch pads both (docs/parity.md #5)."""
+        mode = "same" if stride == 1 and same_as_torch(kernel, padding) else "valid"
+        if mode == "valid":
+            x = self.pad(x, padding)
         in_ch = int(x.shape[-1])
         if groups == 1:
-            layer = Conv2D(filters, kernel, strides=stride, padding="valid", use_bias=bias,
+            layer = Conv2D(filters, kernel, strides=stride, padding=mode, use_bias=bias,
                            name=self.scope + prefix, dtype=self.dtype)
             kind = "conv"
         elif groups == in_ch == filters:
-            layer = layers.DepthwiseConv2D(kernel, strides=stride, padding="valid", use_bias=bias,
+            layer = layers.DepthwiseConv2D(kernel, strides=stride, padding=mode, use_bias=bias,
                                            name=self.scope + prefix, dtype=self.dtype)
             kind = "depthwise"
         else:

@@ -203,6 +203,16 @@ class _StepParts:
         denom = tf.sqrt(v_) / b + cfg.eps
         var.assign(p + (-a) * (m_ / denom))
 
+    def guard(self, loss, grads):
+        """The loss, NaN where a gradient is inf/NaN (fp32/bf16): oneDNN's ReLU and max-pool
+        turn NaN into 0, so NaN weights can leave the loss finite and training would go on
+        silently; torch's loss goes NaN there, and so does this one (fp16 skips the step)."""
+        if self.precision == "fp16":
+            return loss
+        finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads
+                                if g is not None])
+        return tf.where(finite, loss, tf.constant(float("nan"), loss.dtype))
+
     def apply(self, grads, rows):
         """Every parameter with a gradient updated; returns whether the step was applied
         (fp16 skips a step with inf/NaN gradients)."""
@@ -249,7 +259,7 @@ def _single_device_step(p: _StepParts, jit: bool = False):
                 total = p.scaled(loss + pen)
             grads = p.grads_of(tape, total)
         applied = p.apply(grads, rows)
-        return loss, pen, parts, applied, tf.reshape(trained, [1])
+        return p.guard(loss, grads), pen, parts, applied, tf.reshape(trained, [1])
     return step
 
 
@@ -291,7 +301,7 @@ def _mirrored_step(p: _StepParts, plan):
             grads = [g if pg is None else g + pg
                      for g, pg in zip(grads, tape.gradient(pen, p.variables))]
         applied = p.apply(grads, rows)
-        return loss, pen, parts, applied, trained
+        return p.guard(loss, grads), pen, parts, applied, trained
     return step
 
 
