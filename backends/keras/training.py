@@ -209,9 +209,7 @@ class _StepParts:
         silently; torch's loss goes NaN there, and so does this one (fp16 skips the step)."""
         if self.precision == "fp16":
             return loss
-        finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads
-                                if g is not None])
-        return tf.where(finite, loss, tf.constant(float("nan"), loss.dtype))
+        return tf.where(_all_finite(grads), loss, tf.constant(float("nan"), loss.dtype))
 
     def apply(self, grads, rows):
         """Every parameter with a gradient updated; returns whether the step was applied
@@ -229,8 +227,7 @@ class _StepParts:
         """fp16 dynamic loss scaling as torch.amp.GradScaler: finite gradients update and,
         after GROWTH_INTERVAL such steps, double the scale; inf/NaN skip and halve it."""
         scale, good = self.scale, self.good
-        finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads
-                                if g is not None])
+        finite = _all_finite(grads)
 
         def ok():
             updates()
@@ -245,6 +242,10 @@ class _StepParts:
             good.assign(0)
             return tf.constant(False)
         return tf.cond(finite, ok, skip)
+
+
+def _all_finite(grads):
+    return tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads if g is not None])
 
 
 def _single_device_step(p: _StepParts, jit: bool = False):
