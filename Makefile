@@ -27,7 +27,7 @@ install: $(STAMP)
 # import). tests/test_keras_jax.py (fp64 and training parity against torch, traces, what JAX
 # lacks, bf16) and the cross-backend EMA, multi-task, gate, feature-cache, mixed-precision
 # (bf16 learns; fp16 loss scaling step by step as torch's GradScaler) and compile=True (a no-op
-# there) tests; about 3 minutes on 2 cores. JAX's data-parallel tests run in pass 1
+# there) tests, and the snapshots a divergence and early stopping restore; about 3 minutes on 2 cores. JAX's data-parallel tests run in pass 1
 # (subprocesses: JAX's device count is fixed when it starts). Every portable backbone on JAX:
 # KERAS_BACKEND=jax pytest tests/test_parity.py -k float64
 JAX_TESTS := tests/test_keras_jax.py \
@@ -35,6 +35,8 @@ JAX_TESTS := tests/test_keras_jax.py \
 	"tests/test_multitask.py::test_two_epochs_of_multitask_fine_tune_match_across_backends_fp64[uncertainty]" \
 	tests/test_fusion_gate.py::test_gate_fine_tune_matches_across_backends_and_leaves_members_unchanged \
 	"tests/test_fine_tune.py::test_feature_cache_gives_the_same_result_as_the_full_forward[keras]" \
+	"tests/test_fine_tune.py::test_early_stopping_restores_the_best_weights[keras]" \
+	"tests/test_training_defects.py::test_divergence_restores_the_epoch_its_message_names[keras]" \
 	"tests/test_precision.py::test_bf16_converges_on_the_demo_task[keras]" \
 	tests/test_precision.py::test_fp16_loss_scale_matches_torch_gradscaler \
 	"tests/test_compile.py::test_compiled_steps_train_as_the_eager_ones_and_really_run_compiled[keras]"

@@ -129,6 +129,16 @@ class Backend(Protocol):
     def set_weights(self, m: TransferModel, w: dict[str, np.ndarray]) -> None:
         """Assign the given canonical tensors (names checked and dtype cast by the caller)."""
 
+    def snapshot(self, m: TransferModel) -> Any:
+        """A copy of every tensor get_weights covers, in the framework's own layout, cheap to
+        take (fine_tune takes one every epoch to go back to): no layout conversion."""
+
+    def restore(self, m: TransferModel, snap: Any) -> None:
+        """The weights of a snapshot written back into m."""
+
+    def snapshot_weights(self, m: TransferModel, snap: Any) -> dict[str, np.ndarray]:
+        """A snapshot's weights as get_weights gives them (canonical names and layout)."""
+
     def apply_freeze(self, m: TransferModel) -> None:
         """Make m.frozen untrainable and every other parameter trainable; a BatchNorm with all
         its parameters frozen normalises with its running statistics."""

@@ -136,7 +136,8 @@ impl.grow_gpu_memory()  # before the engine's first GPU allocation: torch keeps 
 NAME = "keras"
 
 __all__ = ["NAME", "native_backbones", "build_backbone", "attach_head", "canonical_shapes",
-           "param_names", "get_weights", "set_weights", "apply_freeze", "features", "logits", "activations",
+           "param_names", "get_weights", "set_weights", "snapshot", "restore", "snapshot_weights",
+           "apply_freeze", "features", "logits", "activations",
            "loss_and_grads", "make_trainer", "seed_epoch", "swap_batchnorm_momentum", "build_gate",
            "resolve_device", "device_scope", "place_built", "to_device", "set_tf32",
            "lora_layers", "export_model", "saved_model_runner", "cpu_replicas", "replica_plan", "init_parallel"]
@@ -251,6 +252,18 @@ def get_weights(m: TransferModel) -> dict[str, np.ndarray]:
 
 def set_weights(m: TransferModel, w: dict[str, np.ndarray]) -> None:
     weights.set_weights(m.state["slots"], w)
+
+
+def snapshot(m: TransferModel) -> list:
+    return weights.snapshot(m.state["slots"])
+
+
+def restore(m: TransferModel, snap: list) -> None:
+    weights.restore(m.state["slots"], snap)
+
+
+def snapshot_weights(m: TransferModel, snap: list) -> dict[str, np.ndarray]:
+    return weights.snapshot_weights(m.state["slots"], snap)
 
 
 def apply_freeze(m: TransferModel) -> None:

@@ -6,6 +6,8 @@ from typing import Callable
 
 import numpy as np
 
+from . import engine
+
 
 def _same(a):
     return a
@@ -92,6 +94,25 @@ def set_weights(slots, weights: dict) -> None:
         if s.name in weights:
             value = s.from_canonical(np.asarray(weights[s.name]))
             s.variable.assign(np.ascontiguousarray(value, dtype=s.variable.dtype))
+
+
+def snapshot(slots) -> list:
+    """Each variable's value as a tensor on its device. JAX arrays are immutable, so a reference
+    is a snapshot; on TensorFlow a read shares the variable's buffer, which a traced step's
+    update then writes in place, so the value is copied (DeepCopy, one memcpy)."""
+    if not engine.TENSORFLOW:
+        return [s.variable.value for s in slots]
+    import tensorflow as tf
+    return [tf.raw_ops.DeepCopy(x=s.variable.value.read_value()) for s in slots]
+
+
+def restore(slots, snap: list) -> None:
+    for s, value in zip(slots, snap):
+        s.variable.assign(value)
+
+
+def snapshot_weights(slots, snap: list) -> dict[str, np.ndarray]:
+    return {s.name: np.array(s.to_canonical(np.asarray(value))) for s, value in zip(slots, snap)}
 
 
 def apply_freeze(slots, layers, frozen: set[str]) -> None:

@@ -13,7 +13,8 @@ from . import backbones, compute, probe, devices, export, gate, lora, network, p
 NAME = "torch"
 
 __all__ = ["NAME", "native_backbones", "build_backbone", "attach_head", "canonical_shapes",
-           "param_names", "get_weights", "set_weights", "apply_freeze", "features", "logits", "activations",
+           "param_names", "get_weights", "set_weights", "snapshot", "restore", "snapshot_weights",
+           "apply_freeze", "features", "logits", "activations",
            "loss_and_grads", "make_trainer", "seed_epoch", "swap_batchnorm_momentum", "build_gate",
            "resolve_device", "device_scope", "place_built", "to_device", "set_tf32",
            "lora_layers", "export_model", "saved_model_runner", "init_parallel", "channels_last", "decided"]
@@ -92,6 +93,18 @@ def get_weights(m: TransferModel) -> dict[str, np.ndarray]:
 
 def set_weights(m: TransferModel, w: dict[str, np.ndarray]) -> None:
     weights.set_weights(m.native, w)
+
+
+def snapshot(m: TransferModel) -> dict:
+    return weights.snapshot(m.native)
+
+
+def restore(m: TransferModel, snap: dict) -> None:
+    weights.restore(m.native, snap)
+
+
+def snapshot_weights(m: TransferModel, snap: dict) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in snap.items()}
 
 
 def apply_freeze(m: TransferModel) -> None:

@@ -31,6 +31,18 @@ def set_weights(net: nn.Module, weights: dict[str, np.ndarray]) -> None:
         target.copy_(torch.as_tensor(np.asarray(value), dtype=target.dtype, device=target.device))
 
 
+def snapshot(net: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy on the CPU (the canonical weights' home: a GPU model's snapshot takes no GPU
+    memory), without numpy in between."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in _state(net).items()}
+
+
+@torch.no_grad()
+def restore(net: nn.Module, snap: dict[str, torch.Tensor]) -> None:
+    for key, target in _state(net).items():
+        target.copy_(snap[key])
+
+
 def apply_freeze(net: nn.Module, frozen: set[str]) -> None:
     for name, param in net.named_parameters():
         param.requires_grad_(name not in frozen)

@@ -11,6 +11,7 @@ from .. import api, kinds
 from .. import weights as wio
 from ..errors import CheckpointError
 from ..history import History
+from .snapshot import Snapshot
 from .state import Run
 
 CHECKPOINT_FORMAT = "tlbridge.checkpoint/1"
@@ -47,8 +48,8 @@ def save(run: Run, epoch: int) -> None:
         best = run.best
         state = {"best_value": best["value"], "best_epoch": best["epoch"], "stopped": run.stopped}
         if best["weights"] is not None:
-            tensors.update({f"best/{k}": v for k, v in best["weights"][0].items()})
-            state["best_frozen"] = sorted(best["weights"][1])
+            tensors.update({f"best/{k}": v for k, v in best["weights"].weights().items()})
+            state["best_frozen"] = sorted(best["weights"].frozen)
         meta["early_stopping_state"] = json.dumps(state)
     wio.save_file(run.checkpoint.path, tensors, meta)
 
@@ -109,8 +110,9 @@ def read(run: Run) -> dict:
         state = json.loads(meta["early_stopping_state"])
         weights = None
         if "best_frozen" in state:
-            weights = ({k[5:]: v for k, v in tensors.items() if k.startswith("best/")},
-                       set(state["best_frozen"]))
+            weights = Snapshot.of_weights(
+                run.m, run.be, {k[5:]: v for k, v in tensors.items() if k.startswith("best/")},
+                state["best_frozen"])
         out["best"] = {"value": float(state["best_value"]), "weights": weights,
                        "epoch": int(state["best_epoch"])}
         out["stopped"] = bool(state["stopped"])

@@ -9,6 +9,7 @@ import numpy as np
 from .. import api, inputs
 from . import checkpoint
 from .evaluation import evaluate_dataset
+from .snapshot import Snapshot
 from .state import Run
 
 
@@ -43,7 +44,7 @@ def end_epoch(run: Run, epoch: int, record: dict, bar) -> None:
     record["seconds"] = time.perf_counter() - record.pop("_t0")
     run.history.append(record)
     bar.close(**{k: v for k, v in record.items() if k in ("loss", "val_loss", "val_accuracy")})
-    run.good, run.good_epoch = (api.get_weights(run.m), set(run.m.frozen)), epoch
+    run.good, run.good_epoch = Snapshot.take(run.m, run.be), epoch
     if run.stop is not None:
         _early_stopping(run, record, epoch)
     if run.checkpoint is not None:
@@ -60,9 +61,7 @@ def finish(run: Run, train):
     run.trainer.close()
     m, stop = run.m, run.stop
     if stop is not None and stop.restore_best and run.best["weights"] is not None:
-        api.set_weights(m, run.best["weights"][0])
-        m.frozen = set(run.best["weights"][1])
-        run.be.apply_freeze(m)
+        run.best["weights"].restore()
         run.history.best_epoch = run.best["epoch"]
     if run.ema_w is not None and run.ema.swap:
         api.set_weights(m, run.ema_w)

@@ -36,10 +36,7 @@ def _start_epoch(run: Run, epoch: int) -> bool:
 def _diverged(run: Run, bar, loss, epoch: int, step: int, lrs) -> TrainingDivergedError:
     """Restore the last good weights and say where the run stopped."""
     bar.close()
-    m = run.m
-    api.set_weights(m, run.good[0])
-    m.frozen = run.good[1]
-    run.be.apply_freeze(m)
+    run.good.restore()
     where = ("its weights from before training" if run.good_epoch < 0
              else f"the end of epoch {run.good_epoch}")
     if run.ckpt_epoch is not None and run.ckpt_epoch == run.good_epoch:

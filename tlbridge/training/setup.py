@@ -9,6 +9,7 @@ from ..errors import DataError
 from ..kinds import Composite
 from . import checkpoint, options, plan as tlplan
 from .feed import as_dataset, check_data
+from .snapshot import Snapshot
 from .state import Run
 
 
@@ -99,9 +100,9 @@ def start(run: Run) -> None:
                                       compile=run.compile)
     if saved is not None:
         checkpoint.apply(run, saved)
-    run.good = api.get_weights(m), set(m.frozen)
+    run.good = Snapshot.take(m, run.be)
     if opt.ema is not None:
-        run.ema_w = saved["ema"] if saved is not None else {k: v.copy() for k, v in run.good[0].items()}
+        run.ema_w = saved["ema"] if saved is not None else api.get_weights(m)
         run.history.ema_weights = run.ema_w
     run.good_epoch = run.start - 1
     run.ckpt_epoch = run.start - 1 if saved is not None else None

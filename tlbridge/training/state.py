@@ -31,7 +31,7 @@ class Run:
     best: dict = field(default_factory=lambda: {"value": math.nan, "weights": None, "epoch": -1})
     stopped: bool = False
     ema_w: dict | None = None   # the moving average of the weights
-    good: tuple = None          # (weights, frozen) at the end of the last good epoch
+    good: object = None         # a Snapshot of the end of the last good epoch
     good_epoch: int = -1        # the epoch whose end `good` holds (-1: before training)
     ckpt_epoch: int | None = None   # the epoch the checkpoint on disk holds
     start: int = 0
