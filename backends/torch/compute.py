@@ -15,12 +15,14 @@ def _device(net: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def to_nchw(net: nn.Module, x):
-    """Model input on the model's device: NHWC images become NCHW; a dict of named inputs
-    (token ids, masks) goes as it is, one tensor per input."""
+def to_nchw(net: nn.Module, x, channels_last: bool = False):
+    """Model input on the model's device: NHWC images become NCHW (channels_last: NCHW in NHWC
+    memory, which the NHWC array already is); a dict of named inputs (token ids, masks) goes as
+    it is, one tensor per input."""
     if isinstance(x, dict):
         return {k: torch.from_numpy(v).to(_device(net)) for k, v in x.items()}
-    return torch.from_numpy(x).to(_device(net)).permute(0, 3, 1, 2).contiguous()
+    t = torch.from_numpy(x).to(_device(net)).permute(0, 3, 1, 2)
+    return t.contiguous(memory_format=torch.channels_last) if channels_last else t.contiguous()
 
 
 def example(spec) -> object:

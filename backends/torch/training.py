@@ -103,6 +103,18 @@ def compiled_forwards(net, compile: bool):
     return torch.compile(net), None if head is None else torch.compile(head)
 
 
+def bf16_channels_last(net, precision: str, parallel) -> bool:
+    """bf16 convolutions run in channels_last (NHWC) memory, the layout oneDNN's and cuDNN's
+    bf16 kernels take: on a 2-core CPU ResNet-50's bf16 step ran 1.32x fp32's in NCHW and 1.52x
+    in channels_last (MobileNetV2 0.85x and 1.02x). The weights move there for the fine_tune
+    call (close() moves them back); one process only (DDP buckets keep NCHW gradients)."""
+    on = precision == "bf16" and parallel is None and \
+        any(isinstance(mod, torch.nn.Conv2d) for mod in net.modules())
+    if on:
+        net.to(memory_format=torch.channels_last)
+    return on
+
+
 class Trainer:
     """One optimizer over every parameter, in tlbridge's groups; frozen ones have no gradient
     and torch.optim skips them (no update, no state, no weight decay)."""
@@ -121,6 +133,7 @@ class Trainer:
         # fp16: dynamic loss scaling (2^16 to start, halved on inf/NaN, doubled after 2000 steps)
         self.scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
         self.parallel = parallel        # tlbridge.parallel.Plan, or None for one process
+        self.channels_last = bf16_channels_last(net, precision, parallel)
         if compile:
             check_compiler(self.device)
         self._net_fn, self._head_fn = compiled_forwards(net, compile)
@@ -293,8 +306,10 @@ class Trainer:
 
     def close(self) -> None:
         """Drop the DDP wrapper (its hooks stay idle: a reducer acts only after its own
-        forward); a later fine_tune builds its own."""
+        forward); a later fine_tune builds its own. A bf16 model goes back to NCHW memory."""
         self._ddp_module, self._ddp_key = None, None
+        if self.channels_last:
+            self.net.to(memory_format=torch.contiguous_format)
 
     def _shard(self, x, y):
         if self.parallel is None:
@@ -309,7 +324,7 @@ class Trainer:
         Data-parallel: x, y are the global batch; this rank trains on its share."""
         self._train_mode()
         x, y = self._shard(x, y)
-        xt = to_nchw(self.net, x)
+        xt = to_nchw(self.net, x, self.channels_last)
         ddp = self._ddp_module
         if ddp is not None:
             return self._step(lambda: ddp(xt), y, lrs, summed=True)

@@ -34,7 +34,8 @@ def set_weights(net: nn.Module, weights: dict[str, np.ndarray]) -> None:
 def snapshot(net: nn.Module) -> dict[str, torch.Tensor]:
     """A copy on the CPU (the canonical weights' home: a GPU model's snapshot takes no GPU
     memory), without numpy in between."""
-    return {k: v.detach().to("cpu", copy=True) for k, v in _state(net).items()}
+    return {k: v.detach().to("cpu", copy=True, memory_format=torch.contiguous_format)
+            for k, v in _state(net).items()}
 
 
 @torch.no_grad()
