@@ -91,8 +91,9 @@ def test_depthwise_convolutions_stay_float32_in_a_bf16_step():
 
 def test_torch_bf16_steps_run_channels_last_and_leave_the_model_as_it_was():
     """torch's bf16 convolutions in channels_last memory (oneDNN's bf16 layout; 1.52x fp32 on
-    ResNet-50 against 1.32x in NCHW, docs/devices-and-data-parallel.md); fp32 keeps NCHW (the
-    layout torch's parity is proven in), and the model leaves fine_tune in NCHW either way."""
+    ResNet-50 against 1.32x in NCHW, docs/devices-and-data-parallel.md); fp32 ResNet keeps NCHW
+    (no grouped convolutions: tests/test_channels_last.py), and the model leaves fine_tune in
+    NCHW either way."""
     if "torch" not in BACKENDS:
         pytest.skip("torch is not installed")
     import torch

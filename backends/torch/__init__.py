@@ -104,7 +104,7 @@ def restore(m: TransferModel, snap: dict) -> None:
 
 
 def snapshot_weights(m: TransferModel, snap: dict) -> dict[str, np.ndarray]:
-    return {k: v.numpy() for k, v in snap.items()}
+    return weights.snapshot_weights(snap)
 
 
 def apply_freeze(m: TransferModel) -> None:

@@ -103,13 +103,24 @@ def compiled_forwards(net, compile: bool):
     return torch.compile(net), None if head is None else torch.compile(head)
 
 
-def bf16_channels_last(net, precision: str, parallel) -> bool:
-    """bf16 convolutions run in channels_last (NHWC) memory, the layout oneDNN's and cuDNN's
-    bf16 kernels take: on a 2-core CPU ResNet-50's bf16 step ran 1.32x fp32's in NCHW and 1.52x
-    in channels_last (MobileNetV2 0.85x and 1.02x). The weights move there for the fine_tune
-    call (close() moves them back); one process only (DDP buckets keep NCHW gradients)."""
-    on = precision == "bf16" and parallel is None and \
-        any(isinstance(mod, torch.nn.Conv2d) for mod in net.modules())
+def grouped_convolutions(net) -> bool:
+    return any(isinstance(mod, torch.nn.Conv2d) and mod.groups > 1 for mod in net.modules())
+
+
+def channels_last_steps(net, precision: str, parallel, device: torch.device) -> bool:
+    """Convolutions run in channels_last (NHWC) memory where that layout is the faster one
+    (2-core CPU, fine_tune epochs at 64x64, docs/speed.md "channels_last"):
+    - bf16 on any device: oneDNN's and cuDNN's bf16 kernels take NHWC (ResNet-50's bf16 step
+      1.52x fp32 against 1.32x in NCHW).
+    - fp32 on the CPU, nets with grouped or depthwise convolutions, whose NCHW kernels are
+      torch's slow ones: MobileNetV2 1.33x, EfficientNet-B0 1.33x, MobileNetV3-S 1.32x. Plain
+      convolution nets stay NCHW: ResNet-18 ran 0.83x in channels_last, ResNet-50 1.00x.
+    fp64 and fp16 keep NCHW. The weights move for the fine_tune call (close() moves them back);
+    one process only (DDP buckets keep NCHW gradients)."""
+    if parallel is not None or not any(isinstance(mod, torch.nn.Conv2d) for mod in net.modules()):
+        return False
+    float32 = precision == "fp32" and next(net.parameters()).dtype == torch.float32
+    on = precision == "bf16" or (float32 and device.type == "cpu" and grouped_convolutions(net))
     if on:
         net.to(memory_format=torch.channels_last)
     return on
@@ -133,7 +144,7 @@ class Trainer:
         # fp16: dynamic loss scaling (2^16 to start, halved on inf/NaN, doubled after 2000 steps)
         self.scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
         self.parallel = parallel        # tlbridge.parallel.Plan, or None for one process
-        self.channels_last = bf16_channels_last(net, precision, parallel)
+        self.channels_last = channels_last_steps(net, precision, parallel, self.device)
         if compile:
             check_compiler(self.device)
         self._net_fn, self._head_fn = compiled_forwards(net, compile)
@@ -306,7 +317,7 @@ class Trainer:
 
     def close(self) -> None:
         """Drop the DDP wrapper (its hooks stay idle: a reducer acts only after its own
-        forward); a later fine_tune builds its own. A bf16 model goes back to NCHW memory."""
+        forward); a later fine_tune builds its own. A channels_last model goes back to NCHW."""
         self._ddp_module, self._ddp_key = None, None
         if self.channels_last:
             self.net.to(memory_format=torch.contiguous_format)

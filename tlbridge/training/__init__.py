@@ -60,10 +60,15 @@ def fine_tune(model, train, *, val=None, epochs: int = 1, batch_size: int = 32, 
                         early_stopping=early_stopping, checkpoint=checkpoint, seed=seed,
                         progress=progress, callbacks=callbacks, feature_cache=feature_cache,
                         precision=precision, parallel=parallel)
-    setup.start(run)
-    for epoch in range(run.start, epochs):
-        if run.stopped:
-            break
-        record, bar = loop.train_epoch(run, epoch)
-        epoch_end.end_epoch(run, epoch, record, bar)
+    try:
+        setup.start(run)
+        for epoch in range(run.start, epochs):
+            if run.stopped:
+                break
+            record, bar = loop.train_epoch(run, epoch)
+            epoch_end.end_epoch(run, epoch, record, bar)
+    except BaseException:           # a diverged or interrupted run: the model's layout back
+        if run.trainer is not None:
+            run.trainer.close()
+        raise
     return epoch_end.finish(run, train)
