@@ -1,11 +1,8 @@
 """Training steps on PyTorch: torch.optim itself (its formulas are the ones tlbridge documents)."""
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 import torch
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from tlbridge import inputs
 from tlbridge.errors import CompileError, DataError
@@ -44,28 +41,6 @@ def check_bf16(device: torch.device) -> None:
                         f"Ampere, or newer) for precision='bf16'; received {device} with compute "
                         f"capability {major}.{minor}. Train with precision='fp16' (loss scaling) "
                         f"or 'fp32'.")
-
-
-def _to_float32(module, args):
-    x = args[0]
-    if torch.is_tensor(x) and x.is_floating_point() and x.dtype != torch.float32:
-        return (x.float(), *args[1:])
-    return None
-
-
-@contextlib.contextmanager
-def float32_batchnorm(net):
-    """Mixed precision: BatchNorm computes in float32, as under Keras' mixed policy. torch's
-    autocast lists no batch_norm, so it ran in whatever dtype the convolution before it
-    returned (bf16/fp16); given float32 it computes and returns float32, and the next
-    convolution casts back down under autocast."""
-    handles = [mod.register_forward_pre_hook(_to_float32) for mod in net.modules()
-               if isinstance(mod, _BatchNorm)]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def check_compiler(device: torch.device) -> None:
@@ -192,10 +167,14 @@ class Trainer:
         return total
 
     def _forward(self, forward):
+        """Mixed precision: autocast, and BatchNorm as in Keras' own mixed policy: statistics
+        and normalisation in float32 (torch's CPU and cuDNN kernels accumulate a bf16/fp16
+        input in float32, with float32 weights and running statistics), the output in bf16,
+        rounded once. Casting BatchNorm's input up and its output down around the kernel gave
+        the same values and cost ResNet-50's bf16 step 13% (docs/devices-and-data-parallel.md)."""
         if self.precision == "fp32":
             return forward()
-        with torch.autocast(self.device.type, dtype=_AMP[self.precision]), \
-                float32_batchnorm(self.net):
+        with torch.autocast(self.device.type, dtype=_AMP[self.precision]):
             z = forward()
         return z.float()                # the loss in float32
 
