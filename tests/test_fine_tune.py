@@ -136,6 +136,31 @@ def test_early_stopping_restores_the_best_weights(backend):
     assert all(np.array_equal(w[k], snapshots[best][k]) for k in w)
 
 
+def test_restore_points_are_taken_where_something_can_use_them(backend, monkeypatch):
+    """A copy of every weight before training and at the end of each epoch but the last
+    (nothing can diverge after it), and at the last too when early stopping may keep it. A run
+    diverging in its last epoch returns to the end of the one before."""
+    from tlbridge.training import snapshot
+    taken = []
+    take = snapshot.Snapshot.take.__func__
+    monkeypatch.setattr(snapshot.Snapshot, "take",
+                        classmethod(lambda cls, m, be: taken.append(1) or take(cls, m, be)))
+    x, y = _data()
+    run = dict(batch_size=8, progress=False, feature_cache=False)
+    for kwargs, expected in ((dict(epochs=1), 1), (dict(epochs=3), 3),
+                             (dict(epochs=2, val=(x, y), early_stopping=5), 3)):
+        taken.clear()
+        tl.fine_tune(_model(backend), (x, y), **kwargs, **run)
+        assert len(taken) == expected, kwargs
+    m, ref = _model(backend, dtype="float32"), _model(backend, dtype="float32")
+    tl.fine_tune(ref, (x, y), epochs=1, optimizer=tl.optim.SGD(0.05), **run)
+    explode = lambda step, total: 1.0 if step < 4 else 1e30  # noqa: E731  (4 steps an epoch)
+    with pytest.raises(errors.TrainingDivergedError, match=r"epoch 1, step \d.*end of epoch 0"):
+        tl.fine_tune(m, (x, y), epochs=2, optimizer=tl.optim.SGD(0.05, schedule=explode), **run)
+    w, r = tl.get_weights(m), tl.get_weights(ref)
+    assert all(np.array_equal(w[k], r[k]) for k in r)
+
+
 def test_learning_lowers_the_loss_and_evaluate_reports_metrics(backend):
     x, y = _data(64)
     m = _model(backend, batch_norm=False)

@@ -44,7 +44,10 @@ def end_epoch(run: Run, epoch: int, record: dict, bar) -> None:
     record["seconds"] = time.perf_counter() - record.pop("_t0")
     run.history.append(record)
     bar.close(**{k: v for k, v in record.items() if k in ("loss", "val_loss", "val_accuracy")})
-    run.good, run.good_epoch = Snapshot.take(run.m, run.be), epoch
+    if epoch < run.plan.epochs - 1 or (run.stop is not None and run.stop.restore_best):
+        # the restore point for a later epoch's divergence, or early stopping's best weights;
+        # after the last epoch nothing can use it (a copy of every weight, 4% of an epoch)
+        run.good, run.good_epoch = Snapshot.take(run.m, run.be), epoch
     if run.stop is not None:
         _early_stopping(run, record, epoch)
     if run.checkpoint is not None:
