@@ -75,7 +75,8 @@ def test_keras_bf16_step_takes_the_matmul_gradient_and_no_float64():
 
 def test_depthwise_convolutions_stay_float32_in_a_bf16_step():
     """oneDNN's bf16 depthwise input gradient took 10x its fp32 time (MobileNetV2): on
-    TensorFlow the mixed policy leaves depthwise convolutions in float32, like BatchNorm."""
+    TensorFlow the mixed policy leaves depthwise convolutions in float32. BatchNorm takes bf16
+    (the fused kernel computes in float32: the next test)."""
     _tensorflow()
     import keras
     from tlbridge.backends.keras.mixed import mixed_policy
@@ -84,9 +85,47 @@ def test_depthwise_convolutions_stay_float32_in_a_bf16_step():
     dw, conv, bn = keras.layers.DepthwiseConv2D(3), Conv2D(4, 1), TorchBatchNorm()
     model = keras.Model(inputs, bn(conv(dw(inputs))))
     with mixed_policy(model, "bf16"):
-        assert dw.compute_dtype == "float32" and bn.compute_dtype == "float32"
+        assert dw.compute_dtype == "float32" and bn.compute_dtype == "bfloat16"
         assert conv.compute_dtype == "bfloat16" and bn.accumulate == "float32"
-    assert conv.compute_dtype == "float32" and bn.accumulate == "float64"
+    assert conv.compute_dtype == "float32" and bn.compute_dtype == "float32"
+    assert bn.accumulate == "float64"
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_keras_bf16_batchnorm_computes_in_float32_and_rounds_its_output_once(training):
+    """As torch's kernel given a bf16 input and keras' BatchNormalization under its mixed
+    policy: float32 weights and statistics, the output within 1 bf16 ulp of float32 BatchNorm
+    on the same input (a bf16 computation is 50-80 ulps off). Training: the fused kernel on
+    the bf16 input; a frozen BatchNorm (eval): float32 between two casts."""
+    tf = _tensorflow()
+    import keras
+    from tlbridge.backends.keras.mixed import mixed_policy
+    from tlbridge.backends.keras.network import TorchBatchNorm
+    rng = np.random.default_rng(0)
+    bn = TorchBatchNorm(momentum=0.5)
+    model = keras.Sequential([keras.Input((4, 4, 16)), bn])
+    bn.set_weights([rng.uniform(0.5, 2, 16), rng.uniform(-1, 1, 16), rng.normal(size=16),
+                    rng.uniform(0.5, 2, 16)])
+    x = tf.cast(rng.normal(2.0, 3.0, (8, 4, 4, 16)).astype(np.float32), tf.bfloat16)
+    xf = tf.cast(x, tf.float32).numpy()           # exact: every bf16 is a float32
+    g, b, mean, var = (w.numpy() for w in (bn.gamma, bn.beta, bn.moving_mean,
+                                          bn.moving_variance))
+    if training:
+        bmean, bvar = xf.mean((0, 1, 2)), xf.var((0, 1, 2))
+        ref = (xf - bmean) / np.sqrt(bvar + bn.epsilon) * g + b
+    else:
+        ref = (xf - mean) / np.sqrt(var + bn.epsilon) * g + b
+    with mixed_policy(model, "bf16"):
+        y = bn(x, training=training)
+    assert y.dtype == tf.bfloat16
+    assert bn.gamma.dtype == bn.moving_mean.dtype == "float32"
+    ulp = np.maximum(np.abs(ref), 1e-2) * 2.0 ** -7
+    assert np.max(np.abs(tf.cast(y, tf.float32).numpy() - ref) / ulp) <= 1.0
+    if training:                                  # torch's momentum, unbiased running variance
+        n = xf.size // 16
+        np.testing.assert_allclose(bn.moving_mean.numpy(), 0.5 * mean + 0.5 * bmean, rtol=1e-5)
+        np.testing.assert_allclose(bn.moving_variance.numpy(),
+                                   0.5 * var + 0.5 * bvar * n / (n - 1), rtol=1e-5)
 
 
 def test_torch_bf16_steps_run_channels_last_and_leave_the_model_as_it_was():

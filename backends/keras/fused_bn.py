@@ -1,4 +1,4 @@
-"""Train-mode BatchNorm on TensorFlow by its fused kernel, for float32 inputs.
+"""Train-mode BatchNorm on TensorFlow by its fused kernel, for float32 and bf16 inputs.
 
 The closed form in network._batch_norm_train accumulates its sums in float64, as torch's CPU
 kernel does; on TensorFlow each float64 cast is a full copy of the activation, and those copies
@@ -31,3 +31,20 @@ def batch_norm_train(x, gamma, beta, epsilon: float):
         mean=empty, variance=empty, epsilon=epsilon, exponential_avg_factor=1.0,
         data_format="NHWC", is_training=True)
     return tf.reshape(shift, [-1]) + residual, var, y
+
+
+def applies_bf16(x) -> bool:
+    """bf16 NHWC activations under a mixed policy (mixed.py)."""
+    return x.dtype == tf.bfloat16 and x.shape.rank == 4
+
+
+def batch_norm_train_bf16(x, gamma, beta, epsilon: float):
+    """The fused kernel on a bf16 x with float32 scale and offset: it accumulates in float32 and
+    rounds its output to bf16 once, as torch's kernel does with a bf16 input (no shift: torch
+    accumulates a bf16 input in float32 directly, and x - shift would round to bf16 again)."""
+    empty = tf.constant([], tf.float32)
+    y, mean, var, *_ = tf.raw_ops.FusedBatchNormV3(
+        x=x, scale=tf.convert_to_tensor(gamma), offset=tf.convert_to_tensor(beta),
+        mean=empty, variance=empty, epsilon=epsilon, exponential_avg_factor=1.0,
+        data_format="NHWC", is_training=True)
+    return mean, var, y

@@ -18,6 +18,13 @@ GROWTH_INTERVAL = 2000          # fp16 loss scaling: torch.amp.GradScaler's defa
 INITIAL_SCALE = 2.0 ** 16
 
 
+def bf16_batch_norm(layer, precision: str) -> bool:
+    """On TensorFlow in bf16, tlbridge's BatchNorm takes its bf16 input to the fused kernel
+    (float32 statistics, the output rounded to bf16 once: network.TorchBatchNorm.call), which
+    halved its time against a float32 BatchNorm between two casts."""
+    return engine.TENSORFLOW and precision == "bf16" and isinstance(layer, TorchBatchNorm)
+
+
 @contextlib.contextmanager
 def mixed_policy(model, precision: str):
     """Every layer but FLOAT32's computes in bf16/fp16 (Keras' mixed policy: float32
@@ -30,7 +37,7 @@ def mixed_policy(model, precision: str):
     norms = [layer for layer, _ in saved if isinstance(layer, TorchBatchNorm)]
     try:
         for layer, _ in saved:
-            if not isinstance(layer, FLOAT32):
+            if not isinstance(layer, FLOAT32) or bf16_batch_norm(layer, precision):
                 layer.dtype_policy = POLICY[precision]
         for layer in norms:
             layer.accumulate = "float32"

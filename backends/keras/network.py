@@ -91,34 +91,52 @@ class TorchBatchNorm(layers.Layer):
 
     def build(self, input_shape):
         c = (int(input_shape[-1]),)
-        self.gamma = self.add_weight(shape=c, initializer="ones", name="gamma")
-        self.beta = self.add_weight(shape=c, initializer="zeros", name="beta")
+        # float32 under a mixed policy too (autocast=False), as in keras' BatchNormalization
+        self.gamma = self.add_weight(shape=c, initializer="ones", name="gamma", autocast=False)
+        self.beta = self.add_weight(shape=c, initializer="zeros", name="beta", autocast=False)
         # under a tf.distribute strategy's scope (keras.fit on several replicas), the first
         # replica's update is kept: torch DDP's rank-0 buffers, and tlbridge's replicas= rule
         self.moving_mean = self.add_weight(shape=c, initializer="zeros", name="moving_mean",
-                                           trainable=False, aggregation="only_first_replica")
+                                           trainable=False, aggregation="only_first_replica",
+                                           autocast=False)
         self.moving_variance = self.add_weight(shape=c, initializer="ones",
                                                name="moving_variance", trainable=False,
-                                               aggregation="only_first_replica")
+                                               aggregation="only_first_replica", autocast=False)
 
     def call(self, x, training=None):
-        if training and self.trainable and self.gamma.trainable:
+        """Under a mixed policy (TensorFlow's bf16 steps, mixed.py) x is bf16: statistics and
+        normalisation run in float32 and the output is rounded to bf16 once, as in keras'
+        BatchNormalization. The fused kernel does that itself; other paths cast around."""
+        train = training and self.trainable and self.gamma.trainable
+        dtype = keras.backend.standardize_dtype(x.dtype)
+        low = dtype if dtype in ("bfloat16", "float16") else None
+        if low is not None and train and engine.TENSORFLOW and engine.replica_context() is None:
+            return self._update(*self._train_pass(x))       # bf16 in, bf16 out, fused
+        y = self._float_call(x if low is None else ops.cast(x, "float32"), train)
+        return y if low is None else ops.cast(y, low)
+
+    def _float_call(self, x, train):
+        if train:
             ctx = engine.replica_context()
             if ctx is not None:     # replicas (parallel.py on TensorFlow, parallel_jax.py)
                 return engine.batch_norm_in_replica(self, x, ctx, _batch_norm_train)
-            mean, unbiased, y = self._train_pass(x)
-            m = self.momentum
-            self.moving_mean.assign((1.0 - m) * self.moving_mean + m * mean)
-            self.moving_variance.assign((1.0 - m) * self.moving_variance + m * unbiased)
-            return y
+            return self._update(*self._train_pass(x))
         mean, var = self.moving_mean, self.moving_variance
         return (x - mean) * ops.rsqrt(var + self.epsilon) * self.gamma + self.beta
 
+    def _update(self, mean, unbiased, y):
+        m = self.momentum
+        self.moving_mean.assign((1.0 - m) * self.moving_mean + m * mean)
+        self.moving_variance.assign((1.0 - m) * self.moving_variance + m * unbiased)
+        return y
+
     def _train_pass(self, x):
         """(batch mean, unbiased batch variance, output): TensorFlow's fused kernel for float32
-        (fused_bn.py), the closed form accumulating in self.accumulate otherwise."""
+        and bf16 (fused_bn.py), the closed form accumulating in self.accumulate otherwise."""
         if engine.TENSORFLOW:
             from . import fused_bn
+            if fused_bn.applies_bf16(x):
+                return fused_bn.batch_norm_train_bf16(x, self.gamma, self.beta, self.epsilon)
             if fused_bn.applies(x):
                 return fused_bn.batch_norm_train(x, self.gamma, self.beta, self.epsilon)
         mean, var, y = _batch_norm_train(x, ops.copy(self.gamma.value), ops.copy(self.beta.value),
