@@ -1,6 +1,9 @@
 """Training steps on PyTorch: torch.optim itself (its formulas are the ones tlbridge documents)."""
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import numpy as np
 import torch
 
@@ -101,6 +104,36 @@ def channels_last_steps(net, precision: str, parallel, device: torch.device) -> 
     return on
 
 
+def _depthwise_forward(mod, dtype, x):
+    with torch.autocast(x.device.type, enabled=False):
+        y = type(mod).forward(mod, x.float())
+    return y.to(dtype)
+
+
+def float32_depthwise(net, precision: str, device: torch.device) -> list:
+    """bf16 on the CPU: depthwise convolutions run in float32, their output rounded to bf16
+    (Keras on TensorFlow does the same, backends/keras/mixed.py). oneDNN's bf16 depthwise
+    kernels are its slow ones: MobileNetV2's bf16 step ran 0.74x fp32 with them and 1.11x
+    without, EfficientNet-B0 0.58x and 1.02x (docs/devices-and-data-parallel.md). Returns
+    (module, forward) pairs, made once so a compiled step sees the same objects each time."""
+    if precision != "bf16" or device.type != "cpu":
+        return []
+    return [(mod, functools.partial(_depthwise_forward, mod, torch.bfloat16))
+            for mod in net.modules() if isinstance(mod, torch.nn.Conv2d)
+            and mod.groups > 1 and mod.groups == mod.in_channels]
+
+
+@contextlib.contextmanager
+def forwards_replaced(pairs):
+    for mod, forward in pairs:
+        mod.forward = forward
+    try:
+        yield
+    finally:
+        for mod, _ in pairs:
+            del mod.forward
+
+
 class Trainer:
     """One optimizer over every parameter, in tlbridge's groups; frozen ones have no gradient
     and torch.optim skips them (no update, no state, no weight decay)."""
@@ -120,6 +153,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
         self.parallel = parallel        # tlbridge.parallel.Plan, or None for one process
         self.channels_last = channels_last_steps(net, precision, parallel, self.device)
+        self.depthwise = float32_depthwise(net, precision, self.device)
         if compile:
             check_compiler(self.device)
         self._net_fn, self._head_fn = compiled_forwards(net, compile)
@@ -174,7 +208,8 @@ class Trainer:
         the same values and cost ResNet-50's bf16 step 13% (docs/devices-and-data-parallel.md)."""
         if self.precision == "fp32":
             return forward()
-        with torch.autocast(self.device.type, dtype=_AMP[self.precision]):
+        with torch.autocast(self.device.type, dtype=_AMP[self.precision]), \
+                forwards_replaced(self.depthwise):
             z = forward()
         return z.float()                # the loss in float32
 
