@@ -25,12 +25,19 @@ def batch_norm_train(x, gamma, beta, epsilon: float):
     """(batch mean, unbiased batch variance, output) of a float32 NHWC x; the unbiased variance
     is what torch's running variance stores (docs/parity.md #2)."""
     shift = tf.stop_gradient(tf.reduce_mean(x, axis=[0, 1, 2], keepdims=True))
+    residual, var, y = _fused(x - shift, gamma, beta, epsilon)
+    return tf.reshape(shift, [-1]) + residual, var, y
+
+
+def _fused(x, gamma, beta, epsilon: float):
+    """(batch mean, unbiased batch variance, output) by FusedBatchNormV3 in training mode, with
+    float32 scale, offset and statistics whatever x's dtype."""
     empty = tf.constant([], tf.float32)
-    y, residual, var, *_ = tf.raw_ops.FusedBatchNormV3(
-        x=x - shift, scale=tf.convert_to_tensor(gamma), offset=tf.convert_to_tensor(beta),
+    y, mean, var, *_ = tf.raw_ops.FusedBatchNormV3(
+        x=x, scale=tf.convert_to_tensor(gamma), offset=tf.convert_to_tensor(beta),
         mean=empty, variance=empty, epsilon=epsilon, exponential_avg_factor=1.0,
         data_format="NHWC", is_training=True)
-    return tf.reshape(shift, [-1]) + residual, var, y
+    return mean, var, y
 
 
 def applies_bf16(x) -> bool:
@@ -42,9 +49,4 @@ def batch_norm_train_bf16(x, gamma, beta, epsilon: float):
     """The fused kernel on a bf16 x with float32 scale and offset: it accumulates in float32 and
     rounds its output to bf16 once, as torch's kernel does with a bf16 input (no shift: torch
     accumulates a bf16 input in float32 directly, and x - shift would round to bf16 again)."""
-    empty = tf.constant([], tf.float32)
-    y, mean, var, *_ = tf.raw_ops.FusedBatchNormV3(
-        x=x, scale=tf.convert_to_tensor(gamma), offset=tf.convert_to_tensor(beta),
-        mean=empty, variance=empty, epsilon=epsilon, exponential_avg_factor=1.0,
-        data_format="NHWC", is_training=True)
-    return mean, var, y
+    return _fused(x, gamma, beta, epsilon)

@@ -81,8 +81,8 @@ def compiled_forwards(net, compile: bool):
     return torch.compile(net), None if head is None else torch.compile(head)
 
 
-def grouped_convolutions(net) -> bool:
-    return any(isinstance(mod, torch.nn.Conv2d) and mod.groups > 1 for mod in net.modules())
+def grouped_convolutions(convs) -> bool:
+    return any(conv.groups > 1 for conv in convs)
 
 
 def channels_last_steps(net, precision: str, parallel, device: torch.device) -> bool:
@@ -95,10 +95,11 @@ def channels_last_steps(net, precision: str, parallel, device: torch.device) -> 
       convolution nets stay NCHW: ResNet-18 ran 0.83x in channels_last, ResNet-50 1.00x.
     fp64 and fp16 keep NCHW. The weights move for the fine_tune call (close() moves them back);
     one process only (DDP buckets keep NCHW gradients)."""
-    if parallel is not None or not any(isinstance(mod, torch.nn.Conv2d) for mod in net.modules()):
+    convs = [mod for mod in net.modules() if isinstance(mod, torch.nn.Conv2d)]
+    if parallel is not None or not convs:
         return False
     float32 = precision == "fp32" and next(net.parameters()).dtype == torch.float32
-    on = precision == "bf16" or (float32 and device.type == "cpu" and grouped_convolutions(net))
+    on = precision == "bf16" or (float32 and device.type == "cpu" and grouped_convolutions(convs))
     if on:
         net.to(memory_format=torch.channels_last)
     return on
