@@ -1,15 +1,16 @@
-"""Train-mode BatchNorm on TensorFlow by its fused kernel, for float32 and bf16 inputs.
+"""Train-mode BatchNorm on TensorFlow by its fused kernels, for float32 and bf16 inputs.
 
 The closed form in network._batch_norm_train accumulates its sums in float64, as torch's CPU
 kernel does; on TensorFlow each float64 cast is a full copy of the activation, and those copies
 made tlbridge's float32 MobileNetV2 step 1.28 x the time of keras.applications' (measured).
-FusedBatchNormV3 (oneDNN's kernel where TensorFlow enables it, Eigen's otherwise) computes the
-same closed form, forward and backward (FusedBatchNormGradV3), in one pass, accumulating in
-float32. Alone, that loses torch's accuracy where a channel's mean is large against its spread
-(tests/test_batchnorm_backward.py, offset30: 2.9 x torch's gradient error). So the kernel sees
-x minus its float32 batch mean: BatchNorm's output and gradients do not change under a
-per-channel shift, and the shifted channels have no mean left to cancel; the mean comes back as
-shift + the kernel's mean of the residual (a two-pass mean, float64-like for the running mean).
+FusedBatchNormV3 and FusedBatchNormGradV3 (oneDNN's kernels where TensorFlow enables them,
+Eigen's otherwise) compute the same closed form in one pass each, but their sums over N*H*W
+run in one float32 stage: 2.5e-5 off in a variance on 32x32 images with repeated pixels, which
+put Keras 40x further than torch from a float64 run of the demo (docs/parity.md, "float32
+BatchNorm statistics"). So float32 keeps the kernels for the elementwise work and brings its
+own statistics: staged float32 sums (_sum) of x minus its mean (no large mean left to cancel,
+tests/test_batchnorm_backward.py offset30), the forward kernel in inference mode on them, the
+gradient kernel in training mode for dx, and staged sums for d gamma and d beta.
 """
 from __future__ import annotations
 
@@ -23,10 +24,52 @@ def applies(x) -> bool:
 
 def batch_norm_train(x, gamma, beta, epsilon: float):
     """(batch mean, unbiased batch variance, output) of a float32 NHWC x; the unbiased variance
-    is what torch's running variance stores (docs/parity.md #2)."""
-    shift = tf.stop_gradient(tf.reduce_mean(x, axis=[0, 1, 2], keepdims=True))
-    residual, var, y = _fused(x - shift, gamma, beta, epsilon)
-    return tf.reshape(shift, [-1]) + residual, var, y
+    is what torch's running variance stores (docs/parity.md #2).
+
+    The statistics are ours, summed in stages (_sum); the kernel normalises with them in
+    inference mode, and its training-mode gradient kernel takes them as its saved statistics."""
+    n = tf.cast(tf.reduce_prod(tf.shape(x)[:3]), tf.float32)     # the batch may be None
+    shift = tf.stop_gradient(_sum(x) / n)
+    r = x - shift
+    r_const = tf.stop_gradient(r)
+    mean_r = _sum(r_const) / n
+    var = tf.maximum(_sum(tf.square(r_const)) / n - tf.square(mean_r), 0.0)   # biased
+    return shift + mean_r, var * (n / tf.maximum(n - 1.0, 1.0)), _normalize(r, gamma, beta, mean_r, var,
+                                                                    epsilon)
+
+
+def _sum(t):
+    """Per-channel sum of an NHWC float32 tensor, over W, then H, then N: the kernels add a
+    reduced axis term by term, and over N*H*W terms at once their float32 rounding adds up (a
+    2.5e-5 relative variance error measured on 32x32 digit images, whose repeated pixels round
+    the same way every time; torch sums in float64). Each stage adds at most max(N, H, W) terms."""
+    return tf.reduce_sum(tf.reduce_sum(tf.reduce_sum(t, axis=2), axis=1), axis=0)
+
+
+def _normalize(r, gamma, beta, mean, var, epsilon: float):
+    """FusedBatchNormV3 normalising r with the given batch statistics; dx is FusedBatchNormGradV3's
+    training-mode gradient (the statistics' own terms included), d gamma and d beta staged sums
+    (torch sums them in float64: one-stage float32 sums were 30x its error on 32x32 images)."""
+    mean, var = tf.stop_gradient(mean), tf.stop_gradient(var)
+
+    @tf.custom_gradient
+    def normalize(r, gamma, beta):
+        y = tf.raw_ops.FusedBatchNormV3(
+            x=r, scale=gamma, offset=beta, mean=mean, variance=var, epsilon=epsilon,
+            exponential_avg_factor=1.0, data_format="NHWC", is_training=False)[0]
+
+        def grad(dy):
+            dx = tf.raw_ops.FusedBatchNormGradV3(
+                y_backprop=dy, x=r, scale=gamma, reserve_space_1=mean, reserve_space_2=var,
+                reserve_space_3=tf.constant([], tf.float32), epsilon=epsilon,
+                data_format="NHWC", is_training=True)[0]
+            dbeta = _sum(dy)        # the kernel's own sums of dy and dy * x_hat are one-stage
+            dgamma = (_sum(dy * r) - mean * dbeta) * tf.math.rsqrt(var + epsilon)
+            return dx, dgamma, dbeta
+
+        return y, grad
+
+    return normalize(r, tf.convert_to_tensor(gamma), tf.convert_to_tensor(beta))
 
 
 def _fused(x, gamma, beta, epsilon: float):
