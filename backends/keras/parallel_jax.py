@@ -143,7 +143,7 @@ def batch_norm_in_replica(layer, x, ctx: ReplicaContext, batch_norm_train):
     every share ("global") or this one ("local"), as parallel.py's on TensorFlow."""
     mean, var, y, n = _masked_batch_norm(x, ops.copy(layer.gamma.value),
                                          ops.copy(layer.beta.value), layer.epsilon, ctx,
-                                         layer.accumulate)
+                                         layer.accumulator(x))
     unbiased = var * (n / ops.maximum(n - 1.0, 1.0))
     m = layer.momentum
     layer.moving_mean.assign((1.0 - m) * layer.moving_mean + m * mean)
@@ -152,8 +152,8 @@ def batch_norm_in_replica(layer, x, ctx: ReplicaContext, batch_norm_train):
 
 
 def _masked_batch_norm(x, gamma, beta, epsilon, ctx, acc="float64"):
-    """network._batch_norm_train over the rows the mask keeps (float64 sums, float32 under mixed
-    precision; closed-form backward); "global" psums the sums and the count in both passes. The
+    """network._batch_norm_train over the rows the mask keeps (TorchBatchNorm.accumulator's sums:
+    float32 for float32 and mixed precision, float64 for float64; closed-form backward); "global" psums the sums and the count in both passes. The
     gradients of gamma and beta stay this replica's share (the step psums every gradient once)."""
     axes = tuple(range(len(x.shape) - 1))
     together = ctx.bn_sync == "global"
