@@ -99,16 +99,28 @@ def test_float32_batchnorm_on_repeated_pixels_is_as_accurate_as_torchs():
     the same way at every term, and the fused kernel's variance was 2.5e-5 off (torch sums in
     float64): 5x torch's gradient error on the demo's digits, 40x its drift from float64 over
     five epochs. fused_bn._sum adds in stages."""
-    rng = np.random.default_rng(0)
-    n, c = 32, 8
-    small = np.maximum(rng.normal(size=(n, 4, 4, c)), 0.0) * rng.uniform(0.5, 2.0, size=c) + 0.3
-    x = np.kron(small, np.ones((1, 8, 8, 1))).astype(np.float32).astype(np.float64)    # 32x32
-    r = rng.normal(size=x.shape).astype(np.float32).astype(np.float64)
-    gamma = rng.uniform(0.5, 1.5, size=c).astype(np.float32).astype(np.float64)
-    beta = rng.normal(size=c).astype(np.float32).astype(np.float64)
+    x, r, gamma, beta = bn_case("repeated")
     truth = _torch_grads(x, r, gamma, beta, "float64")
     t32 = _torch_grads(x, r, gamma, beta, "float32")
     k32 = _keras_grads(x, r, gamma, beta, "float32")
     for k in truth:
         et, ek = _err(t32[k], truth[k]), _err(k32[k], truth[k])
         assert ek <= max(1e-6, 2 * et), f"{k}: keras {ek:.2g} vs torch {et:.2g} against float64"
+
+
+def bn_case(case: str, seed: int = 0):
+    """float32-grid (x, r, gamma, beta): "repeated" is a 32x32 batch upscaled from 4x4 (each
+    value 16 times over, as the demo's digits), "offset30" channels with a large mean against
+    their spread (also tests/test_keras_jax.py)."""
+    rng = np.random.default_rng(seed)
+    c = 8
+    if case == "repeated":
+        small = np.maximum(rng.normal(size=(32, 4, 4, c)), 0.0) * rng.uniform(0.5, 2.0, size=c)
+        small += 0.3
+        x = np.kron(small, np.ones((1, 8, 8, 1)))
+    else:
+        x = 30.0 + rng.normal(size=(32, 5, 5, c)) * rng.uniform(0.05, 2.0, size=c)
+    grid = lambda a: np.asarray(a, np.float32).astype(np.float64)   # noqa: E731
+    return (grid(x), grid(rng.normal(size=x.shape)), grid(rng.uniform(0.5, 1.5, size=c)),
+            grid(rng.normal(size=c)))
+

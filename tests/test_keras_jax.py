@@ -324,21 +324,6 @@ def test_batchnorm_statistics_recomputed_with_changing_momenta_match_torch_on_ja
     assert diff <= 1e-10, f"{diff:.2e} at {at}"
 
 
-def _bn_case(case: str, seed: int = 0):
-    """float32-grid (x, r, gamma, beta): "repeated" is a 32x32 batch upscaled from 4x4 (each value
-    16 times over, as the demo's digits), "offset30" channels with a large mean against their spread."""
-    rng = np.random.default_rng(seed)
-    c = 8
-    if case == "repeated":
-        small = np.maximum(rng.normal(size=(32, 4, 4, c)), 0.0) * rng.uniform(0.5, 2.0, size=c) + 0.3
-        x = np.kron(small, np.ones((1, 8, 8, 1)))
-    else:
-        x = 30.0 + rng.normal(size=(32, 5, 5, c)) * rng.uniform(0.05, 2.0, size=c)
-    grid = lambda a: np.asarray(a, np.float32).astype(np.float64)   # noqa: E731
-    return (grid(x), grid(rng.normal(size=x.shape)), grid(rng.uniform(0.5, 1.5, size=c)),
-            grid(rng.normal(size=c)))
-
-
 @on_jax
 @pytest.mark.parametrize("case", ["repeated", "offset30"])
 def test_float32_batchnorm_on_jax_is_as_accurate_as_torchs(case):
@@ -347,10 +332,10 @@ def test_float32_batchnorm_on_jax_is_as_accurate_as_torchs(case):
     error) against float64, on repeated pixels and on channels whose mean dwarfs their spread."""
     import jax
     import jax.numpy as jnp
-    from test_batchnorm_backward import _err, _torch_grads
+    from test_batchnorm_backward import _err, _torch_grads, bn_case
 
     from tlbridge.backends.keras.network import TorchBatchNorm
-    x, r, gamma, beta = _bn_case(case)
+    x, r, gamma, beta = bn_case(case)
     bn = TorchBatchNorm(1e-5, 0.1, dtype="float32")
     bn.build(x.shape)
     bn.gamma.assign(gamma.astype(np.float32))

@@ -34,8 +34,8 @@ def batch_norm_train(x, gamma, beta, epsilon: float):
     r_const = tf.stop_gradient(r)
     mean_r = _sum(r_const) / n
     var = tf.maximum(_sum(tf.square(r_const)) / n - tf.square(mean_r), 0.0)   # biased
-    return shift + mean_r, var * (n / tf.maximum(n - 1.0, 1.0)), _normalize(r, gamma, beta, mean_r, var,
-                                                                    epsilon)
+    y = _normalize(r, gamma, beta, mean_r, var, epsilon)
+    return shift + mean_r, var * (n / tf.maximum(n - 1.0, 1.0)), y
 
 
 def _sum(t):

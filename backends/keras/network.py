@@ -34,10 +34,10 @@ def _batch_norm_train(x, gamma, beta, epsilon, acc="float64"):
     MobileNetV2). torch's CPU kernel (aten/src/ATen/native/Normalization.cpp) instead uses
         dbeta = sum(dy),  dgamma = sum(dy * (x - mean)) * invstd,
         dx = (dy - sum(dy)/n - (x - mean) * dgamma * invstd / n) * invstd * gamma,
-    accumulating the sums (and the statistics) in float64 on the CPU; so do we (float32 on
-    TensorFlow runs the fused kernel instead: fused_bn.py). Mixed precision passes acc="float32"
-    (TorchBatchNorm.accumulate): the inputs were rounded to bf16/fp16, and the float64 sums
-    cost a fifth of a bf16 step on the CPU (docs/devices-and-data-parallel.md).
+    accumulating the sums (and the statistics) in float64 on the CPU; so do we for float64
+    (float32 on TensorFlow runs the fused kernels instead: fused_bn.py; on JAX it sums in float32:
+    TorchBatchNorm.accumulator). Mixed precision passes acc="float32": the inputs were rounded
+    to bf16/fp16, and the float64 sums cost a fifth of a bf16 step on the CPU (docs/devices-and-data-parallel.md).
     """
     axes = list(range(len(x.shape) - 1))
 

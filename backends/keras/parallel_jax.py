@@ -152,8 +152,8 @@ def batch_norm_in_replica(layer, x, ctx: ReplicaContext, batch_norm_train):
 
 
 def _masked_batch_norm(x, gamma, beta, epsilon, ctx, acc="float64"):
-    """network._batch_norm_train over the rows the mask keeps (TorchBatchNorm.accumulator's sums:
-    float32 for float32 and mixed precision, float64 for float64; closed-form backward); "global" psums the sums and the count in both passes. The
+    """network._batch_norm_train over the rows the mask keeps (TorchBatchNorm.accumulator's sums;
+    closed-form backward); "global" psums the sums and the count in both passes. The
     gradients of gamma and beta stay this replica's share (the step psums every gradient once)."""
     axes = tuple(range(len(x.shape) - 1))
     together = ctx.bn_sync == "global"
