@@ -183,12 +183,11 @@ def _measure(s, x, y, training, runs) -> Batch:
         with _run(s, name) as m:
             loss, g = api.bce_loss_and_grads(m, x, y.astype(np.float32), training=training)
             stats = parity.stat_errors(api.get_weights(m), w64) if training else {}
-            api.set_weights(m, {k: v.astype(m.dtype) for k, v in s.weights.items()})
         truth = _truth_with(s, x64, y64, training, sites[name]) if out.flips[name] else g64
         out.grads[name] = parity.rel_errors(g, truth, skip=out.zeros)
         out.forward[name].update(stats, loss=parity.rel_diff(l64, loss))
         out.zero_level[name] = parity.zero_level(g, out.zeros)
-    if training:
+    if training:        # the passes moved running statistics; eval passes change nothing
         s.reset(frozen=False)
     return out
 
