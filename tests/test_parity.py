@@ -32,8 +32,12 @@ class Models:
         self._suites = {}
 
     def suite(self, k):
+        """The first k builds the models; another k puts new heads on them (parity.rehead: the
+        same weights as a suite built for it, without building the backbones again)."""
         if k not in self._suites:
-            self._suites[k] = parity.suite(self.name, k, **self.options)
+            built = next(iter(self._suites.values()), None)
+            self._suites[k] = (parity.rehead(built, k) if built is not None
+                               else parity.suite(self.name, k, **self.options))
         return self._suites[k]
 
 

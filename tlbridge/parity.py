@@ -167,6 +167,14 @@ def pair(backbone: str, *, dtype="float64", num_outputs=1, input_shape=None, see
     """The same seeded model on torch and Keras (identical canonical weights); calibrate=n
     first calibrates BatchNorm with n passes (see `calibrate`). input_shape: (32, 32, 3) for
     images, (16,) for token backbones, unless given."""
+    mt = seeded_torch(backbone, dtype=dtype, num_outputs=num_outputs, input_shape=input_shape,
+                      seed=seed, hidden=hidden, calibrate=calibrate, **options)
+    return mt, api.convert(mt, "keras")
+
+
+def seeded_torch(backbone: str, *, dtype="float64", num_outputs=1, input_shape=None, seed=0,
+                 hidden=(), calibrate: int = 0, **options):
+    """pair()'s torch model alone (suite() builds its Keras models itself)."""
     if input_shape is None:
         input_shape = (16,) if zoo.signature(backbone, (1,))[0].kind == "tokens" else (32, 32, 3)
     mt = api.load_backbone(backbone, backend="torch", input_shape=input_shape, dtype=dtype,
@@ -176,8 +184,7 @@ def pair(backbone: str, *, dtype="float64", num_outputs=1, input_shape=None, see
         drawn = [batch(mt.inputs, 16, num_outputs, seed=seed + 100 + i, dtype=dtype)
                  for i in range(calibrate)]
         _calibrate(mt, [x for x, _ in drawn], [y for _, y in drawn], calibrate)
-    mk = api.convert(mt, "keras")
-    return mt, mk
+    return mt
 
 
 def batch(inputs, n, num_outputs, seed=0, dtype="float64", length: int = 12):
@@ -221,8 +228,8 @@ class Suite:
 def suite(name: str, num_outputs: int = 3, seed: int = 0, input_shape=None, **options) -> Suite:
     """input_shape: the configuration's (CONFIGS) unless given."""
     shape = tuple(input_shape or config(name, **options).shape)
-    mt, _ = pair(name, dtype="float64", num_outputs=num_outputs, input_shape=shape, seed=seed,
-                 calibrate=CALIBRATE, **options)
+    mt = seeded_torch(name, dtype="float64", num_outputs=num_outputs, input_shape=shape, seed=seed,
+                      calibrate=CALIBRATE, **options)
     weights = {k: v.astype(np.float32).astype(np.float64) for k, v in api.get_weights(mt).items()}
     models = {}
     for backend in ("torch", "keras"):
@@ -234,6 +241,20 @@ def suite(name: str, num_outputs: int = 3, seed: int = 0, input_shape=None, **op
     s = Suite(name, num_outputs, models, weights)
     s.reset(frozen=False)
     return s
+
+
+def rehead(s: Suite, num_outputs: int, seed: int = 0) -> Suite:
+    """suite(s.name, num_outputs, seed, ...) without building the backbones again: s's models
+    (its backbones, BatchNorm calibrated on inputs the head does not change) under new seeded
+    heads. The new suite shares the backbones with s; each suite's reset() puts its weights back."""
+    s.reset(frozen=False)
+    mt = api.replace_head(s.models["torch", "float64"], num_outputs, seed=seed + 1)
+    weights = {k: v.astype(np.float32).astype(np.float64) for k, v in api.get_weights(mt).items()}
+    models = {key: mt if key == ("torch", "float64") else api.replace_head(m, num_outputs)
+              for key, m in s.models.items()}
+    out = Suite(s.name, num_outputs, models, weights)
+    out.reset(frozen=False)
+    return out
 
 
 @dataclass
