@@ -125,6 +125,21 @@ def test_suite_reset_restores_weights_statistics_and_freeze_state():
         assert tl.trainable_names(m) == ["head.weight", "head.bias"]
 
 
+def test_rehead_gives_the_suite_built_for_that_head_count():
+    """The parity tests' second head count reuses the first's backbones (Models.suite): every
+    model's weights and BatchNorm statistics must be the ones a suite built for it has."""
+    first = parity.suite("seed_vgg", 3, batch_norm=True)
+    built, reheaded = parity.suite("seed_vgg", 1, batch_norm=True), parity.rehead(first, 1)
+    assert reheaded.weights.keys() == built.weights.keys()
+    assert all(np.array_equal(reheaded.weights[k], v) for k, v in built.weights.items())
+    for key, m in built.models.items():
+        want, got = tl.get_weights(m), tl.get_weights(reheaded.models[key])
+        assert all(np.array_equal(got[k], v) for k, v in want.items()), key
+    first.reset(frozen=False)         # the first suite keeps its own weights
+    assert all(np.array_equal(tl.get_weights(first.models[key])[k], v)
+               for key in first.models for k, v in first.weights.items())
+
+
 def test_train_mode_pass_stores_pytorch_unbiased_running_variance():
     """docs/parity.md #3: the Keras mirror stores n/(n-1) * batch variance, like PyTorch."""
     mt, mk = parity.pair("seed_vgg", dtype="float64", input_shape=SHAPE, widths=(4,), batch_norm=True)

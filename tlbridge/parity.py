@@ -225,12 +225,17 @@ class Suite:
                 api.freeze(m, "backbone")
 
 
+def _float32_grid(weights: dict) -> dict:
+    """float64 values that float32 holds exactly: every model of a suite starts from them."""
+    return {k: v.astype(np.float32).astype(np.float64) for k, v in weights.items()}
+
+
 def suite(name: str, num_outputs: int = 3, seed: int = 0, input_shape=None, **options) -> Suite:
     """input_shape: the configuration's (CONFIGS) unless given."""
     shape = tuple(input_shape or config(name, **options).shape)
     mt = seeded_torch(name, dtype="float64", num_outputs=num_outputs, input_shape=shape, seed=seed,
                       calibrate=CALIBRATE, **options)
-    weights = {k: v.astype(np.float32).astype(np.float64) for k, v in api.get_weights(mt).items()}
+    weights = _float32_grid(api.get_weights(mt))
     models = {}
     for backend in ("torch", "keras"):
         for dtype in ("float64", "float32"):
@@ -249,7 +254,7 @@ def rehead(s: Suite, num_outputs: int, seed: int = 0) -> Suite:
     heads. The new suite shares the backbones with s; each suite's reset() puts its weights back."""
     s.reset(frozen=False)
     mt = api.replace_head(s.models["torch", "float64"], num_outputs, seed=seed + 1)
-    weights = {k: v.astype(np.float32).astype(np.float64) for k, v in api.get_weights(mt).items()}
+    weights = _float32_grid(api.get_weights(mt))
     models = {key: mt if key == ("torch", "float64") else api.replace_head(m, num_outputs)
               for key, m in s.models.items()}
     out = Suite(s.name, num_outputs, models, weights)
